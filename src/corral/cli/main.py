@@ -1,0 +1,29 @@
+"""``corral``: the command line. Thin: it parses arguments and prints; work is elsewhere.
+
+Exit codes scripts can rely on: 0 success, 1 the input is wrong (template errors),
+2 the command line is wrong (click's usage errors).
+"""
+
+from __future__ import annotations
+
+import click
+
+from corral import __version__
+from corral.cli.template import template
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="corral")
+def cli() -> None:
+    """corral: one control system for an experiment's computing farm."""
+
+
+cli.add_command(template)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,195 @@
+"""``corral template validate|render|graph``: check and show what a workflow expands to."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+
+import click
+import yaml
+from rich.console import Console
+
+from corral.model.plan import Plan
+from corral.store.files import DiskSources
+from corral.templates import Diagnostic, check
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def parse_vars(pairs: Iterable[str]) -> dict[str, str]:
+    """``k=v`` pairs from --var; the value is kept as text (JSON lists stay JSON text)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected NAME=VALUE", param_hint="--var")
+        out[key.strip()] = value
+    return out
+
+
+def builtin_defaults(path: str) -> dict[str, str]:
+    """Global defaults this machine provides to every template."""
+    return {
+        "python": sys.executable,
+        "workflow_dir": os.path.dirname(os.path.abspath(path)),
+    }
+
+
+def expand_file(
+    path: str, variables: dict[str, str], seed: str
+) -> tuple[Plan | None, list[Diagnostic]]:
+    sources = DiskSources()
+    plan, diags = check(
+        path,
+        sources,
+        variables=variables,
+        global_defaults=builtin_defaults(path),
+        seed=seed,
+    )
+    if plan is None and not diags and sources.problems:  # pragma: no cover - defensive
+        return None, diags
+    return plan, diags
+
+
+def report(diags: list[Diagnostic]) -> None:
+    for d in diags:
+        err.print(f"[bold red]error[/]: {d}", markup=True, emoji=False)
+    n = len(diags)
+    err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]", markup=True)
+
+
+var_option = click.option(
+    "--var", "variables", multiple=True, metavar="NAME=VALUE", help="Set a variable (repeatable)."
+)
+seed_option = click.option(
+    "--seed", default="0", show_default=True, help="Seed for uid.New() and environment_id."
+)
+
+
+@click.group()
+def template() -> None:
+    """Check and show workflow templates."""
+
+
+@template.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@var_option
+@seed_option
+def validate(paths: tuple[str, ...], variables: tuple[str, ...], seed: str) -> None:
+    """Check workflow templates; print every error as FILE:LINE:COL: message."""
+    user = parse_vars(variables)
+    failed = 0
+    for path in paths:
+        t0 = time.perf_counter()
+        plan, diags = expand_file(path, user, seed)
+        if plan is None:
+            failed += 1
+            err.print(f"[red]✗[/] {path}", markup=True)
+            report(diags)
+        else:
+            ms = (time.perf_counter() - t0) * 1000
+            err.print(
+                f"[green]✓[/] {path}: {len(plan.tasks)} tasks, {len(plan.calls)} calls, "
+                f"{len(plan.binds)} binds, {len(plan.connects)} connects ({ms:.0f} ms)",
+                markup=True,
+            )
+    if failed:
+        sys.exit(1)
+
+
+@template.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@var_option
+@seed_option
+@click.option(
+    "-o", "--output", type=click.Choice(["json", "yaml", "table"]), default="table",
+    show_default=True, help="Output format; json is stable for scripts.",
+)  # fmt: skip
+def render(path: str, variables: tuple[str, ...], seed: str, output: str) -> None:
+    """Expand a workflow and print its plan."""
+    plan, diags = expand_file(path, parse_vars(variables), seed)
+    if plan is None:
+        report(diags)
+        sys.exit(1)
+    data = plan.to_dict()
+    if output == "json":
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    elif output == "yaml":
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
+    else:
+        print_table(plan)
+
+
+def print_table(plan: Plan) -> None:
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    out.print(f"[bold]{plan.name}[/]: {plan.description}")
+    t = Table("task", "class", "control", "critical", "command")
+    for task in plan.tasks[:200]:
+        cmd = " ".join([task.command.value, *task.command.arguments])
+        t.add_row(task.path, task.task_class, task.control, str(task.critical).lower(), cmd)
+    out.print(t)
+    if len(plan.tasks) > 200:
+        out.print(f"... and {len(plan.tasks) - 200} more tasks (use -o json for all)")
+    if plan.calls:
+        c = Table("call", "func", "trigger", "await", "timeout", "critical")
+        for call in plan.calls:
+            c.add_row(
+                call.path, call.func, str(call.trigger), str(call.await_),
+                f"{call.timeout:g}s", str(call.critical).lower(),
+            )  # fmt: skip
+        out.print(c)
+    out.print(
+        f"{len(plan.tasks)} tasks, {len(plan.calls)} calls, {len(plan.binds)} binds, "
+        f"{len(plan.connects)} connects, {len(plan.collections)} collections"
+    )
+
+
+@template.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@var_option
+@seed_option
+def graph(path: str, variables: tuple[str, ...], seed: str) -> None:
+    """Print the tasks and channels as a Graphviz DOT graph."""
+    plan, diags = expand_file(path, parse_vars(variables), seed)
+    if plan is None:
+        report(diags)
+        sys.exit(1)
+    sys.stdout.write(to_dot(plan))
+
+
+def to_dot(plan: Plan) -> str:
+    """Tasks are nodes, clustered by their parent role; each connect is an edge from the
+    side that sends to the side that receives, labelled with the channel names."""
+
+    def q(s: str) -> str:
+        return json.dumps(s, ensure_ascii=False)
+
+    lines = [f"digraph {q(plan.name)} {{", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
+    groups: dict[str, list[str]] = {}
+    for t in plan.tasks:
+        parent = t.path.rpartition(".")[0]
+        groups.setdefault(parent, []).append(t.path)
+    for i, (parent, members) in enumerate(groups.items()):
+        lines.append(f"  subgraph cluster_{i} {{ label={q(parent)};")
+        for m in members:
+            label = m.rpartition(".")[2]
+            lines.append(f"    {q(m)} [label={q(label)}];")
+        lines.append("  }")
+    for c in plan.connects:
+        other = c.bind_task
+        other_chan = c.bind_name or ""
+        if other is None:
+            other = c.address or c.target
+            lines.append(f"  {q(other)} [shape=ellipse];")
+        sends = c.type in ("push", "pub")
+        a, b = (c.task, other) if sends else (other, c.task)
+        ends = (c.name, other_chan) if sends else (other_chan, c.name)
+        label = ends[0] if ends[0] == ends[1] or not ends[1] else "→".join(ends)
+        lines.append(f"  {q(a)} -> {q(b)} [label={q(label)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

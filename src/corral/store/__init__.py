@@ -1,0 +1,1 @@
+"""Where corral keeps things: template files on disk (and, later, the SQLite store)."""

@@ -1,0 +1,1001 @@
+"""Expansion: a workflow template plus variables becomes a plan. Pure.
+
+``expand(path, sources, variables=..., seed=...)`` walks the role tree once. For
+each role it evaluates, in AliECS's order:
+
+1. ``enabled`` with the parent's variables (a disabled role vanishes with its subtree);
+2. ``defaults`` with the parent's variables plus iterator locals;
+3. ``vars`` with those plus the role's own defaults;
+4. the name, loads, triggers, targets and constraints with everything.
+
+Variable precedence, lowest to highest: global defaults, template defaults (a deeper
+role overrides its ancestors), global vars, template vars, user vars, iterator
+locals. A role without variables of its own shares its parent's stack, and task
+classes are resolved once per distinct set of inputs, so that 150,000 tasks cost
+little more than the dictionary work they need.
+
+Errors are collected, not raised, until the end: ``expand`` raises one
+``TemplateError`` listing every problem as ``FILE:LINE:COL: message (role path)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from corral.model.plan import (
+    NO_RESOURCES,
+    Bind,
+    CallSpec,
+    Collection,
+    Command,
+    Connect,
+    Constraint,
+    HealthCheck,
+    Plan,
+    PublicVar,
+    Resources,
+    TaskSpec,
+)
+from corral.model.vocabulary import Trigger, TriggerError, parse_trigger
+from corral.templates.diagnostics import Diagnostic, Diagnostics, Loc, TemplateError
+from corral.templates.expressions import (
+    Evaluator,
+    ExprError,
+    RolePos,
+    is_falsy,
+    is_truthy,
+    render,
+)
+from corral.templates.library import Library, Sources
+from corral.templates.schema import (
+    ADDRESSING,
+    CHANNEL_TYPES,
+    CONSTRAINT_OPERATORS,
+    CONTROL_MODES,
+    ChannelDef,
+    ConstraintDef,
+    ResourcesDef,
+    RoleDef,
+    TaskClassDef,
+    VarDef,
+)
+from corral.templates.text import Hole, Text
+
+DEFAULT_CALL_TIMEOUT = 30.0
+MAX_ITERATIONS = 1_000_000
+MAX_INCLUDE_DEPTH = 64
+
+_ROLE_NAME = re.compile(r"^[^\s.:/]+$")
+_FUNC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\(.*\)$", re.S)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_COMPLEMENT = {"push": "pull", "pull": "push", "pub": "sub", "sub": "pub"}
+
+
+class _Skip(Exception):
+    """An error was reported; skip the rest of this role."""
+
+
+@dataclass(slots=True)
+class _Scope:
+    pos: RolePos
+    defaults: dict[str, str]
+    vars: dict[str, str]
+    locals: dict[str, str]
+    stack: dict[str, str]
+    constraints: tuple[Constraint, ...]
+    collection: str | None
+    includes: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _ResolvedClass:
+    command: Command
+    mode: str
+    wants: Resources
+    limits: Resources | None
+    properties: tuple[tuple[str, str], ...]
+    health: HealthCheck | None
+
+
+@dataclass(slots=True)
+class _PendingConnect:
+    task: str
+    name: str
+    type: str
+    target: str
+    transport: str
+    properties: tuple[tuple[str, str], ...]
+    loc: Loc
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration (``1m30s``, ``500ms``) or a plain number."""
+    s = text.strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(s):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(s) or not s:
+            raise ValueError(f"bad duration {text!r}: use e.g. 500ms, 10s, 1m30s") from None
+        value = total
+    if value < 0 or value != value:
+        raise ValueError(f"bad duration {text!r}: must not be negative")
+    return value
+
+
+def expand(
+    path: str,
+    sources: Sources,
+    *,
+    variables: Mapping[str, str] | None = None,
+    global_defaults: Mapping[str, str] | None = None,
+    global_vars: Mapping[str, str] | None = None,
+    seed: str = "0",
+) -> Plan:
+    """Expand the workflow at ``path``; raise TemplateError listing every problem."""
+    plan, diags = check(
+        path,
+        sources,
+        variables=variables,
+        global_defaults=global_defaults,
+        global_vars=global_vars,
+        seed=seed,
+    )
+    if plan is None:
+        raise TemplateError(diags)
+    return plan
+
+
+def check(
+    path: str,
+    sources: Sources,
+    *,
+    variables: Mapping[str, str] | None = None,
+    global_defaults: Mapping[str, str] | None = None,
+    global_vars: Mapping[str, str] | None = None,
+    seed: str = "0",
+) -> tuple[Plan | None, list[Diagnostic]]:
+    """Expand and return (plan or None, errors): the plan only when there is no error."""
+    ex = _Expander(
+        path,
+        sources,
+        dict(variables or {}),
+        dict(global_defaults or {}),
+        dict(global_vars or {}),
+        seed,
+    )
+    # The walk allocates millions of small acyclic objects; the cyclic collector would
+    # rescan the growing heap again and again (4.6 s instead of 2.5 s at 150,000
+    # tasks). Nothing it builds holds a cycle, so collection waits until the end.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        plan = ex.run()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return (plan if not ex.diags else None), ex.diags.items()
+
+
+class _Expander:
+    def __init__(
+        self,
+        path: str,
+        sources: Sources,
+        user: dict[str, str],
+        gdefaults: dict[str, str],
+        gvars: dict[str, str],
+        seed: str,
+    ) -> None:
+        self.diags = Diagnostics()
+        self.lib = Library(path, sources, self.diags)
+        self.ev = Evaluator(seed)
+        self.seed = seed
+        self.user = {str(k): str(v) for k, v in user.items()}
+        gdefaults.setdefault("environment_id", _environment_id(seed))
+        self.gdefaults = gdefaults
+        self.gvars = gvars
+        self.tasks: list[TaskSpec] = []
+        self.calls: list[CallSpec] = []
+        self.binds: dict[tuple[str, str], tuple[Bind, Loc]] = {}
+        self.aliases: dict[str, tuple[Bind, Loc]] = {}
+        self.connects: list[_PendingConnect] = []
+        self.collections: list[Collection] = []
+        self.paths: set[str] = set()
+        self.public: dict[str, PublicVar] = {}
+        self._class_cache: dict[int, Any] = {}
+        self._channel_cache: dict[int, Any] = {}
+        self._merged: dict[tuple[int, int], tuple[list[ChannelDef], list[ChannelDef]]] = {}
+
+    # -- evaluation helpers ----------------------------------------------------
+
+    def text(self, t: Text, stack: Mapping[str, str], pos: RolePos | None) -> str:
+        """The string value of a template text. The hot path of expansion."""
+        const = t.const
+        if const is not None:
+            return const
+        hole = t.single
+        if hole is not None:
+            e = hole.expr
+            if e is not None and e.bare is not None:
+                value = stack.get(e.bare)
+                if value is not None:
+                    return value
+            return render(self._eval(hole, stack, pos))
+        out = []
+        for p in t.parts:
+            if type(p) is str:
+                out.append(p)
+            else:
+                assert type(p) is Hole
+                e = p.expr
+                value = None if e is None or e.bare is None else stack.get(e.bare)
+                out.append(value if value is not None else render(self._eval(p, stack, pos)))
+        return "".join(out)
+
+    def _eval(self, hole: Hole, stack: Mapping[str, str], pos: RolePos | None) -> Any:
+        e = hole.expr
+        if e is None:
+            e = hole.expr = self.ev.expr(hole.source)
+        try:
+            return self.ev.evaluate(e, stack, pos)
+        except ExprError as e:
+            role = pos.path if pos is not None and pos.path else _parent_path(pos)
+            self.diags.error(hole.loc, f"in {{{{ {hole.source} }}}}: {e}", role)
+            raise _Skip from None
+
+    def bool_text(
+        self, t: Text | None, default: bool, stack: Mapping[str, str], pos: RolePos, what: str
+    ) -> bool:
+        if t is None:
+            return default
+        s = self.text(t, stack, pos)
+        if is_truthy(s):
+            return True
+        if is_falsy(s):
+            return False
+        self.fail(t.loc, f"{what} must be true or false, not {s!r}", pos)
+
+    def number(
+        self, t: Text | None, stack: Mapping[str, str], pos: RolePos, what: str, *, integer: bool
+    ) -> float:
+        if t is None:
+            return 0
+        s = self.text(t, stack, pos).strip()
+        try:
+            v = float(s)
+        except ValueError:
+            self.fail(t.loc, f"{what} must be a number, not {s!r}", pos)
+        if v < 0 or v != v:
+            self.fail(t.loc, f"{what} must not be negative, got {s!r}", pos)
+        if integer and v != int(v):
+            self.fail(t.loc, f"{what} must be a whole number, not {s!r}", pos)
+        return int(v) if integer else v
+
+    def duration(
+        self, t: Text | None, stack: Mapping[str, str], pos: RolePos, default: float | None
+    ) -> float | None:
+        if t is None:
+            return default
+        s = self.text(t, stack, pos)
+        try:
+            return parse_duration(s)
+        except ValueError as e:
+            self.fail(t.loc, str(e), pos)
+
+    def trigger(self, t: Text, stack: Mapping[str, str], pos: RolePos) -> Trigger:
+        s = self.text(t, stack, pos)
+        try:
+            return parse_trigger(s)
+        except TriggerError as e:
+            self.fail(t.loc, str(e), pos)
+
+    def fail(self, loc: Loc, message: str, pos: RolePos | None) -> NoReturn:
+        self.diags.error(
+            loc, message, pos.path if pos is not None and pos.path else _parent_path(pos)
+        )
+        raise _Skip
+
+    def build(
+        self, d: Mapping[str, str], v: Mapping[str, str], loc: Mapping[str, str]
+    ) -> dict[str, str]:
+        return {**self.gdefaults, **d, **self.gvars, **v, **self.user, **loc}
+
+    # -- the walk ----------------------------------------------------------------
+
+    def run(self) -> Plan | None:
+        wf = self.lib.workflow(self.lib.root_file)
+        if wf is None:
+            if not self.diags:
+                self.diags.error(Loc(self.lib.root_file), "no such file")
+            return None
+        self._collect_public(wf.root.defaults + wf.root.vars)
+        empty: dict[str, str] = {}
+        top = _Scope(
+            RolePos(None, None), empty, empty, empty, self.build(empty, empty, empty), (), None,
+            (self.lib.root_file,),
+        )  # fmt: skip
+        root_name = ""
+        try:
+            scope = self.enter(wf.root, top, None, check_enabled=True)
+            if scope is not None:
+                root_name = scope.pos.name or ""
+                self.children(wf.root.roles or [], scope)
+        except _Skip:
+            pass
+        self.resolve_channels()
+        return Plan(
+            name=root_name,
+            description=wf.description,
+            seed=self.seed,
+            variables=dict(self.user),
+            tasks=tuple(self.tasks),
+            calls=tuple(self.calls),
+            binds=tuple(b for b, _ in self.binds.values()),
+            connects=tuple(self.connected),
+            collections=tuple(self.collections),
+            public=tuple(self.public.values()),
+            files=tuple(self.lib.files),
+        )
+
+    def children(self, roles: list[RoleDef], scope: _Scope) -> None:
+        for r in roles:
+            with contextlib.suppress(_Skip):
+                self.role(r, scope)
+
+    def enter(
+        self,
+        r: RoleDef,
+        parent: _Scope,
+        locals_add: dict[str, str] | None,
+        *,
+        check_enabled: bool,
+        collection: str | None = None,
+    ) -> _Scope | None:
+        """Evaluate a role's enabled, defaults, vars, name and constraints."""
+        pre = RolePos(
+            None, parent.pos if parent.pos.name is not None else parent.pos.parent, r.name.raw
+        )
+        enabled = r.enabled if check_enabled else None
+        if enabled is not None and not self.bool_text(enabled, True, parent.stack, pre, "enabled"):
+            return None
+        loc_vars = parent.locals
+        s0 = parent.stack
+        if locals_add:
+            loc_vars = {**parent.locals, **locals_add}
+            s0 = self.build(parent.defaults, parent.vars, loc_vars)
+        d, v, stack = self.layer(
+            r.defaults, r.vars, parent.defaults, parent.vars, loc_vars, s0, pre
+        )
+        name = self.text(r.name, stack, pre)
+        if not _ROLE_NAME.match(name):
+            self.fail(
+                r.name.loc,
+                f"role name {name!r} must be non-empty without spaces, '.', ':' or '/'",
+                pre,
+            )
+        pos = RolePos(name, parent.pos if parent.pos.name is not None else None)
+        assert pos.path is not None
+        if pos.path in self.paths:
+            self.fail(r.name.loc, f"duplicate role name {name!r}: {pos.path} already exists", pos)
+        self.paths.add(pos.path)
+        constraints = parent.constraints
+        if r.constraints:
+            constraints = constraints + tuple(self.constraint(c, stack, pos) for c in r.constraints)
+        return _Scope(
+            pos,
+            d,
+            v,
+            loc_vars,
+            stack,
+            constraints,
+            collection or parent.collection,
+            parent.includes,
+        )
+
+    def layer(
+        self,
+        defaults: list[VarDef],
+        vars_: list[VarDef],
+        pd: dict[str, str],
+        pv: dict[str, str],
+        loc_vars: dict[str, str],
+        s0: dict[str, str],
+        pos: RolePos,
+    ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+        """New (defaults, vars, stack) after a role's own defaults and vars."""
+        if not defaults and not vars_:
+            return pd, pv, s0
+        d = pd
+        if defaults:
+            d = dict(pd)
+            for vd in defaults:
+                d[vd.name] = self.text(vd.value, s0, pos)
+        v = pv
+        if vars_:
+            s1 = self.build(d, pv, loc_vars) if defaults else s0
+            v = dict(pv)
+            for vd in vars_:
+                v[vd.name] = self.text(vd.value, s1, pos)
+        return d, v, self.build(d, v, loc_vars)
+
+    def role(self, r: RoleDef, parent: _Scope) -> None:
+        if r.iterator is not None:
+            self.iterate(r, parent)
+            return
+        scope = self.enter(r, parent, None, check_enabled=True)
+        if scope is not None:
+            self.body(r, scope)
+
+    def iterate(self, r: RoleDef, parent: _Scope) -> None:
+        it = r.iterator
+        assert it is not None
+        pre = RolePos(None, parent.pos, r.name.raw)
+        if r.enabled is not None and not self.bool_text(
+            r.enabled, True, parent.stack, pre, "enabled"
+        ):
+            return
+        items: list[str]
+        if it.range is not None:
+            raw = self.text(it.range, parent.stack, pre)
+            items = self.range_items(raw, it.range.loc, pre)
+        else:
+            assert it.begin is not None and it.end is not None
+            begin = self.integer(it.begin, parent.stack, pre, "for begin")
+            end = self.integer(it.end, parent.stack, pre, "for end")
+            if end - begin > MAX_ITERATIONS:
+                self.fail(it.loc, f"for range of {end - begin} items exceeds {MAX_ITERATIONS}", pre)
+            items = [str(i) for i in range(begin, end + 1)]
+        collection = None
+        nmin = 0
+        if it.nmin is not None:
+            nmin = int(self.number(it.nmin, parent.stack, pre, "for nmin", integer=True))
+            if nmin > len(items):
+                self.fail(it.nmin.loc, f"nmin {nmin} is more than the {len(items)} iterations", pre)
+            base = parent.pos.path + "." if parent.pos.path else ""
+            collection = base + r.name.raw
+        members: list[str] = []
+        for item in items:
+            try:
+                scope = self.enter(
+                    r, parent, {it.var: item}, check_enabled=False, collection=collection
+                )
+            except _Skip:
+                continue
+            assert scope is not None and scope.pos.path is not None
+            members.append(scope.pos.path)
+            with contextlib.suppress(_Skip):
+                self.body(r, scope)
+        if collection is not None:
+            self.collections.append(Collection(collection, nmin, tuple(members)))
+
+    def integer(self, t: Text, stack: Mapping[str, str], pos: RolePos, what: str) -> int:
+        s = self.text(t, stack, pos).strip()
+        try:
+            return int(s)
+        except ValueError:
+            self.fail(t.loc, f"{what} must be an integer, not {s!r}", pos)
+
+    def range_items(self, raw: str, loc: Loc, pos: RolePos) -> list[str]:
+        s = raw.strip()
+        if not s:
+            return []
+        try:
+            value = json.loads(s)
+        except ValueError:
+            self.fail(loc, f'for range must be a JSON list, e.g. ["a","b"], not {raw!r}', pos)
+        if not isinstance(value, list):
+            self.fail(loc, f"for range must be a list, not {raw!r}", pos)
+        if len(value) > MAX_ITERATIONS:
+            self.fail(loc, f"for range of {len(value)} items exceeds {MAX_ITERATIONS}", pos)
+        return [render(x) for x in value]
+
+    def body(self, r: RoleDef, scope: _Scope) -> None:
+        if r.task is not None:
+            self.task(r, scope)
+        elif r.call is not None:
+            self.call(r, scope)
+        elif r.include is not None:
+            self.include(r, scope)
+        elif r.roles is not None:
+            self.children(r.roles, scope)
+
+    def include(self, r: RoleDef, scope: _Scope) -> None:
+        assert r.include is not None
+        ref = self.text(r.include, scope.stack, scope.pos).strip()
+        path = self.lib.find_include(ref, r.file)
+        if path is None:
+            self.fail(r.include.loc, f"include {ref!r}: no such workflow", scope.pos)
+        assert path is not None
+        if path in scope.includes:
+            chain = " -> ".join((*scope.includes, path))
+            self.fail(r.include.loc, f"include cycle: {chain}", scope.pos)
+        if len(scope.includes) >= MAX_INCLUDE_DEPTH:
+            self.fail(r.include.loc, f"includes nest deeper than {MAX_INCLUDE_DEPTH}", scope.pos)
+        wf = self.lib.workflow(path)
+        if wf is None:
+            if self.lib.sources.read(path) is None:
+                self.fail(r.include.loc, f"include {ref!r}: cannot read {path}", scope.pos)
+            raise _Skip  # its own errors are reported
+        sub = wf.root
+        self._collect_public(sub.defaults + sub.vars)
+        if sub.enabled is not None and not self.bool_text(
+            sub.enabled, True, scope.stack, scope.pos, "enabled"
+        ):
+            return
+        d, v, stack = self.layer(
+            sub.defaults, sub.vars, scope.defaults, scope.vars, scope.locals, scope.stack, scope.pos
+        )
+        constraints = scope.constraints
+        if sub.constraints:
+            constraints += tuple(self.constraint(c, stack, scope.pos) for c in sub.constraints)
+        inner = _Scope(
+            scope.pos, d, v, scope.locals, stack, constraints, scope.collection,
+            (*scope.includes, path),
+        )  # fmt: skip
+        self.children(sub.roles or [], inner)
+
+    def constraint(self, c: ConstraintDef, stack: Mapping[str, str], pos: RolePos) -> Constraint:
+        attr = self.text(c.attribute, stack, pos)
+        value = self.text(c.value, stack, pos)
+        op = "equals" if c.operator is None else self.text(c.operator, stack, pos)
+        if op not in CONSTRAINT_OPERATORS:
+            assert c.operator is not None
+            self.fail(
+                c.operator.loc,
+                f"constraint operator {op!r} is not one of {', '.join(CONSTRAINT_OPERATORS)}",
+                pos,
+            )
+        if op == "regex":
+            try:
+                re.compile(value)
+            except re.error as e:
+                self.fail(c.value.loc, f"bad constraint regex {value!r}: {e}", pos)
+        if not attr:
+            self.fail(c.attribute.loc, "constraint attribute is empty", pos)
+        return Constraint(attr, value, op)
+
+    # -- calls -----------------------------------------------------------------
+
+    def call(self, r: RoleDef, scope: _Scope) -> None:
+        c = r.call
+        assert c is not None and c.trigger is not None
+        st, pos = scope.stack, scope.pos
+        func = self.text(c.func, st, pos).strip()
+        if not _FUNC.match(func):
+            self.fail(c.func.loc, f"call func {func!r} must look like plugin.Method(...)", pos)
+        trig = self.trigger(c.trigger, st, pos)
+        awaited = trig if c.await_ is None else self.trigger(c.await_, st, pos)
+        if c.await_ is not None and not awaited.not_before(trig):
+            self.fail(c.await_.loc, f"await {awaited} comes before trigger {trig}", pos)
+        timeout = self.duration(c.timeout, st, pos, DEFAULT_CALL_TIMEOUT)
+        assert timeout is not None
+        critical = self.bool_text(c.critical, True, st, pos, "critical")
+        ret = None if c.return_var is None else (self.text(c.return_var, st, pos).strip() or None)
+        assert pos.path is not None
+        self.calls.append(CallSpec(pos.path, func, trig, awaited, timeout, critical, ret))
+
+    # -- tasks -----------------------------------------------------------------
+
+    def task(self, r: RoleDef, scope: _Scope) -> None:
+        ref = r.task
+        assert ref is not None
+        pos = scope.pos
+        path = pos.path
+        assert path is not None
+        name = self.text(ref.load, scope.stack, pos).strip()
+        tc = self.lib.task_class(name, ref.load.loc)
+        if tc is None:
+            raise _Skip
+        stack = self.class_stack(tc, scope)
+        resolved = self.resolve_class(tc, stack, pos)
+        critical = self.bool_text(ref.critical, True, stack, pos, "critical")
+        mode = resolved.mode
+        trig = awaited = None
+        timeout = None
+        if ref.trigger is not None:
+            if mode == "direct":
+                self.fail(
+                    ref.trigger.loc,
+                    f"task class {name!r} is a direct-control task; "
+                    "only basic tasks run at a trigger",
+                    pos,
+                )
+            mode = "hook"
+            trig = self.trigger(ref.trigger, stack, pos)
+            awaited = trig if ref.await_ is None else self.trigger(ref.await_, stack, pos)
+            if ref.await_ is not None and not awaited.not_before(trig):
+                self.fail(ref.await_.loc, f"await {awaited} comes before trigger {trig}", pos)
+            timeout = self.duration(ref.timeout, stack, pos, DEFAULT_CALL_TIMEOUT)
+        elif mode == "hook":
+            self.fail(ref.loc, f"task class {name!r} is a hook: the role needs a trigger", pos)
+        elif ref.await_ is not None or ref.timeout is not None:
+            where = ref.await_ if ref.await_ is not None else ref.timeout
+            assert where is not None
+            self.fail(where.loc, "await and timeout apply to hook tasks, which need a trigger", pos)
+        if resolved.health is not None and mode != "basic":
+            self.fail(tc.loc, f"health checks are for basic tasks, and this task is {mode}", pos)
+        merged = self._merged.get((id(tc), id(r)))
+        if merged is None:
+            merged = (_merge_channels(tc.binds, r.binds), _merge_channels(tc.connects, r.connects))
+            self._merged[(id(tc), id(r))] = merged
+        binds, connects = merged
+        if binds or connects:
+            self.channels(path, binds, connects, stack, pos)
+        self.tasks.append(
+            TaskSpec(
+                path,
+                name,
+                resolved.command,
+                mode,
+                critical,
+                resolved.wants,
+                resolved.limits,
+                scope.constraints,
+                resolved.properties,
+                trig,
+                awaited,
+                timeout,
+                resolved.health,
+                scope.collection,
+            )
+        )
+
+    def class_stack(self, tc: TaskClassDef, scope: _Scope) -> dict[str, str]:
+        """The task's variables: class defaults under the role's, class vars under its vars."""
+        if not tc.defaults and not tc.vars:
+            return scope.stack
+        pos = scope.pos
+        cd = {vd.name: self.text(vd.value, scope.stack, pos) for vd in tc.defaults}
+        g, u = self.gdefaults, self.user
+        if not tc.vars:
+            return {**g, **cd, **scope.defaults, **self.gvars, **scope.vars, **u, **scope.locals}
+        s1 = {**g, **cd, **scope.defaults, **self.gvars, **scope.vars, **u, **scope.locals}
+        cv = {vd.name: self.text(vd.value, s1, pos) for vd in tc.vars}
+        return {**g, **cd, **scope.defaults, **self.gvars, **cv, **scope.vars, **u, **scope.locals}
+
+    def resolve_class(
+        self, tc: TaskClassDef, stack: Mapping[str, str], pos: RolePos
+    ) -> _ResolvedClass:
+        """Command, mode, resources and properties of a task.
+
+        Each of the two parts (the command; the rest) is cached on the values of the
+        variables its expressions read, so tasks that differ only in, say, their
+        command arguments share one resolved copy of everything else.
+        """
+        entry = self._class_cache.get(id(tc))
+        if entry is None:
+            if tc.command is None:
+                raise _Skip  # reported when the class was parsed
+            entry = (
+                self._names(_command_texts(tc)), {},
+                self._names(_static_texts(tc)), {},
+            )  # fmt: skip
+            self._class_cache[id(tc)] = entry
+        cnames, ccache, snames, scache = entry
+        command = self._cached(cnames, ccache, stack, pos, lambda: self._command(tc, stack, pos))
+        static = self._cached(snames, scache, stack, pos, lambda: self._static(tc, stack, pos))
+        mode, wants, limits, props, health = static
+        return _ResolvedClass(command, mode, wants, limits, props, health)
+
+    def _cached(
+        self,
+        names: tuple[str, ...] | None,
+        cache: dict[tuple[str | None, ...], Any],
+        stack: Mapping[str, str],
+        pos: RolePos,
+        make: Any,
+    ) -> Any:
+        if names is None:  # reads the role position or hidden state
+            return make()
+        get = stack.get
+        key = tuple([get(n) for n in names])
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = make()
+        return hit
+
+    def _names(self, texts: list[Text]) -> tuple[str, ...] | None:
+        """Variables the texts read; None when one of them must be evaluated every time."""
+        names: dict[str, None] = {}
+        for t in texts:
+            for hole in t.holes:
+                e = self.ev.expr(hole.source)
+                if e.error is not None or e.analysis.uses_role or e.analysis.volatile:
+                    return None
+                names.update(dict.fromkeys(e.analysis.names))
+        return tuple(names)
+
+    def _command(self, tc: TaskClassDef, stack: Mapping[str, str], pos: RolePos) -> Command:
+        c = tc.command
+        assert c is not None
+        value = self.text(c.value, stack, pos)
+        if not value.strip():
+            self.fail(c.value.loc, f"task class {tc.name!r}: command value is empty", pos)
+        args = tuple([self.text(a, stack, pos) for a in c.arguments])
+        env = []
+        for e in c.env:
+            s = self.text(e, stack, pos)
+            k, eq, val = s.partition("=")
+            if not eq or not k.strip():
+                self.fail(e.loc, f"env entry {s!r} must look like NAME=value", pos)
+            env.append((k.strip(), val))
+        shell = self.bool_text(c.shell, False, stack, pos, "shell")
+        user = None if c.user is None else (self.text(c.user, stack, pos).strip() or None)
+        cwd = None if c.cwd is None else (self.text(c.cwd, stack, pos).strip() or None)
+        return Command(value, args, tuple(env), shell, user, cwd)
+
+    def _static(
+        self, tc: TaskClassDef, stack: Mapping[str, str], pos: RolePos
+    ) -> tuple[str, Resources, Resources | None, tuple[tuple[str, str], ...], HealthCheck | None]:
+        mode = "basic" if tc.mode is None else self.text(tc.mode, stack, pos).strip()
+        if mode not in CONTROL_MODES:
+            assert tc.mode is not None
+            self.fail(
+                tc.mode.loc,
+                f"control mode {mode!r} is not one of {', '.join(CONTROL_MODES)}",
+                pos,
+            )
+        wants = self.resources(tc.wants, stack, pos) or NO_RESOURCES
+        limits = self.resources(tc.limits, stack, pos)
+        props = tuple((k, self.text(t, stack, pos)) for k, t in tc.properties)
+        health = None
+        if tc.health is not None:
+            h = tc.health
+            argv = (
+                self.text(h.command, stack, pos),
+                *(self.text(a, stack, pos) for a in h.arguments),
+            )
+            interval = self.duration(h.interval, stack, pos, 10.0)
+            htimeout = self.duration(h.timeout, stack, pos, 5.0)
+            assert interval is not None and htimeout is not None
+            failures = 3
+            if h.failures is not None:
+                failures = int(self.number(h.failures, stack, pos, "health failures", integer=True))
+            health = HealthCheck(argv, interval, htimeout, failures)
+        return mode, wants, limits, props, health
+
+    def resources(
+        self, r: ResourcesDef | None, stack: Mapping[str, str], pos: RolePos
+    ) -> Resources | None:
+        if r is None:
+            return None
+        return Resources(
+            cpu=float(self.number(r.cpu, stack, pos, "cpu", integer=False)),
+            memory=int(self.number(r.memory, stack, pos, "memory", integer=True)),
+            gpu=int(self.number(r.gpu, stack, pos, "gpu", integer=True)),
+            ports=int(self.number(r.ports, stack, pos, "ports", integer=True)),
+        )
+
+    # -- channels ----------------------------------------------------------------
+
+    def channels(
+        self,
+        path: str,
+        binds: list[ChannelDef],
+        connects: list[ChannelDef],
+        stack: Mapping[str, str],
+        pos: RolePos,
+    ) -> None:
+        for ch in binds:
+            ctype, transport, addressing, alias, props = self.channel_fields(ch, stack, pos)
+            b = Bind(path, ch.name, ctype, transport, addressing, alias, props)
+            self.binds[(path, ch.name)] = (b, ch.loc)
+            if alias is not None:
+                seen = self.aliases.get(alias)
+                if seen is not None:
+                    self.fail(
+                        ch.loc,
+                        f"global channel alias {alias!r} is already bound by "
+                        f"{seen[0].task}:{seen[0].name} ({seen[1]})",
+                        pos,
+                    )
+                self.aliases[alias] = (b, ch.loc)
+        for ch in connects:
+            ctype, transport, _, _, props = self.channel_fields(ch, stack, pos)
+            assert ch.target is not None
+            target = self.text(ch.target, stack, pos).strip()
+            self.connects.append(
+                _PendingConnect(path, ch.name, ctype, target, transport, props, ch.target.loc)
+            )
+
+    def channel_fields(
+        self, ch: ChannelDef, stack: Mapping[str, str], pos: RolePos
+    ) -> tuple[str, str, str, str | None, tuple[tuple[str, str], ...]]:
+        """(type, transport, addressing, global alias, properties), cached per inputs."""
+        entry = self._channel_cache.get(id(ch))
+        if entry is None:
+            texts = [t for t in (ch.type, ch.transport, ch.addressing, ch.global_alias) if t]
+            texts += [t for _, t in ch.properties]
+            entry = self._channel_cache[id(ch)] = (self._names(texts), {})
+        names, cache = entry
+        return self._cached(names, cache, stack, pos, lambda: self._channel_fields(ch, stack, pos))  # type: ignore[no-any-return]
+
+    def _channel_fields(
+        self, ch: ChannelDef, stack: Mapping[str, str], pos: RolePos
+    ) -> tuple[str, str, str, str | None, tuple[tuple[str, str], ...]]:
+        if ch.type is None:
+            self.fail(ch.loc, f"{ch.kind} {ch.name!r} needs a type (push, pull, pub or sub)", pos)
+        assert ch.type is not None
+        ctype = self.text(ch.type, stack, pos)
+        if ctype not in CHANNEL_TYPES:
+            self.fail(
+                ch.type.loc,
+                f"{ch.kind} {ch.name!r}: type {ctype!r} is not one of push, pull, pub, sub",
+                pos,
+            )
+        addressing = "tcp" if ch.addressing is None else self.text(ch.addressing, stack, pos)
+        if addressing not in ADDRESSING:
+            assert ch.addressing is not None
+            self.fail(
+                ch.addressing.loc,
+                f"{ch.kind} {ch.name!r}: addressing {addressing!r} is not one of tcp, ipc",
+                pos,
+            )
+        transport = "zeromq" if ch.transport is None else self.text(ch.transport, stack, pos)
+        alias = None
+        if ch.global_alias is not None:
+            alias = self.text(ch.global_alias, stack, pos) or None
+        props = tuple((k, self.text(t, stack, pos)) for k, t in ch.properties)
+        return ctype, transport, addressing, alias, props
+
+    def resolve_channels(self) -> None:
+        """Resolve each connect to exactly one bind, or report why it cannot."""
+        self.connected: list[Connect] = []
+        for pc in self.connects:
+            target = pc.target
+            bind: Bind | None = None
+            address = None
+            if target.startswith(("tcp://", "ipc://")):
+                address = target
+            elif target.startswith("::"):
+                found = self.aliases.get(target[2:])
+                if found is None:
+                    self.diags.error(
+                        pc.loc,
+                        f"connect {pc.name!r}: no channel is bound with global alias "
+                        f"{target[2:]!r}",
+                        pc.task,
+                    )
+                    continue
+                bind = found[0]
+            else:
+                role, sep, chan = target.rpartition(":")
+                if not sep or not role or not chan:
+                    self.diags.error(
+                        pc.loc,
+                        f"connect {pc.name!r}: bad target {target!r}; use role.path:channel, "
+                        "::alias, tcp://host:port or ipc://path",
+                        pc.task,
+                    )
+                    continue
+                found = self.binds.get((role, chan))
+                if found is None:
+                    here = [n for (t, n) in self.binds if t == role] if role in self.paths else None
+                    if here is None:
+                        why = f"no task at role path {role!r}"
+                    elif here:
+                        why = f"{role!r} binds no channel {chan!r} (it binds: {', '.join(here)})"
+                    else:
+                        why = f"{role!r} binds no channels"
+                    self.diags.error(pc.loc, f"connect {pc.name!r} to {target!r}: {why}", pc.task)
+                    continue
+                bind = found[0]
+            if bind is not None and _COMPLEMENT[bind.type] != pc.type:
+                self.diags.error(
+                    pc.loc,
+                    f"connect {pc.name!r} is {pc.type} but {bind.task}:{bind.name} binds "
+                    f"{bind.type}; a {bind.type} bind takes a {_COMPLEMENT[bind.type]} connect",
+                    pc.task,
+                )
+                continue
+            self.connected.append(
+                Connect(
+                    pc.task,
+                    pc.name,
+                    pc.type,
+                    target,
+                    None if bind is None else bind.task,
+                    None if bind is None else bind.name,
+                    address,
+                    pc.transport,
+                    pc.properties,
+                )
+            )
+
+    # -- public variables ----------------------------------------------------------
+
+    def _collect_public(self, defs: list[VarDef]) -> None:
+        for vd in defs:
+            if vd.public is None or vd.name in self.public:
+                continue
+            spec = vd.public
+            self.public[vd.name] = PublicVar(
+                name=vd.name,
+                value=vd.value.raw,
+                type=spec.get("type", "string"),
+                label=spec.get("label"),
+                description=spec.get("description"),
+                widget=spec.get("widget"),
+                values=spec.get("values", ()),
+                panel=spec.get("panel"),
+                index=spec.get("index"),
+                visible_if=spec.get("visibleif"),
+            )
+
+
+def _command_texts(tc: TaskClassDef) -> list[Text]:
+    c = tc.command
+    if c is None:
+        return []
+    return [c.value, *c.arguments, *c.env, *(t for t in (c.shell, c.user, c.cwd) if t is not None)]
+
+
+def _static_texts(tc: TaskClassDef) -> list[Text]:
+    texts: list[Text] = [] if tc.mode is None else [tc.mode]
+    for res in (tc.wants, tc.limits):
+        if res is not None:
+            texts += [t for t in (res.cpu, res.memory, res.gpu, res.ports) if t is not None]
+    texts += [t for _, t in tc.properties]
+    if tc.health is not None:
+        h = tc.health
+        texts += [h.command, *h.arguments]
+        texts += [t for t in (h.interval, h.timeout, h.failures) if t is not None]
+    return texts
+
+
+def _merge_channels(defaults: list[ChannelDef], own: list[ChannelDef]) -> list[ChannelDef]:
+    """Class channel defaults overridden field by field by the role's, by name."""
+    if not own:
+        return defaults
+    if not defaults:
+        return own
+    by_name = {c.name: c for c in defaults}
+    out = list(defaults)
+    for c in own:
+        base = by_name.get(c.name)
+        if base is None:
+            out.append(c)
+            continue
+        merged = ChannelDef(
+            c.kind,
+            c.name,
+            c.loc,
+            type=c.type or base.type,
+            transport=c.transport or base.transport,
+            addressing=c.addressing or base.addressing,
+            global_alias=c.global_alias or base.global_alias,
+            target=c.target or base.target,
+            properties=list({**dict(base.properties), **dict(c.properties)}.items()),
+        )
+        out[out.index(base)] = merged
+    return out
+
+
+def _parent_path(pos: RolePos | None) -> str | None:
+    """For messages: the path of a role whose name is not known yet, as written."""
+    label = pos.label if pos is not None else ""
+    while pos is not None:
+        if pos.path:
+            return f"{pos.path}.{label}" if label else pos.path
+        pos = pos.parent
+    return label or None
+
+
+def _environment_id(seed: str) -> str:
+    return Evaluator(seed + ":environment").new_uid()
+
+
+__all__ = ["check", "expand", "parse_duration"]

@@ -1,0 +1,666 @@
+"""CEL expressions of templates, behind one small interface.
+
+``{{ expr }}`` in a template string is a CEL expression evaluated with the
+``cel-expr-python`` package. This module is the only one that knows about CEL:
+
+- a linear-time token pass rewrites AliECS spellings (``a contains b`` becomes
+  ``(a).contains(b)``, ``len(x)`` becomes ``size(x)``) and finds the variables an
+  expression may read;
+- every variable is a string (as in AliECS), so each expression is compiled once per
+  set of defined variables with their types declared: an undefined variable or a
+  type error (``'true' == 1``) is a compile error, never a silent false;
+- results are memoized on the values of the variables the expression reads (and on
+  the role position for ``Up``/``Parent``/``This``), so a 150,000-task expansion
+  evaluates each distinct (expression, inputs) pair once. ``uid.New()`` and
+  ``util.PrefixedOverride`` read hidden state, so expressions using them are not
+  memoized;
+- functions are few and mostly pure Python callables: each call into Python leaks
+  ~48 bytes inside the CEL runtime, which the memo keeps negligible.
+
+Nothing here can reach the filesystem or Python internals: CEL has no such
+facilities, inputs are capped at 4 KB and nesting at 32 levels by the runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cel_expr_python import cel
+from cel_expr_python.ext import ext_strings
+
+MAX_EXPRESSION_LENGTH = 4096
+
+_NAMESPACES = frozenset({"strings", "json", "uid", "util"})
+_ROLE_FUNCTIONS = frozenset({"Up", "Parent", "This"})
+_RESERVED = frozenset(
+    {
+        "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
+        "function", "if", "import", "let", "loop", "package", "namespace", "return", "var",
+        "void", "while", "int", "uint", "double", "string", "bytes", "bool", "list", "map",
+        "type", "dyn", "null_type", "has", "size", "contains",
+    }
+)  # fmt: skip
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+
+
+class ExprError(Exception):
+    """An expression that does not compile or fails when evaluated."""
+
+
+# ---------------------------------------------------------------------------
+# Token pass
+# ---------------------------------------------------------------------------
+
+_IDENT_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_IDENT_CHARS = _IDENT_START | frozenset("0123456789")
+_DIGITS = frozenset("0123456789")
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+_CLOSE = {")": "(", "]": "[", "}": "{"}
+
+
+@dataclass(slots=True)
+class _Tok:
+    kind: str  # ident | str | num | op | ws | blob
+    text: str
+
+
+def _tokenize(src: str) -> list[_Tok]:
+    """Split CEL source into tokens. Linear in the length of the input."""
+    toks: list[_Tok] = []
+    i, n = 0, len(src)
+    while i < n:
+        c = src[i]
+        if c in " \t\r\n":
+            j = i + 1
+            while j < n and src[j] in " \t\r\n":
+                j += 1
+            toks.append(_Tok("ws", src[i:j]))
+            i = j
+        elif c in _IDENT_START:
+            j = i + 1
+            while j < n and src[j] in _IDENT_CHARS:
+                j += 1
+            word = src[i:j]
+            # string prefixes: r'..', b'..', rb'..'
+            if j < n and src[j] in "'\"" and word.lower() in ("r", "b", "rb", "br"):
+                end = _scan_string(src, j)
+                toks.append(_Tok("str", src[i:end]))
+                i = end
+            else:
+                toks.append(_Tok("ident", word))
+                i = j
+        elif c in _DIGITS or (c == "." and i + 1 < n and src[i + 1] in _DIGITS):
+            j = i + 1
+            while j < n and (src[j] in _IDENT_CHARS or src[j] == "."):
+                j += 1
+            toks.append(_Tok("num", src[i:j]))
+            i = j
+        elif c in "'\"":
+            end = _scan_string(src, i)
+            toks.append(_Tok("str", src[i:end]))
+            i = end
+        else:
+            two = src[i : i + 2]
+            if two in ("==", "!=", "<=", ">=", "&&", "||"):
+                toks.append(_Tok("op", two))
+                i += 2
+            else:
+                toks.append(_Tok("op", c))
+                i += 1
+    return toks
+
+
+def _scan_string(src: str, i: int) -> int:
+    """Return the index just past the string literal starting at src[i] (a quote)."""
+    q = src[i]
+    n = len(src)
+    if src[i : i + 3] == q * 3:
+        end = src.find(q * 3, i + 3)
+        if end < 0:
+            raise ExprError("unterminated string literal")
+        return end + 3
+    j = i + 1
+    while j < n:
+        ch = src[j]
+        if ch == "\\":
+            j += 2
+            continue
+        if ch == q:
+            return j + 1
+        if ch == "\n":
+            break
+        j += 1
+    raise ExprError("unterminated string literal")
+
+
+def _prev(toks: list[_Tok], i: int) -> int:
+    i -= 1
+    while i >= 0 and toks[i].kind == "ws":
+        i -= 1
+    return i
+
+
+def _next(toks: list[_Tok], i: int) -> int:
+    i += 1
+    while i < len(toks) and toks[i].kind == "ws":
+        i += 1
+    return i
+
+
+def _match_back(toks: list[_Tok], i: int) -> int:
+    """Index of the opening bracket matching the closing bracket at i."""
+    depth = 0
+    while i >= 0:
+        t = toks[i]
+        if t.kind == "op" and t.text in _CLOSE:
+            depth += 1
+        elif t.kind == "op" and t.text in _OPEN:
+            depth -= 1
+            if depth == 0:
+                return i
+        i -= 1
+    raise ExprError("unbalanced brackets")
+
+
+def _match_forward(toks: list[_Tok], i: int) -> int:
+    depth = 0
+    while i < len(toks):
+        t = toks[i]
+        if t.kind == "op" and t.text in _OPEN:
+            depth += 1
+        elif t.kind == "op" and t.text in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ExprError("unbalanced brackets")
+
+
+def _left_operand(toks: list[_Tok], i: int) -> int:
+    """Start index of the postfix expression ending at token i."""
+    while True:
+        if i < 0:
+            raise ExprError("'contains' needs an operand on its left")
+        t = toks[i]
+        if t.kind == "op" and t.text in _CLOSE:
+            j = _match_back(toks, i)
+            p = _prev(toks, j)
+            if p >= 0 and (
+                toks[p].kind == "ident" or (toks[p].kind == "op" and toks[p].text in _CLOSE)
+            ):
+                i = p
+                continue
+            start = j
+        elif t.kind in ("ident", "str", "num", "blob"):
+            start = i
+        else:
+            raise ExprError(f"'contains' needs an operand on its left, found {t.text!r}")
+        p = _prev(toks, start)
+        if p >= 0 and toks[p].kind == "op" and toks[p].text == ".":
+            i = _prev(toks, p)
+            continue
+        return start
+
+
+def _right_operand(toks: list[_Tok], i: int) -> int:
+    """End index (inclusive) of the operand starting at token i."""
+    n = len(toks)
+    while i < n and toks[i].kind == "op" and toks[i].text in ("!", "-"):
+        i = _next(toks, i)
+    if i >= n:
+        raise ExprError("'contains' needs an operand on its right")
+    t = toks[i]
+    if t.kind == "op" and t.text in _OPEN:
+        end = _match_forward(toks, i)
+    elif t.kind in ("ident", "str", "num", "blob"):
+        end = i
+    else:
+        raise ExprError(f"'contains' needs an operand on its right, found {t.text!r}")
+    while True:
+        nx = _next(toks, end)
+        if nx >= n:
+            return end
+        t = toks[nx]
+        if t.kind == "op" and t.text in ("(", "["):
+            end = _match_forward(toks, nx)
+        elif t.kind == "op" and t.text == ".":
+            nn = _next(toks, nx)
+            if nn >= n or toks[nn].kind != "ident":
+                return end
+            end = nn
+        else:
+            return end
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the token pass found in one expression."""
+
+    source: str  # CEL text after the rewrites
+    names: tuple[str, ...]  # identifiers that may be variables, in first-seen order
+    uses_role: bool
+    volatile: bool
+
+
+def analyze(expr: str) -> Analysis:
+    """Rewrite AliECS spellings to CEL and find the variables an expression may read."""
+    if len(expr) > MAX_EXPRESSION_LENGTH:
+        raise ExprError(
+            f"expression is {len(expr)} characters long; the limit is {MAX_EXPRESSION_LENGTH}"
+        )
+    toks = _tokenize(expr)
+    # `len(x)` -> `size(x)`
+    for k, t in enumerate(toks):
+        if t.kind == "ident" and t.text == "len":
+            p, nx = _prev(toks, k), _next(toks, k)
+            is_member = p >= 0 and toks[p].text == "."
+            if not is_member and nx < len(toks) and toks[nx].text == "(":
+                t.text = "size"
+    # `a contains b` -> `(a).contains(b)`, left to right
+    k = 0
+    while k < len(toks):
+        t = toks[k]
+        if t.kind == "ident" and t.text == "contains":
+            p, nx = _prev(toks, k), _next(toks, k)
+            is_member = p >= 0 and toks[p].text == "."
+            is_call = nx < len(toks) and toks[nx].text == "("
+            if not is_member and not is_call:
+                start = _left_operand(toks, p)
+                end = _right_operand(toks, nx)
+                left = "".join(x.text for x in toks[start : p + 1])
+                right = "".join(x.text for x in toks[nx : end + 1])
+                toks[start : end + 1] = [_Tok("blob", f"({left}).contains({right})")]
+                k = start
+        k += 1
+    source = "".join(t.text for t in toks)
+    # names, role functions, volatile functions
+    sig = [t for t in _tokenize(source) if t.kind != "ws"]
+    names: dict[str, None] = {}
+    macro_locals: set[str] = set()
+    uses_role = volatile = False
+    for k, t in enumerate(sig):
+        if t.kind != "ident":
+            continue
+        before = sig[k - 1].text if k > 0 else ""
+        after = sig[k + 1].text if k + 1 < len(sig) else ""
+        after2 = sig[k + 2].text if k + 2 < len(sig) else ""
+        if before == ".":
+            is_macro = t.text in _MACROS and after == "(" and k + 3 < len(sig)
+            if is_macro and sig[k + 2].kind == "ident" and sig[k + 3].text == ",":
+                macro_locals.add(sig[k + 2].text)
+            continue
+        if after == "(":
+            if t.text in _ROLE_FUNCTIONS:
+                uses_role = True
+            continue
+        if t.text in _NAMESPACES and after == ".":
+            if (t.text, after2) in (("uid", "New"), ("util", "PrefixedOverride")):
+                volatile = True
+            continue
+        if t.text in _RESERVED:
+            continue
+        names[t.text] = None
+    for local in macro_locals:
+        names.pop(local, None)
+    return Analysis(source, tuple(names), uses_role, volatile)
+
+
+# ---------------------------------------------------------------------------
+# Role positions for Up(n) / Parent() / This()
+# ---------------------------------------------------------------------------
+
+
+class RolePos:
+    """Where an expression is evaluated in the role tree.
+
+    ``name`` is None while a role's own name is not known yet (in its enabled,
+    defaults and vars); then This() and Up(0) are errors but Parent() works.
+    """
+
+    __slots__ = ("key", "label", "name", "parent", "path")
+
+    def __init__(self, name: str | None, parent: RolePos | None, label: str = "") -> None:
+        self.name = name
+        self.parent = parent
+        self.label = label  # the name as written, for messages while name is unknown
+        self.key: str
+        self.path: str | None
+        if name is None:
+            self.path = None
+            base = parent.key if parent is not None else ""
+            self.key = base + ".?"
+        else:
+            self.path = name if parent is None or parent.path is None else f"{parent.path}.{name}"
+            self.key = self.path
+
+    def up(self, n: int) -> dict[str, str]:
+        if n < 0:
+            raise ExprError(f"Up({n}): the argument must be 0 or more")
+        pos: RolePos | None = self
+        for _ in range(n):
+            pos = pos.parent if pos is not None else None
+        if pos is None:
+            raise ExprError(f"Up({n}) goes above the root role")
+        if pos.name is None or pos.path is None:
+            raise ExprError(
+                "This()/Up(0) is not available before the role's name is known "
+                "(in enabled, defaults and vars); use Parent() or Up(n) with n >= 1"
+            )
+        return {"Name": pos.name, "Path": pos.path}
+
+
+# ---------------------------------------------------------------------------
+# Functions
+# ---------------------------------------------------------------------------
+
+_S = cel.Type.STRING
+_B = cel.Type.BOOL
+_I = cel.Type.INT
+_DYN = cel.Type.DYN
+_ROLE = cel.Type.Map(_S, _S)
+
+_TRUTHY = frozenset({"true", "yes", "y", "1", "on", "ok"})
+_FALSY = frozenset({"", "false", "no", "n", "0", "off", "none"})
+
+
+def is_truthy(s: str) -> bool:
+    return s.strip().lower() in _TRUTHY
+
+
+def is_falsy(s: str) -> bool:
+    return s.strip().lower() in _FALSY
+
+
+def _atoi(s: str) -> int:
+    try:
+        return int(s.strip())
+    except ValueError:
+        raise ExprError(f"strings.Atoi: {s!r} is not an integer") from None
+
+
+def _marshal(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _unmarshal(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except ValueError as e:
+        raise ExprError(f"json.Unmarshal: not JSON: {e}") from None
+
+
+def _decl(name: str, params: list[Any], ret: Any, impl: Callable[..., Any] | None) -> Any:
+    oid = name.replace(".", "_") + "_" + "_".join(p.name() for p in params)
+    if impl is None:
+        return cel.FunctionDecl(name, [cel.Overload(oid, ret, params)])
+    return cel.FunctionDecl(name, [cel.Overload(oid, ret, params, impl=impl)])
+
+
+_EXTENSION = cel.CelExtension(
+    "corral",
+    [
+        _decl("strings.IsTruthy", [_S], _B, is_truthy),
+        _decl("strings.IsFalsy", [_S], _B, is_falsy),
+        _decl("strings.ToUpper", [_S], _S, str.upper),
+        _decl("strings.ToLower", [_S], _S, str.lower),
+        _decl("strings.TrimSpace", [_S], _S, str.strip),
+        _decl("strings.TrimQuotes", [_S], _S, lambda s: s.strip('"')),
+        _decl("strings.Atoi", [_S], _I, _atoi),
+        _decl("strings.Itoa", [_I], _S, str),
+        _decl("json.Marshal", [_DYN], _S, _marshal),
+        _decl("json.Unmarshal", [_S], _DYN, _unmarshal),
+        # bound per evaluation: they read the seed, the variables or the role position
+        _decl("uid.New", [], _S, None),
+        _decl("util.PrefixedOverride", [_S, _S], _S, None),
+        _decl("Up", [_I], _ROLE, None),
+        _decl("Parent", [], _ROLE, None),
+        _decl("This", [], _ROLE, None),
+    ],
+)
+_STRINGS = ext_strings.ExtStrings()
+
+
+def prefixed_override(stack: Mapping[str, str], varname: str, prefix: str) -> str:
+    """AliECS's util.PrefixedOverride: ``<prefix>_<varname>`` if set, else ``varname``."""
+    for key in (f"{prefix}_{varname}", varname):
+        value = stack.get(key)
+        if value is not None and value.strip() and value != "none":
+            return value
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+def render(value: Any) -> str:
+    """A CEL result as template text: lists and maps as JSON, booleans lowercase."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list | dict):
+        return _marshal(value)
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Turn CEL container contents into JSON-able Python values."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {render(k) if not isinstance(k, str) else k: _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    text = str(value)
+    return None if text == "null" else text
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def _compile_error_message(err: BaseException) -> str:
+    raw = str(err)
+    lines = []
+    for line in raw.splitlines():
+        line = line.strip()
+        marker = "ERROR: <input>:"
+        at = line.find(marker)
+        if at >= 0:
+            rest = line[at + len(marker) :]
+            # rest = "L:C: message"
+            parts = rest.split(": ", 1)
+            msg = parts[1] if len(parts) == 2 else rest
+            lines.append(_humanize(msg))
+    if not lines:
+        first = raw.splitlines()[0] if raw else "cannot compile"
+        lines.append(_humanize(first.split(": ", 1)[-1]))
+    return "; ".join(lines)
+
+
+def _humanize(msg: str) -> str:
+    msg = msg.replace(" [INVALID_ARGUMENT]", "").replace(" [CANCELLED]", "").strip()
+    if msg.startswith("undeclared reference to "):
+        name = msg[len("undeclared reference to ") :].split(" (in container")[0]
+        return f"undefined variable {name}"
+    if msg.startswith("Syntax error: "):
+        return "syntax error: " + msg[len("Syntax error: ") :]
+    return msg
+
+
+_ROLE_ATTR = re.compile(r"^(?:Up\((\d+)\)|(Parent)\(\)|(This)\(\))\.(Path|Name)$")
+
+
+class Expr:
+    """One expression text: compiled once per set of defined variables, memoized.
+
+    Two shapes skip CEL when they can: a bare variable (``{{ host }}``) and a role
+    attribute (``{{ Parent().Path }}``); they are most of a large template's holes.
+    """
+
+    __slots__ = ("analysis", "bare", "error", "memo", "programs", "role_attr", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.error: str | None = None
+        self.programs: dict[frozenset[str], Any] = {}
+        self.memo: dict[tuple[Any, ...], Any] = {}
+        self.bare: str | None = None
+        self.role_attr: tuple[int, str] | None = None
+        try:
+            self.analysis = analyze(text)
+        except ExprError as e:
+            self.error = str(e)
+            self.analysis = Analysis(text, (), False, False)
+            return
+        src = self.analysis.source.strip()
+        if self.analysis.names == (src,):
+            self.bare = src
+        m = _ROLE_ATTR.match(src)
+        if m is not None:
+            up = int(m.group(1)) if m.group(1) is not None else (1 if m.group(2) else 0)
+            self.role_attr = (up, m.group(4))
+
+
+class _Failure:
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class Evaluator:
+    """Compiles and evaluates template expressions for one expansion.
+
+    ``seed`` makes ``uid.New()`` deterministic: the n-th call of an expansion
+    always returns the same id for the same seed.
+    """
+
+    def __init__(self, seed: str) -> None:
+        self._seed = seed
+        self._uid_count = 0
+        self._envs: dict[frozenset[str], Any] = {}
+        self._exprs: dict[str, Expr] = {}
+
+    def expr(self, text: str) -> Expr:
+        e = self._exprs.get(text)
+        if e is None:
+            e = self._exprs[text] = Expr(text)
+        return e
+
+    def new_uid(self) -> str:
+        self._uid_count += 1
+        digest = hashlib.blake2b(f"{self._seed}:{self._uid_count}".encode(), digest_size=8)
+        n = int.from_bytes(digest.digest(), "big")
+        alphabet = "0123456789abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
+        out = []
+        for _ in range(11):
+            n, r = divmod(n, len(alphabet))
+            out.append(alphabet[r])
+        return "".join(out)
+
+    def evaluate(self, e: Expr, stack: Mapping[str, str], pos: RolePos | None) -> Any:
+        """Value of the expression (a plain Python value); ExprError on failure."""
+        bare = e.bare
+        if bare is not None:
+            value = stack.get(bare)
+            if value is not None:
+                return value
+        elif e.role_attr is not None and pos is not None:
+            up, attr = e.role_attr
+            return pos.up(up)[attr]
+        if e.error is not None:
+            raise ExprError(e.error)
+        a = e.analysis
+        if a.volatile:
+            return self._run(e, stack, pos)
+        get = stack.get
+        key: tuple[Any, ...] = tuple([get(n) for n in a.names])
+        if a.uses_role:
+            key += (pos.key if pos is not None else None,)
+        hit = e.memo.get(key, e)
+        if hit is e:
+            try:
+                hit = self._run(e, stack, pos)
+            except ExprError as err:
+                hit = _Failure(str(err))
+            e.memo[key] = hit
+        if type(hit) is _Failure:
+            raise ExprError(hit.message)
+        return hit
+
+    def _program(self, e: Expr, declared: frozenset[str]) -> Any:
+        prog = e.programs.get(declared)
+        if prog is None:
+            env = self._envs.get(declared)
+            if env is None:
+                env = cel.NewEnv(
+                    variables=dict.fromkeys(sorted(declared), _S),
+                    extensions=[_STRINGS, _EXTENSION],
+                )
+                self._envs[declared] = env
+            try:
+                prog = env.compile(e.analysis.source)
+            except Exception as err:  # the binding raises RuntimeError with CEL's text
+                prog = _Failure(_compile_error_message(err))
+            e.programs[declared] = prog
+        if type(prog) is _Failure:
+            raise ExprError(prog.message)
+        return prog
+
+    def _run(self, e: Expr, stack: Mapping[str, str], pos: RolePos | None) -> Any:
+        a = e.analysis
+        data = {n: stack[n] for n in a.names if n in stack}
+        prog = self._program(e, frozenset(data))
+        functions = []
+        if a.uses_role:
+            functions.extend(self._role_functions(pos))
+        if a.volatile:
+            functions.append(cel.Function("uid.New", [], False, self.new_uid, _S))
+            functions.append(
+                cel.Function(
+                    "util.PrefixedOverride",
+                    [_S, _S],
+                    False,
+                    lambda v, p: prefixed_override(stack, v, p),
+                    _S,
+                )
+            )
+        try:
+            result = (
+                prog.eval(data=data, functions=functions) if functions else prog.eval(data=data)
+            )
+        except Exception as err:  # pragma: no cover - the binding reports errors as values
+            raise ExprError(str(err)) from None
+        if result.type() == cel.Type.ERROR:
+            raise ExprError(_humanize(str(result.value()).split(": ", 1)[-1]))
+        return _plain(result.plain_value())
+
+    @staticmethod
+    def _role_functions(pos: RolePos | None) -> list[Any]:
+        def up(n: int) -> dict[str, str]:
+            if pos is None:
+                raise ExprError("Up()/Parent()/This() are only available inside a role")
+            return pos.up(n)
+
+        return [
+            cel.Function("Up", [_I], False, up, _ROLE),
+            cel.Function("Parent", [], False, lambda: up(1), _ROLE),
+            cel.Function("This", [], False, lambda: up(0), _ROLE),
+        ]

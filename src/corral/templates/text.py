@@ -1,0 +1,99 @@
+"""Template strings: literal text with ``{{ expr }}`` holes, split once at load time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from corral.templates.diagnostics import Loc
+
+if TYPE_CHECKING:
+    from corral.templates.expressions import Expr
+
+
+class Hole:
+    """One ``{{ expr }}``: its expression text and where that text starts.
+
+    ``expr`` is filled in by the expander on first use: definitions are parsed per
+    expansion, so the compiled expression can live on the hole itself.
+    """
+
+    __slots__ = ("expr", "loc", "source")
+
+    def __init__(self, source: str, loc: Loc) -> None:
+        self.source = source
+        self.loc = loc
+        self.expr: Expr | None = None
+
+
+class TextSyntaxError(ValueError):
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class Text:
+    """A string value of a template. ``const`` is set when it holds no expression."""
+
+    __slots__ = ("const", "loc", "parts", "raw", "single")
+
+    def __init__(self, raw: str, loc: Loc, parts: tuple[str | Hole, ...]) -> None:
+        self.raw = raw
+        self.loc = loc
+        self.parts = parts
+        self.const: str | None = raw if not any(type(p) is Hole for p in parts) else None
+        only = parts[0] if len(parts) == 1 else None
+        self.single: Hole | None = only if type(only) is Hole else None
+
+    @property
+    def holes(self) -> tuple[Hole, ...]:
+        return tuple(p for p in self.parts if type(p) is Hole)
+
+    def __repr__(self) -> str:
+        return f"Text({self.raw!r})"
+
+
+def split_holes(raw: str) -> list[tuple[str, int] | str]:
+    """Split ``raw`` into literal strings and (expression, offset) pairs.
+
+    The closing ``}}`` is found outside string literals and brackets, so an
+    expression may contain map literals and strings with braces.
+    """
+    out: list[tuple[str, int] | str] = []
+    i, n = 0, len(raw)
+    while i < n:
+        start = raw.find("{{", i)
+        if start < 0:
+            out.append(raw[i:])
+            break
+        if start > i:
+            out.append(raw[i:start])
+        j = start + 2
+        depth = 0
+        quote = ""
+        while j < n:
+            c = raw[j]
+            if quote:
+                if c == "\\":
+                    j += 2
+                    continue
+                if c == quote:
+                    quote = ""
+            elif c in "'\"":
+                quote = c
+            elif c in "([{":
+                depth += 1
+            elif c in ")]}":
+                if c == "}" and depth == 0 and raw.startswith("}}", j):
+                    break
+                depth -= 1
+            j += 1
+        if j >= n:
+            raise TextSyntaxError("'{{' without a matching '}}'", start)
+        inner = raw[start + 2 : j]
+        stripped = inner.strip()
+        if not stripped:
+            raise TextSyntaxError("empty expression '{{ }}'", start)
+        lead = len(inner) - len(inner.lstrip())
+        out.append((stripped, start + 2 + lead))
+        i = j + 2
+    return out
