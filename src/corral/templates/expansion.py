@@ -115,6 +115,43 @@ class _PendingConnect:
     loc: Loc
 
 
+class _Memo:
+    """Results keyed on the values of the variables they read.
+
+    A memo that keeps missing (inputs unique per task, like a per-task id in a
+    command) switches itself off: building and storing 150,000 keys that are never
+    looked up again costs time and memory for nothing.
+    """
+
+    __slots__ = ("lookups", "misses", "names", "table")
+
+    PROBATION = 2048
+
+    def __init__(self, names: tuple[str, ...] | None) -> None:
+        self.names = names  # None: must be computed every time (role position, uid)
+        self.table: dict[tuple[str | None, ...], Any] = {}
+        self.lookups = 0
+        self.misses = 0
+
+    def get(self, stack: Mapping[str, str], make: Any) -> Any:
+        names = self.names
+        if names is None:
+            return make()
+        get = stack.get
+        key = tuple([get(n) for n in names])
+        hit = self.table.get(key)
+        if hit is None:
+            hit = self.table[key] = make()
+            self.misses += 1
+            self.lookups += 1
+            if self.lookups >= self.PROBATION and self.misses * 8 > self.lookups * 7:
+                self.names = None
+                self.table = {}
+        else:
+            self.lookups += 1
+        return hit
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a Go-style duration (``1m30s``, ``500ms``) or a plain number."""
     s = text.strip()
@@ -215,8 +252,8 @@ class _Expander:
         self.collections: list[Collection] = []
         self.paths: set[str] = set()
         self.public: dict[str, PublicVar] = {}
-        self._class_cache: dict[int, Any] = {}
-        self._channel_cache: dict[int, Any] = {}
+        self._class_cache: dict[int, tuple[_Memo, _Memo]] = {}
+        self._channel_cache: dict[int, _Memo] = {}
         self._merged: dict[tuple[int, int], tuple[list[ChannelDef], list[ChannelDef]]] = {}
 
     # -- evaluation helpers ----------------------------------------------------
@@ -679,33 +716,13 @@ class _Expander:
         if entry is None:
             if tc.command is None:
                 raise _Skip  # reported when the class was parsed
-            entry = (
-                self._names(_command_texts(tc)), {},
-                self._names(_static_texts(tc)), {},
-            )  # fmt: skip
+            entry = (_Memo(self._names(_command_texts(tc))), _Memo(self._names(_static_texts(tc))))
             self._class_cache[id(tc)] = entry
-        cnames, ccache, snames, scache = entry
-        command = self._cached(cnames, ccache, stack, pos, lambda: self._command(tc, stack, pos))
-        static = self._cached(snames, scache, stack, pos, lambda: self._static(tc, stack, pos))
-        mode, wants, limits, props, health = static
+        command = entry[0].get(stack, lambda: self._command(tc, stack, pos))
+        mode, wants, limits, props, health = entry[1].get(
+            stack, lambda: self._static(tc, stack, pos)
+        )
         return _ResolvedClass(command, mode, wants, limits, props, health)
-
-    def _cached(
-        self,
-        names: tuple[str, ...] | None,
-        cache: dict[tuple[str | None, ...], Any],
-        stack: Mapping[str, str],
-        pos: RolePos,
-        make: Any,
-    ) -> Any:
-        if names is None:  # reads the role position or hidden state
-            return make()
-        get = stack.get
-        key = tuple([get(n) for n in names])
-        hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = make()
-        return hit
 
     def _names(self, texts: list[Text]) -> tuple[str, ...] | None:
         """Variables the texts read; None when one of them must be evaluated every time."""
@@ -815,13 +832,12 @@ class _Expander:
         self, ch: ChannelDef, stack: Mapping[str, str], pos: RolePos
     ) -> tuple[str, str, str, str | None, tuple[tuple[str, str], ...]]:
         """(type, transport, addressing, global alias, properties), cached per inputs."""
-        entry = self._channel_cache.get(id(ch))
-        if entry is None:
+        memo = self._channel_cache.get(id(ch))
+        if memo is None:
             texts = [t for t in (ch.type, ch.transport, ch.addressing, ch.global_alias) if t]
             texts += [t for _, t in ch.properties]
-            entry = self._channel_cache[id(ch)] = (self._names(texts), {})
-        names, cache = entry
-        return self._cached(names, cache, stack, pos, lambda: self._channel_fields(ch, stack, pos))  # type: ignore[no-any-return]
+            memo = self._channel_cache[id(ch)] = _Memo(self._names(texts))
+        return memo.get(stack, lambda: self._channel_fields(ch, stack, pos))  # type: ignore[no-any-return]
 
     def _channel_fields(
         self, ch: ChannelDef, stack: Mapping[str, str], pos: RolePos

@@ -514,13 +514,19 @@ class Expr:
     attribute (``{{ Parent().Path }}``); they are most of a large template's holes.
     """
 
-    __slots__ = ("analysis", "bare", "error", "memo", "programs", "role_attr", "text")
+    __slots__ = (
+        "analysis", "bare", "error", "lookups", "memo", "memoize", "misses", "programs",
+        "role_attr", "text",
+    )  # fmt: skip
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.error: str | None = None
         self.programs: dict[frozenset[str], Any] = {}
         self.memo: dict[tuple[Any, ...], Any] = {}
+        self.memoize = True  # off once the memo proves useless (inputs unique per use)
+        self.lookups = 0
+        self.misses = 0
         self.bare: str | None = None
         self.role_attr: tuple[int, str] | None = None
         try:
@@ -536,6 +542,9 @@ class Expr:
         if m is not None:
             up = int(m.group(1)) if m.group(1) is not None else (1 if m.group(2) else 0)
             self.role_attr = (up, m.group(4))
+
+
+_PROBATION = 2048  # lookups before a memo that keeps missing is switched off
 
 
 class _Failure:
@@ -588,19 +597,24 @@ class Evaluator:
         if e.error is not None:
             raise ExprError(e.error)
         a = e.analysis
-        if a.volatile:
+        if a.volatile or not e.memoize:
             return self._run(e, stack, pos)
         get = stack.get
         key: tuple[Any, ...] = tuple([get(n) for n in a.names])
         if a.uses_role:
             key += (pos.key if pos is not None else None,)
         hit = e.memo.get(key, e)
+        e.lookups += 1
         if hit is e:
             try:
                 hit = self._run(e, stack, pos)
             except ExprError as err:
                 hit = _Failure(str(err))
             e.memo[key] = hit
+            e.misses += 1
+            if e.lookups >= _PROBATION and e.misses * 8 > e.lookups * 7:
+                e.memoize = False
+                e.memo = {}
         if type(hit) is _Failure:
             raise ExprError(hit.message)
         return hit
