@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import yaml
@@ -11,7 +12,11 @@ from hypothesis import strategies as st
 
 from corral.templates import DictSources, check
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CORRAL_HYPOTHESIS_EXAMPLES=3000 pytest tests/templates/test_properties.py  for a long run
+EXAMPLES = int(os.environ.get("CORRAL_HYPOTHESIS_EXAMPLES", "150"))
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 TASK_CLASS = """
 name: t

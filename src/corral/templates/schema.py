@@ -522,6 +522,8 @@ class Parser:
     def role_body(
         self, node: yaml.Node, keys: dict[str, tuple[yaml.Node, yaml.Node]], *, top: bool
     ) -> RoleDef | None:
+        before = len(self.diags)
+        in_children = 0
         name = self.text(keys["name"][1], "role name")
         if name is None:
             return None
@@ -565,13 +567,17 @@ class Parser:
                 if not items:
                     self.error(v, "roles must not be empty")
                 for item in items:
+                    mark = len(self.diags)
                     child = self.role(item)
+                    in_children += len(self.diags) - mark
                     if child is not None:
                         children.append(child)
                 role.roles = children
         if (role.binds or role.connects) and role.task is None and not top:
             where = keys["bind"][0] if "bind" in keys else keys["connect"][0]
             self.error(where, "bind and connect belong on task roles")
+        if len(self.diags) - before > in_children:
+            return None  # its own fields are broken (and reported): leave it out
         return role
 
     def task_ref(self, node: yaml.Node) -> TaskRefDef | None:
@@ -664,6 +670,7 @@ class Parser:
                     keys["name"][1],
                     f"task class is named {given!r} but its file is {expected_name!r}.yaml",
                 )
+        before = len(self.diags)
         if "command" not in keys:
             self.error(node, "a task class needs a command")
         tc = TaskClassDef(name, self.loc(node), self.file, None)
@@ -696,6 +703,8 @@ class Parser:
                         tc.properties.append((str(pk.value), t))
             elif key == "health":
                 tc.health = self.health(v)
+        if len(self.diags) > before:
+            return None  # reported; a broken class is not used
         return tc
 
     def command(self, node: yaml.Node) -> CommandDef | None:
