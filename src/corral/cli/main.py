@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from corral import __version__
+from corral.cli.run import events, run
 from corral.cli.template import template
 
 
@@ -19,6 +20,8 @@ def cli() -> None:
 
 
 cli.add_command(template)
+cli.add_command(run)
+cli.add_command(events)
 
 
 def main() -> None:

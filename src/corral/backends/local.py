@@ -1,0 +1,589 @@
+"""The local backend: tasks as child processes of this machine's control process.
+
+How this runs. Everything happens on the asyncio event loop of the control process,
+with no thread and no asyncio task per child:
+
+- a child is spawned with ``subprocess.Popen`` (argv, no shell unless the task class
+  says ``shell: true``) in a new session, so that its process group can be ended as a
+  whole; stdout and stderr go to its log file;
+- a direct task also inherits one end of a Unix socketpair, named by
+  ``CORRAL_CONTROL_FD``; the other end is registered with ``loop.add_reader``;
+- the child's exit is seen through a pidfd (``os.pidfd_open``) registered with
+  ``loop.add_reader``: it is reaped at once, never left a zombie, and any process it
+  left in its group is killed (no orphans);
+- a launch or transition batch is one ``_Batch`` with one future and at most two timers
+  (the "slow" report and the deadline), however many tasks it holds.
+
+So the cost per task is two registered file descriptors, and a batch of N tasks costs
+N small writes plus one wakeup per answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from corral.ports.backend import (
+    TASK_TRANSITIONS,
+    ChannelRequest,
+    Launch,
+    NodeInfo,
+    Order,
+    Outcome,
+    Report,
+    ReportSink,
+)
+
+MAX_LINE = 1 << 20  # the protocol's longest line: 1 MiB
+NODE = "localhost"
+
+
+def describe_status(code: int) -> str:
+    """'exited with status 3' or 'killed by signal 9 (SIGKILL)'."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown"
+    return f"killed by signal {-code} ({name})"
+
+
+def argv_of(launch: Launch) -> list[str]:
+    """The argument vector of a task: its command, or ``/bin/sh -c`` for shell tasks."""
+    cmd = launch.command
+    if cmd.shell:
+        script = " ".join([cmd.value, *(shlex.quote(a) for a in cmd.arguments)])
+        return ["/bin/sh", "-c", script]
+    return [cmd.value, *cmd.arguments]
+
+
+@dataclass(slots=True, eq=False)
+class _Proc:
+    """One child process and its control connection."""
+
+    task_id: str
+    path: str
+    control: str
+    popen: subprocess.Popen[bytes]
+    pidfd: int
+    sock: socket.socket | None
+    buf: bytearray = field(default_factory=bytearray)
+    out: bytearray = field(default_factory=bytearray)
+    next_id: int = 0
+    # what the task owes us: ("hello", batch) or (order id, transition, batch)
+    waiting: tuple[int, str, _Batch] | None = None
+    exited: int | None = None
+    broken: bool = False  # protocol broken: we no longer listen to it
+    ending: bool = False  # asked to end (EXIT answered, or stopped): EOF is expected
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+class _Batch:
+    """One launch or transition batch: one future, two timers at most."""
+
+    __slots__ = ("done", "outcomes", "pending", "positions", "timers", "what")
+
+    def __init__(self, size: int, what: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.outcomes: list[Outcome | None] = [None] * size
+        self.positions: dict[str, int] = {}
+        self.pending = 0
+        self.what = what
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def resolve(self, task_id: str, outcome: Outcome) -> None:
+        pos = self.positions.get(task_id)
+        if pos is None or self.outcomes[pos] is not None:
+            return
+        self.outcomes[pos] = outcome
+        self.pending -= 1
+        if self.pending == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def set_now(self, pos: int, outcome: Outcome) -> None:
+        self.outcomes[pos] = outcome
+
+
+class LocalBackend:
+    """Runs tasks as processes of this machine (the node ``localhost``)."""
+
+    name = "local"
+
+    def __init__(self, *, run_dir: str | None = None, host: str = "127.0.0.1") -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._procs: dict[str, _Proc] = {}
+        self._sink: ReportSink | None = None
+        self._queue: list[Report] = []
+        self._flush_scheduled = False
+        self._host = host
+        self._own_run_dir = run_dir is None
+        # ipc paths must stay under ~100 characters: keep them in a short directory
+        self._run_dir = run_dir or tempfile.mkdtemp(prefix="corral-")
+        self._ports: set[int] = set()
+        self._reapers: dict[str, asyncio.Future[None]] = {}
+
+    # -- the port -----------------------------------------------------------------
+
+    def nodes(self) -> Sequence[NodeInfo]:
+        return [NodeInfo(NODE, (("machine_id", NODE),))]
+
+    def subscribe(self, sink: ReportSink) -> None:
+        self._sink = sink
+
+    async def allocate(
+        self, node: str, env_id: str, channels: Sequence[ChannelRequest]
+    ) -> list[str]:
+        out: list[str] = []
+        ipc_dir = os.path.join(self._run_dir, env_id)
+        for n, ch in enumerate(channels):
+            if ch.addressing == "ipc":
+                os.makedirs(ipc_dir, exist_ok=True)
+                out.append(f"ipc://{ipc_dir}/{n}-{ch.name}")
+            else:
+                out.append(f"tcp://{self._host}:{self._free_port()}")
+        return out
+
+    async def launch(
+        self, node: str, batch: Sequence[Launch], timeout: float, slow_after: float
+    ) -> list[Outcome]:
+        loop = self._bind_loop()
+        b = _Batch(len(batch), "launch", loop)
+        base_env = dict(os.environ)
+        for pos, spec in enumerate(batch):
+            old = self._procs.get(spec.task_id)
+            if old is not None and old.exited is None:
+                b.set_now(pos, Outcome(spec.task_id, error="already running", pid=old.pid))
+                continue
+            try:
+                proc = self._spawn(spec, base_env)
+            except OSError as e:
+                b.set_now(pos, Outcome(spec.task_id, error=self._spawn_error(spec, e)))
+                continue
+            self._procs[spec.task_id] = proc
+            if proc.sock is None:
+                b.set_now(pos, Outcome(spec.task_id, state="STANDBY", pid=proc.pid))
+            else:
+                b.positions[spec.task_id] = pos
+                b.pending += 1
+                proc.waiting = (-1, "launch", b)
+            if pos % 64 == 63:
+                await asyncio.sleep(0)  # let answers and exits in while spawning
+        return await self._finish(b, timeout, slow_after)
+
+    async def transition(
+        self, node: str, batch: Sequence[Order], timeout: float, slow_after: float
+    ) -> list[Outcome]:
+        loop = self._bind_loop()
+        b = _Batch(len(batch), "transition", loop)
+        for pos, order in enumerate(batch):
+            proc = self._procs.get(order.task_id)
+            if proc is None:
+                b.set_now(pos, Outcome(order.task_id, error="unknown task"))
+                continue
+            if proc.exited is not None:
+                why = describe_status(proc.exited)
+                b.set_now(pos, Outcome(order.task_id, error=f"process {why}"))
+                continue
+            if proc.sock is None or proc.broken:
+                why = "it broke the protocol" if proc.broken else "it has no control connection"
+                b.set_now(
+                    pos, Outcome(order.task_id, error=f"cannot send {order.transition}: {why}")
+                )
+                continue
+            if order.transition not in TASK_TRANSITIONS:
+                b.set_now(pos, Outcome(order.task_id, error=f"no transition {order.transition}"))
+                continue
+            proc.next_id += 1
+            msg = {"id": proc.next_id, "transition": order.transition, "args": order.args}
+            b.positions[order.task_id] = pos
+            b.pending += 1
+            proc.waiting = (proc.next_id, order.transition, b)
+            self._send(proc, (json.dumps(msg, separators=(",", ":")) + "\n").encode())
+        return await self._finish(b, timeout, slow_after)
+
+    async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
+        loop = self._bind_loop()
+        waits: list[asyncio.Future[None]] = []
+        alive: list[_Proc] = []
+        for tid in task_ids:
+            proc = self._procs.get(tid)
+            if proc is None or proc.exited is not None:
+                continue
+            alive.append(proc)
+            fut = self._reapers.get(tid)
+            if fut is None:
+                fut = self._reapers[tid] = loop.create_future()
+            waits.append(fut)
+            proc.ending = True
+            _killpg(proc.pid, signal.SIGTERM)
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=grace)
+        if pending:
+            for proc in alive:
+                if proc.exited is None:
+                    _killpg(proc.pid, signal.SIGKILL)
+            await asyncio.wait(pending, timeout=max(5.0, grace))
+
+    async def release(self, node: str, env_id: str) -> None:
+        shutil.rmtree(os.path.join(self._run_dir, env_id), ignore_errors=True)
+        prefix = f"{env_id}:"
+        for tid in [t for t, p in self._procs.items() if t.startswith(prefix) and p.exited]:
+            del self._procs[tid]
+
+    async def close(self) -> None:
+        alive = [t for t, p in self._procs.items() if p.exited is None]
+        if alive:
+            await self.stop(NODE, alive, 2.0)
+        for proc in self._procs.values():
+            self._forget(proc)
+        self._procs.clear()
+        if self._own_run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # -- introspection (tests, `corral run`) -------------------------------------------
+
+    def pid_of(self, task_id: str) -> int | None:
+        proc = self._procs.get(task_id)
+        return None if proc is None else proc.pid
+
+    # -- spawning ---------------------------------------------------------------------
+
+    def _spawn(self, spec: Launch, base_env: dict[str, str]) -> _Proc:
+        env = dict(base_env)
+        env.update(spec.command.env)
+        env.update(spec.env)
+        ours: socket.socket | None = None
+        theirs: socket.socket | None = None
+        pass_fds: tuple[int, ...] = ()
+        if spec.control == "direct":
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            env["CORRAL_CONTROL_FD"] = str(theirs.fileno())
+            pass_fds = (theirs.fileno(),)
+        log = None
+        try:
+            if spec.log_path:
+                os.makedirs(os.path.dirname(spec.log_path), exist_ok=True)
+                log = open(spec.log_path, "ab")  # noqa: SIM115 - handed to the child
+            popen = subprocess.Popen(
+                argv_of(spec),
+                env=env,
+                cwd=spec.command.cwd or None,
+                stdin=subprocess.DEVNULL,
+                stdout=log if log is not None else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
+                start_new_session=True,
+                user=spec.command.user or None,
+            )
+        except BaseException:
+            if ours is not None:
+                ours.close()
+            raise
+        finally:
+            if log is not None:
+                log.close()
+            if theirs is not None:
+                theirs.close()
+        pidfd = os.pidfd_open(popen.pid)
+        proc = _Proc(spec.task_id, spec.path, spec.control, popen, pidfd, ours)
+        loop = self._bind_loop()
+        loop.add_reader(pidfd, self._on_exit, proc)
+        if ours is not None:
+            ours.setblocking(False)
+            loop.add_reader(ours.fileno(), self._on_readable, proc)
+        return proc
+
+    @staticmethod
+    def _spawn_error(spec: Launch, e: OSError) -> str:
+        what = argv_of(spec)[0]
+        if e.errno == errno.ENOENT:
+            where = f" in {spec.command.cwd}" if spec.command.cwd else ""
+            return f"cannot start {what!r}: no such file or directory{where}"
+        if e.errno == errno.EACCES:
+            return f"cannot start {what!r}: permission denied"
+        return f"cannot start {what!r}: {e.strerror or e}"
+
+    def _free_port(self) -> int:
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((self._host, 0))
+                port = int(s.getsockname()[1])
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
+        raise OSError("no free tcp port found")
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # -- batches ----------------------------------------------------------------------
+
+    async def _finish(self, b: _Batch, timeout: float, slow_after: float) -> list[Outcome]:
+        loop = self._bind_loop()
+        if b.pending == 0:
+            b.done.set_result(None)
+        else:
+            if 0 < slow_after < timeout:
+                b.timers.append(loop.call_later(slow_after, self._report_slow, b, slow_after))
+            b.timers.append(loop.call_later(max(0.0, timeout), self._expire, b, timeout))
+        try:
+            await b.done
+        finally:
+            for t in b.timers:
+                t.cancel()
+        return [o if o is not None else Outcome("?", error="lost outcome") for o in b.outcomes]
+
+    def _pending_procs(self, b: _Batch) -> list[_Proc]:
+        out = []
+        for tid, pos in b.positions.items():
+            if b.outcomes[pos] is None:
+                proc = self._procs.get(tid)
+                if proc is not None:
+                    out.append(proc)
+        return out
+
+    def _report_slow(self, b: _Batch, after: float) -> None:
+        reports = []
+        for proc in self._pending_procs(b):
+            if proc.waiting is None or proc.exited is not None:
+                continue
+            what = "hello" if proc.waiting[0] < 0 else f"an answer to {proc.waiting[1]}"
+            reason = f"no {what} after {after:.1f} s; process {proc.pid} is alive"
+            reports.append(Report(proc.task_id, "slow", reason))
+        self._emit(reports)
+
+    def _expire(self, b: _Batch, timeout: float) -> None:
+        for proc in self._pending_procs(b):
+            if proc.waiting is None:
+                continue
+            if proc.waiting[0] < 0:
+                why = f"no hello within {timeout:.1f} s (process {proc.pid} is alive)"
+            else:
+                why = f"no answer to {proc.waiting[1]} within {timeout:.1f} s"
+                why += f" (process {proc.pid} is alive)"
+            proc.waiting = None
+            b.resolve(proc.task_id, Outcome(proc.task_id, error=why, pid=proc.pid, timed_out=True))
+        for tid, pos in list(b.positions.items()):
+            if b.outcomes[pos] is None:
+                b.resolve(tid, Outcome(tid, error=f"no answer within {timeout:.1f} s"))
+
+    # -- the control connection ---------------------------------------------------------
+
+    def _send(self, proc: _Proc, data: bytes) -> None:
+        sock = proc.sock
+        assert sock is not None
+        if proc.out:
+            proc.out += data
+            return
+        try:
+            n = sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._broken(proc, f"cannot write to its control connection: {e.strerror or e}")
+            return
+        if n < len(data):
+            proc.out += data[n:]
+            self._bind_loop().add_writer(sock.fileno(), self._on_writable, proc)
+
+    def _on_writable(self, proc: _Proc) -> None:
+        sock = proc.sock
+        if sock is None:
+            return
+        try:
+            n = sock.send(proc.out)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._bind_loop().remove_writer(sock.fileno())
+            self._broken(proc, f"cannot write to its control connection: {e.strerror or e}")
+            return
+        del proc.out[:n]
+        if not proc.out:
+            self._bind_loop().remove_writer(sock.fileno())
+
+    def _on_readable(self, proc: _Proc) -> None:
+        sock = proc.sock
+        if sock is None or proc.broken:
+            return
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._closed(proc, f"control connection failed: {e.strerror or e}")
+                return
+            if not data:
+                self._closed(proc, "closed its control connection")
+                return
+            proc.buf += data
+            while not proc.broken:
+                nl = proc.buf.find(b"\n")
+                if nl < 0:
+                    if len(proc.buf) > MAX_LINE:
+                        self._broken(proc, f"protocol error: a line longer than {MAX_LINE} bytes")
+                    break
+                line = bytes(proc.buf[:nl])
+                del proc.buf[: nl + 1]
+                if len(line) > MAX_LINE:
+                    self._broken(proc, f"protocol error: a line longer than {MAX_LINE} bytes")
+                    break
+                if line.strip():
+                    self._on_message(proc, line)
+            if proc.broken:
+                return
+
+    def _on_message(self, proc: _Proc, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            shown = line[:80].decode("utf-8", "replace")
+            self._broken(proc, f"protocol error: a message that is not JSON: {shown!r}")
+            return
+        if not isinstance(msg, dict):
+            self._broken(proc, f"protocol error: a message that is not an object: {line[:80]!r}")
+            return
+        event = msg.get("event")
+        if event is not None:
+            if event == "END_OF_STREAM":
+                self._emit([Report(proc.task_id, "end_of_stream", "END_OF_STREAM")])
+            elif event == "ERROR":
+                why = str(msg.get("error") or "no reason given")[:2000]
+                self._emit([Report(proc.task_id, "error", f"the task reported an error: {why}")])
+            else:
+                self._broken(proc, f"protocol error: unknown event {str(event)[:80]!r}")
+            return
+        waiting = proc.waiting
+        if "id" not in msg:
+            if waiting is not None and waiting[0] < 0 and msg.get("state") == "STANDBY":
+                proc.waiting = None
+                waiting[2].resolve(proc.task_id, Outcome(proc.task_id, "STANDBY", pid=proc.pid))
+                return
+            self._broken(proc, f"protocol error: unexpected message {line[:80]!r}")
+            return
+        if waiting is None or msg.get("id") != waiting[0]:
+            mid = msg.get("id")
+            if isinstance(mid, int) and 0 < mid <= proc.next_id:
+                return  # a late answer to an order whose deadline passed
+            self._broken(proc, f"protocol error: answer to an unknown id {str(mid)[:40]!r}")
+            return
+        proc.waiting = None
+        _, transition, b = waiting
+        expected = TASK_TRANSITIONS[transition]
+        if "error" in msg:
+            why = str(msg.get("error"))[:2000]
+            b.resolve(proc.task_id, Outcome(proc.task_id, error=f"{transition} failed: {why}"))
+        elif msg.get("state") == expected:
+            proc.ending = transition == "EXIT"
+            b.resolve(proc.task_id, Outcome(proc.task_id, expected))
+        else:
+            got = str(msg.get("state"))[:40]
+            why = f"protocol error: answered {transition} with state {got!r}, expected {expected}"
+            self._broken(proc, why, resolve=(b, why))
+
+    def _broken(self, proc: _Proc, why: str, resolve: tuple[_Batch, str] | None = None) -> None:
+        """The task broke the protocol: stop listening, fail what it owes, report it."""
+        proc.broken = True
+        if proc.sock is not None:
+            with contextlib.suppress(Exception):
+                self._bind_loop().remove_reader(proc.sock.fileno())
+        waiting, proc.waiting = proc.waiting, None
+        if resolve is not None:
+            resolve[0].resolve(proc.task_id, Outcome(proc.task_id, error=resolve[1]))
+        elif waiting is not None:
+            waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=why, pid=proc.pid))
+        self._emit([Report(proc.task_id, "error", why)])
+
+    def _closed(self, proc: _Proc, why: str) -> None:
+        """EOF on the control connection: the process is ending, or broke off."""
+        loop = self._bind_loop()
+        if proc.sock is not None:
+            loop.remove_reader(proc.sock.fileno())
+            loop.remove_writer(proc.sock.fileno())
+            proc.sock.close()
+            proc.sock = None
+        if proc.ending:
+            return
+        # The exit, if it comes, says more (its status); give it a moment.
+        loop.call_later(0.2, self._closed_check, proc, why)
+
+    def _closed_check(self, proc: _Proc, why: str) -> None:
+        if proc.exited is None and not proc.broken:
+            self._broken(proc, f"{why} while its process {proc.pid} is alive")
+
+    # -- exits ------------------------------------------------------------------------
+
+    def _on_exit(self, proc: _Proc) -> None:
+        # Read what it said last (an EXIT answer comes just before the exit).
+        if proc.sock is not None and not proc.broken:
+            self._on_readable(proc)
+        # Kill what it left in its group before reaping (its pid cannot be reused yet).
+        _killpg(proc.pid, signal.SIGKILL)
+        code = proc.popen.poll()
+        if code is None:
+            return  # not yet (spurious wakeup)
+        proc.exited = code
+        self._forget(proc)
+        why = describe_status(code)
+        waiting, proc.waiting = proc.waiting, None
+        if waiting is not None:
+            what = "before its hello" if waiting[0] < 0 else f"during {waiting[1]}"
+            waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=f"process {why} {what}"))
+        fut = self._reapers.pop(proc.task_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        self._emit([Report(proc.task_id, "exited", f"process {proc.pid} {why}", code)])
+
+    def _forget(self, proc: _Proc) -> None:
+        loop = self._loop
+        if proc.pidfd >= 0:
+            if loop is not None:
+                loop.remove_reader(proc.pidfd)
+            os.close(proc.pidfd)
+            proc.pidfd = -1
+        if proc.sock is not None:
+            if loop is not None:
+                loop.remove_reader(proc.sock.fileno())
+                loop.remove_writer(proc.sock.fileno())
+            proc.sock.close()
+            proc.sock = None
+
+    # -- reports ----------------------------------------------------------------------
+
+    def _emit(self, reports: list[Report]) -> None:
+        if not reports:
+            return
+        self._queue.extend(reports)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._bind_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        reports, self._queue = self._queue, []
+        if self._sink is not None and reports:
+            self._sink(reports)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,103 @@
+"""Built-in call plugins: ``test`` (Noop, Sleep, Fail, Echo) and ``exec`` (Run, Shell).
+
+``exec`` runs a command in its own process group; on cancellation (the call's timeout)
+it kills the group and reaps the process before re-raising, so a timed-out call leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+from corral.calls._registry import CallContext, CallError
+
+OUTPUT_CAP = 64 * 1024
+
+
+def _want(method: str, args: tuple[object, ...], low: int, high: int) -> None:
+    if not low <= len(args) <= high:
+        n = str(low) if low == high else f"{low} to {high}"
+        raise CallError(f"{method} takes {n} arguments, got {len(args)}")
+
+
+class TestPlugin:
+    """Calls for tests and examples."""
+
+    methods = frozenset({"Noop", "Sleep", "Fail", "Echo"})
+
+    async def call(self, method: str, args: tuple[object, ...], ctx: CallContext) -> str | None:
+        if method == "Noop":
+            _want(method, args, 0, 0)
+            return None
+        if method == "Sleep":
+            _want(method, args, 1, 1)
+            seconds = args[0]
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
+                raise CallError(f"test.Sleep wants a number of seconds >= 0, got {seconds!r}")
+            await asyncio.sleep(float(seconds))
+            return None
+        if method == "Fail":
+            _want(method, args, 0, 1)
+            raise CallError(str(args[0]) if args else "test.Fail")
+        _want(method, args, 1, 1)
+        return str(args[0])
+
+
+class ExecPlugin:
+    """Run a command: exit status 0 is success; stdout is the result."""
+
+    methods = frozenset({"Run", "Shell"})
+
+    async def call(self, method: str, args: tuple[object, ...], ctx: CallContext) -> str | None:
+        if method == "Shell":
+            _want(method, args, 1, 1)
+            argv = ["/bin/sh", "-c", str(args[0])]
+        else:
+            if not args:
+                raise CallError("exec.Run wants a command and its arguments")
+            argv = [str(a) for a in args]
+        env = dict(os.environ)
+        env.update(
+            CORRAL_ENVIRONMENT_ID=ctx.environment_id,
+            CORRAL_EVENT=ctx.event,
+            CORRAL_TRIGGER=ctx.trigger,
+            CORRAL_CALL_PATH=ctx.path,
+        )
+        if ctx.run_number is not None:
+            env["CORRAL_RUN_NUMBER"] = str(ctx.run_number)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise CallError(f"cannot run {argv[0]!r}: no such file or directory") from None
+        except PermissionError:
+            raise CallError(f"cannot run {argv[0]!r}: permission denied") from None
+        try:
+            out, err = await proc.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.wait())
+            raise
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what it left behind in its group
+        if proc.returncode != 0:
+            tail = err[-2000:].decode("utf-8", "replace").strip().splitlines()[-5:]
+            status = (
+                f"status {proc.returncode}"
+                if (proc.returncode or 0) >= 0
+                else f"signal {-(proc.returncode or 0)}"
+            )
+            detail = (": " + " | ".join(tail)) if tail else ""
+            raise CallError(f"{argv[0]} ended with {status}{detail}")
+        return out[:OUTPUT_CAP].decode("utf-8", "replace").strip()

@@ -1,0 +1,302 @@
+"""``corral run`` and ``corral events``: an environment on this machine, from the shell.
+
+``corral run`` starts an embedded control plane (the SQLite store in ``--data``, the
+local backend), creates the environment from the template, drives it to RUNNING with
+progress on every transition, prints the run number, and on Ctrl-C (or at the end of
+``--for``) stops the run and tears everything down. Exit status: 0 when it ended as
+asked, 1 when the template is wrong or the environment failed (the task, node and
+reason are printed), 2 for a wrong command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from corral.backends.local import LocalBackend
+from corral.cli.template import builtin_defaults, parse_vars, report, var_option
+from corral.control.environment import Environment, TransitionError
+from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
+from corral.lifecycle import task as tasksm
+from corral.store.files import DiskSources
+from corral.store.sqlite import SqliteStore
+from corral.templates import check
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+PATH_TO = {
+    "DEPLOYED": ("DEPLOY",),
+    "CONFIGURED": ("DEPLOY", "CONFIGURE"),
+    "RUNNING": ("DEPLOY", "CONFIGURE", "START_ACTIVITY"),
+}
+TASK_TARGET = {
+    "DEPLOY": tasksm.STANDBY,
+    "CONFIGURE": tasksm.CONFIGURED,
+    "START_ACTIVITY": tasksm.RUNNING,
+    "STOP_ACTIVITY": tasksm.CONFIGURED,
+    "EXIT": tasksm.DONE,
+    "RESET": tasksm.STANDBY,
+}
+DEFAULT_DATA = ".corral"
+
+
+data_option = click.option(
+    "--data",
+    default=DEFAULT_DATA,
+    show_default=True,
+    metavar="DIR",
+    help="Data directory: the SQLite store and the tasks' logs.",
+)
+
+
+def _parse_timeouts(pairs: tuple[str, ...]) -> dict[str, float]:
+    outd: dict[str, float] = {}
+    for pair in pairs:
+        k, eq, v = pair.partition("=")
+        try:
+            outd[k.strip().upper()] = float(v)
+        except ValueError:
+            raise click.BadParameter(
+                f"{pair!r}: expected EVENT=SECONDS", param_hint="--timeout"
+            ) from None
+        if not eq or outd[k.strip().upper()] <= 0:
+            raise click.BadParameter(
+                f"{pair!r}: expected EVENT=SECONDS > 0", param_hint="--timeout"
+            )
+    return outd
+
+
+@click.command("run")
+@click.argument("path", type=click.Path(dir_okay=False))
+@var_option
+@data_option
+@click.option(
+    "--until",
+    type=click.Choice(list(PATH_TO)),
+    default="RUNNING",
+    show_default=True,
+    help="Drive the environment to this state.",
+)
+@click.option(
+    "--for",
+    "duration",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Stay this long, then stop and tear down (default: until Ctrl-C).",
+)
+@click.option(
+    "--timeout",
+    "timeouts",
+    multiple=True,
+    metavar="EVENT=SECONDS",
+    help="Deadline of a transition, e.g. CONFIGURE=5 (repeatable).",
+)
+def run(
+    path: str,
+    variables: tuple[str, ...],
+    data: str,
+    until: str,
+    duration: float | None,
+    timeouts: tuple[str, ...],
+) -> None:
+    """Run the workflow at PATH on this machine until Ctrl-C."""
+    user = parse_vars(variables)
+    limits = _parse_timeouts(timeouts)
+    env_id = new_environment_id()
+    gdefaults = builtin_defaults(path)
+    gdefaults["environment_id"] = env_id
+    plan, diags = check(path, DiskSources(), variables=user, global_defaults=gdefaults, seed=env_id)
+    if plan is None:
+        report(diags)
+        sys.exit(1)
+    code = asyncio.run(_run(plan, env_id, os.path.abspath(path), data, until, duration, limits))
+    sys.exit(code)
+
+
+async def _run(
+    plan: Any,
+    env_id: str,
+    source: str,
+    data: str,
+    until: str,
+    duration: float | None,
+    timeouts: dict[str, float],
+) -> int:
+    install_child_watcher()
+    loop = asyncio.get_running_loop()
+    store = SqliteStore(os.path.join(data, "corral.db"))
+    backend = LocalBackend()
+    plane = ControlPlane(store, backend, log_dir=os.path.join(os.path.abspath(data), "logs"))
+    env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
+    n = sum(1 for t in env.tasks if not t.hook)
+    err.print(
+        f"environment [bold]{env.id}[/] ({plan.name}): {n} tasks, {len(plan.calls)} calls; "
+        f"logs in {os.path.join(data, 'logs', env.id)}"
+    )
+    notes = _Notes(env)
+    plane.bus.subscribe(notes.on_events)
+    interrupted = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+    driving = True
+
+    def on_signal() -> None:
+        interrupted.set()
+        if driving:
+            main.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    code = 0
+    try:
+        try:
+            for event in PATH_TO[until]:
+                await _transition(env, event)
+            driving = False
+            if env.run_number is not None:
+                out.print(f"run number [bold]{env.run_number}[/] is RUNNING")
+            else:
+                out.print(f"environment {env.id} is {env.state}")
+            err.print("press Ctrl-C to stop" + (f" (or wait {duration:g} s)" if duration else ""))
+            code = await _watch(env, interrupted, duration)
+        except TransitionError as e:
+            err.print(f"[bold red]error[/]: {e}")
+            code = 1
+        except asyncio.CancelledError:
+            if not interrupted.is_set():
+                raise
+            err.print("interrupted")
+        err.print("tearing down ...")
+        driving = False
+        try:
+            await plane.close()
+        except Exception as e:  # report, still exit
+            err.print(f"[bold red]error[/] while tearing down: {e}")
+            code = code or 1
+        left = [t for t in env.tasks if t.state in tasksm.ALIVE]
+        err.print(f"environment {env.id} is {env.state}; {len(left)} tasks alive")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        store.close()
+    return code
+
+
+async def _transition(env: Environment, event: str) -> None:
+    target = TASK_TARGET.get(event)
+    total = sum(1 for t in env.tasks if not t.hook)
+    if not err.is_terminal:
+        err.print(f"{event} ...")
+        await env.transition(event)
+        err.print(f"{event} done: {env.state}; tasks {_counts(env)}")
+        return
+    with Progress(
+        TextColumn("{task.description:<15}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[counts]}"),
+        console=err,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(event, total=total, counts="")
+        job = asyncio.ensure_future(env.transition(event))
+        while not job.done():
+            done = sum(1 for t in env.tasks if t.state == target and not t.hook)
+            progress.update(bar, completed=done, counts=_counts(env))
+            await asyncio.wait([job], timeout=0.1)
+        progress.update(
+            bar, completed=total if job.exception() is None else None, counts=_counts(env)
+        )
+        job.result()
+
+
+async def _watch(env: Environment, interrupted: asyncio.Event, duration: float | None) -> int:
+    """Wait for Ctrl-C, the end of --for, a failure, or the run stopping by itself."""
+    loop = asyncio.get_running_loop()
+    end = None if duration is None else loop.time() + duration
+    while True:
+        if interrupted.is_set():
+            return 0
+        if env.state == "ERROR":
+            err.print(f"[bold red]error[/]: environment {env.id} is in ERROR: {env.error}")
+            return 1
+        if env.state == "CONFIGURED" and env.transitioning is None and env.run_number is None:
+            err.print("the run stopped: every task reported END_OF_STREAM")
+            return 0
+        if end is not None and loop.time() >= end:
+            return 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupted.wait(), 0.1)
+
+
+def _counts(env: Environment) -> str:
+    c = env.counts()
+    return " ".join(f"{k}={v}" for k, v in sorted(c.items()))
+
+
+class _Notes:
+    """Prints what a person should see: failures, slow tasks, calls that failed."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+
+    def on_events(self, events: Any) -> None:
+        for e in events:
+            kind = e.get("kind")
+            if kind == "task" and e.get("status") == "SLOW":
+                err.print(f"[yellow]slow[/]: task {e['task']} on {e['node']}: {e['reason']}")
+            elif kind == "task" and e.get("state") in (tasksm.ERROR, tasksm.LOST):
+                crit = "" if e.get("critical", True) else " (non-critical)"
+                err.print(
+                    f"[red]task failed[/]{crit}: {e.get('task')} on {e.get('node')}: "
+                    f"{e.get('reason')}"
+                )
+            elif kind == "call" and e.get("status") in ("FAILED", "TIMEOUT"):
+                crit = "" if e.get("critical") else " (non-critical)"
+                err.print(f"[red]call failed[/]{crit}: {e['path']} {e['func']}: {e.get('error')}")
+            elif kind == "run" and e.get("status") == "STOPPED":
+                err.print(f"run {e.get('run_number')} stopped")
+
+
+@click.command("events")
+@data_option
+@click.option("--env", "env_id", default=None, help="Only this environment's events.")
+@click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this seq.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def events(data: str, env_id: str | None, after: int, output: str) -> None:
+    """Print the stored events, oldest first."""
+    db = os.path.join(data, "corral.db")
+    if not os.path.exists(db):
+        err.print(f"[bold red]error[/]: no store at {db} (is --data right?)")
+        sys.exit(1)
+    store = SqliteStore(db)
+    try:
+        for e in store.events(env=env_id, after=after):
+            if output == "json":
+                sys.stdout.write(json.dumps(e, sort_keys=True) + "\n")
+            else:
+                sys.stdout.write(_format_event(e) + "\n")
+    finally:
+        store.close()
+
+
+def _format_event(e: dict[str, Any]) -> str:
+    skip = {"seq", "time", "kind", "env", "tasks"}
+    rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in skip)
+    if "tasks" in e and isinstance(e["tasks"], list):
+        shown = e["tasks"][:3]
+        more = f" +{len(e['tasks']) - 3}" if len(e["tasks"]) > 3 else ""
+        rest += f" tasks={','.join(shown)}{more}"
+    return f"{e['seq']:>7} {e['time']:.3f} {e.get('env') or '-':<11} {e['kind']:<11} {rest}"

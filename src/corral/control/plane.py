@@ -1,0 +1,108 @@
+"""The control plane: environments, one backend, the store and the event bus together.
+
+How this runs. One ``ControlPlane`` per control process, on one asyncio loop. It owns
+the backend's report subscription and routes each list of reports to the
+environments they concern (task ids are ``<environment id>:<index>``), in one call
+per environment. It is the store's single writer, through its environments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from corral.calls import Registry
+from corral.control.environment import Environment
+from corral.events.bus import EventBus
+from corral.model.plan import Plan
+from corral.ports.backend import Backend, Report
+from corral.store.sqlite import SqliteStore
+
+
+def new_environment_id() -> str:
+    """A short, unique, URL-safe environment id (AliECS-style: 11 characters)."""
+    raw = time.time_ns().to_bytes(8, "big")[-3:] + os.urandom(4)
+    return base64.b32encode(raw).decode().rstrip("=").lower()[:11]
+
+
+def install_child_watcher() -> None:
+    """On 3.11, reap asyncio subprocesses through pidfd, not a thread per child."""
+    if sys.version_info < (3, 12):  # pragma: no branch
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            watcher = asyncio.PidfdChildWatcher()
+            asyncio.get_event_loop_policy().set_child_watcher(watcher)
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        store: SqliteStore,
+        backend: Backend,
+        *,
+        calls: Registry | None = None,
+        bus: EventBus | None = None,
+        log_dir: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.calls = calls if calls is not None else Registry()
+        self.bus = bus if bus is not None else EventBus()
+        self.log_dir = log_dir
+        self.clock = clock
+        self.environments: dict[str, Environment] = {}
+        backend.subscribe(self._on_reports)
+
+    def create(
+        self,
+        plan: Plan,
+        *,
+        env_id: str | None = None,
+        source: str | None = None,
+        timeouts: dict[str, float] | None = None,
+    ) -> Environment:
+        env = Environment(
+            env_id or new_environment_id(),
+            plan,
+            backend=self.backend,
+            store=self.store,
+            bus=self.bus,
+            calls=self.calls,
+            source=source,
+            timeouts=timeouts,
+            log_dir=self.log_dir,
+            clock=self.clock,
+        )
+        env.create()
+        self.environments[env.id] = env
+        return env
+
+    async def destroy(self, env_id: str) -> None:
+        env = self.environments.get(env_id)
+        if env is None:
+            return
+        await env.destroy()
+        del self.environments[env_id]
+
+    async def close(self) -> None:
+        """Destroy every environment, then close the backend."""
+        for env_id in list(self.environments):
+            await self.destroy(env_id)
+        await self.backend.close()
+
+    def _on_reports(self, reports: Sequence[Report]) -> None:
+        per: dict[str, list[Report]] = {}
+        for r in reports:
+            env_id = r.task_id.partition(":")[0]
+            per.setdefault(env_id, []).append(r)
+        for env_id, rs in per.items():
+            env = self.environments.get(env_id)
+            if env is not None:
+                env.on_reports(rs)

@@ -1,0 +1,1 @@
+"""Interfaces between the controller and what it drives: backends, stores, clocks."""

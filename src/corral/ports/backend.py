@@ -1,0 +1,157 @@
+"""The Backend port: what the controller asks of the machines tasks run on.
+
+Every call carries one node's whole batch (all the tasks of that node that take part
+in a step), so the controller makes one call per node per step and a backend never
+needs an asyncio task or timer per task. Backends implement it for this machine
+(``local``), a simulated farm (``sim``) and, later, distributed engines.
+
+Unsolicited news from tasks (a process exited, a task sent END_OF_STREAM or ERROR,
+a task is slow to answer) is delivered as lists of ``Report`` to the sink the
+controller subscribes with; a backend coalesces what arrives together into one list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from corral.model.plan import Command
+
+# What a task answers to each transition of the task control protocol.
+TASK_TRANSITIONS: dict[str, str] = {
+    "CONFIGURE": "CONFIGURED",
+    "START": "RUNNING",
+    "STOP": "CONFIGURED",
+    "RESET": "STANDBY",
+    "EXIT": "DONE",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Start one task's process. ``control`` is direct, basic or hook.
+
+    A direct task counts as started when it sends its first message
+    (``{"state":"STANDBY"}``); a basic or hook task as soon as it is spawned.
+    """
+
+    task_id: str
+    path: str
+    command: Command
+    control: str
+    env: tuple[tuple[str, str], ...] = ()  # added to the command's own env
+    log_path: str | None = None  # stdout and stderr go here (appended)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One transition for one direct task, with its string arguments."""
+
+    task_id: str
+    transition: str  # a key of TASK_TRANSITIONS
+    args: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one task's launch or transition ended.
+
+    ``state`` is the state the task reports on success (STANDBY after a launch, the
+    value of TASK_TRANSITIONS after an order); ``error`` says why it failed otherwise
+    (it died, answered an error, said something that breaks the protocol, or missed
+    the deadline). ``pid`` is set after a launch when a process was started.
+    """
+
+    task_id: str
+    state: str | None = None
+    error: str | None = None
+    pid: int | None = None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """A bound channel that needs a concrete address on its task's node."""
+
+    task_id: str
+    name: str
+    addressing: str  # tcp | ipc
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Unsolicited news about a task.
+
+    kind:
+      ``exited``         the process ended; ``code`` is its exit status, or minus the
+                         signal number that ended it;
+      ``end_of_stream``  the task sent END_OF_STREAM;
+      ``error``          the task sent ERROR, or broke the protocol (garbage, a line
+                         too long, EOF while alive); ``reason`` says which;
+      ``slow``           the task has not answered a launch or transition yet, while
+                         its process is alive; ``reason`` says for how long.
+    """
+
+    task_id: str
+    kind: str
+    reason: str = ""
+    code: int | None = None
+
+
+ReportSink = Callable[[list[Report]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A node as a backend knows it. Resources and labels feed placement (later)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+class Backend(Protocol):
+    """Where tasks run. Each method handles one node's batch; see the module doc."""
+
+    name: str
+
+    def nodes(self) -> Sequence[NodeInfo]: ...
+
+    def subscribe(self, sink: ReportSink) -> None: ...
+
+    async def allocate(
+        self, node: str, env_id: str, channels: Sequence[ChannelRequest]
+    ) -> list[str]:
+        """Concrete addresses (``tcp://host:port``, ``ipc:///path``), in order."""
+        ...
+
+    async def launch(
+        self, node: str, batch: Sequence[Launch], timeout: float, slow_after: float
+    ) -> list[Outcome]:
+        """Start the batch; return one Outcome per launch, in order, within timeout."""
+        ...
+
+    async def transition(
+        self, node: str, batch: Sequence[Order], timeout: float, slow_after: float
+    ) -> list[Outcome]:
+        """Send each order; return one Outcome per order, in order, within timeout."""
+        ...
+
+    async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
+        """End these tasks' process groups: SIGTERM, then SIGKILL after ``grace``.
+
+        Returns once every one of them is reaped. Unknown or ended tasks are skipped.
+        """
+        ...
+
+    async def release(self, node: str, env_id: str) -> None:
+        """Forget an environment on this node: remove its ipc paths and leftovers."""
+        ...
+
+    async def close(self) -> None:
+        """Stop every task still running and free the backend's resources."""
+        ...

@@ -1,0 +1,333 @@
+"""The embedded store: one SQLite file in WAL mode, in the data directory.
+
+It holds environments, their tasks, runs (with the run-number counter), transitions
+with their timings, and the numbered event log. The controller is its single writer;
+every method that changes state is one transaction, and callers hand it whole
+batches (a node's tasks, a transition's events), never one row at a time.
+
+Event sequence numbers are assigned here, inside the transaction that stores the
+events, from the highest number on disk: they stay gap-free across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS environments(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, source TEXT, state TEXT NOT NULL,
+    variables TEXT NOT NULL, run_number INTEGER, error TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks(
+    env TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, class TEXT NOT NULL,
+    node TEXT NOT NULL, state TEXT NOT NULL, critical INTEGER NOT NULL,
+    pid INTEGER, reason TEXT, PRIMARY KEY(env, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs(
+    number INTEGER PRIMARY KEY, env TEXT NOT NULL, started REAL NOT NULL, stopped REAL);
+CREATE TABLE IF NOT EXISTS transitions(
+    id INTEGER PRIMARY KEY, env TEXT NOT NULL, event TEXT NOT NULL, src TEXT NOT NULL,
+    dst TEXT, status TEXT NOT NULL, started REAL NOT NULL, ended REAL, error TEXT);
+CREATE TABLE IF NOT EXISTS events(
+    seq INTEGER PRIMARY KEY, time REAL NOT NULL, env TEXT, kind TEXT NOT NULL,
+    body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_env ON events(env, seq);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    idx: int
+    path: str
+    task_class: str
+    node: str
+    state: str
+    critical: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """A task's new state (and pid or reason, when they change)."""
+
+    idx: int
+    state: str
+    pid: int | None = None
+    reason: str | None = None
+
+
+Event = dict[str, Any]
+
+
+class SqliteStore:
+    """The store on one SQLite file. Not thread-safe: one controller owns it."""
+
+    def __init__(self, path: str) -> None:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        self._seq = int(row[0])
+        self._pending_seq: int | None = None  # numbers taken by the open transaction
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- writes: each one transaction ----------------------------------------------------
+
+    def _tx(self) -> _Tx:
+        return _Tx(self)
+
+    def create_environment(
+        self,
+        env_id: str,
+        name: str,
+        source: str | None,
+        variables: dict[str, str],
+        tasks: Sequence[TaskRow],
+        now: float,
+        events: Sequence[Event] = (),
+    ) -> list[Event]:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO environments(id, name, source, state, variables, created, updated)"
+                " VALUES (?, ?, ?, 'STANDBY', ?, ?, ?)",
+                (env_id, name, source, json.dumps(variables, sort_keys=True), now, now),
+            )
+            db.executemany(
+                "INSERT INTO tasks(env, idx, path, class, node, state, critical)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (env_id, t.idx, t.path, t.task_class, t.node, t.state, int(t.critical))
+                    for t in tasks
+                ),
+            )
+            return self._put_events(db, events, now)
+
+    def set_environment(
+        self,
+        env_id: str,
+        state: str,
+        now: float,
+        *,
+        error: str | None = None,
+        events: Sequence[Event] = (),
+    ) -> list[Event]:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE environments SET state=?, error=?, updated=? WHERE id=?",
+                (state, error, now, env_id),
+            )
+            return self._put_events(db, events, now)
+
+    def update_tasks(
+        self, env_id: str, changes: Sequence[TaskChange], now: float, events: Sequence[Event] = ()
+    ) -> list[Event]:
+        """Store a batch of task changes, compressed: one statement per run of indices."""
+        with self._tx() as db:
+            plain: dict[str, list[int]] = {}
+            detailed = []
+            for c in changes:
+                if c.pid is None and c.reason is None:
+                    plain.setdefault(c.state, []).append(c.idx)
+                else:
+                    detailed.append((c.state, c.pid, c.reason, env_id, c.idx))
+            for state, idxs in plain.items():
+                db.executemany(
+                    "UPDATE tasks SET state=? WHERE env=? AND idx BETWEEN ? AND ?",
+                    ((state, env_id, lo, hi) for lo, hi in _runs(idxs)),
+                )
+            if detailed:
+                db.executemany(
+                    "UPDATE tasks SET state=?, pid=COALESCE(?, pid), reason=? "
+                    "WHERE env=? AND idx=?",
+                    detailed,
+                )
+            return self._put_events(db, events, now)
+
+    def open_run(
+        self, env_id: str, now: float, events: Sequence[Event] = ()
+    ) -> tuple[int, list[Event]]:
+        """The next run number (monotonic across environments and restarts)."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='run_number'").fetchone()
+            number = (int(row[0]) if row else 0) + 1
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('run_number', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(number),),
+            )
+            db.execute(
+                "INSERT INTO runs(number, env, started) VALUES (?, ?, ?)", (number, env_id, now)
+            )
+            db.execute(
+                "UPDATE environments SET run_number=?, updated=? WHERE id=?", (number, now, env_id)
+            )
+            evs = [dict(e, run_number=number) for e in events]
+            return number, self._put_events(db, evs, now)
+
+    def close_run(
+        self, env_id: str, number: int, now: float, events: Sequence[Event] = ()
+    ) -> list[Event]:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET stopped=? WHERE number=? AND stopped IS NULL", (now, number)
+            )
+            db.execute("UPDATE environments SET run_number=NULL WHERE id=?", (env_id,))
+            return self._put_events(db, events, now)
+
+    def begin_transition(self, env_id: str, event: str, src: str, now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO transitions(env, event, src, status, started) "
+                "VALUES (?, ?, ?, 'STARTED', ?)",
+                (env_id, event, src, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def end_transition(
+        self, tid: int, status: str, dst: str | None, error: str | None, now: float
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE transitions SET status=?, dst=?, error=?, ended=? WHERE id=?",
+                (status, dst, error, now, tid),
+            )
+
+    def add_events(self, events: Sequence[Event], now: float) -> list[Event]:
+        with self._tx() as db:
+            return self._put_events(db, events, now)
+
+    def _put_events(
+        self, db: sqlite3.Connection, events: Sequence[Event], now: float
+    ) -> list[Event]:
+        if not events:
+            return []
+        out = []
+        seq = self._seq
+        rows = []
+        for e in events:
+            seq += 1
+            ev = {"seq": seq, "time": now, **e}
+            out.append(ev)
+            rows.append((seq, now, ev.get("env"), ev["kind"], json.dumps(ev, default=str)))
+        db.executemany("INSERT INTO events(seq, time, env, kind, body) VALUES (?,?,?,?,?)", rows)
+        self._pending_seq = seq
+        return out
+
+    # -- reads -------------------------------------------------------------------------
+
+    def events(
+        self, *, env: str | None = None, after: int = 0, limit: int | None = None
+    ) -> list[Event]:
+        sql = "SELECT body FROM events WHERE seq > ?"
+        args: list[Any] = [after]
+        if env is not None:
+            sql += " AND env = ?"
+            args.append(env)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [json.loads(r[0]) for r in self._db.execute(sql, args)]
+
+    def last_seq(self) -> int:
+        return self._seq
+
+    def environment(self, env_id: str) -> dict[str, Any] | None:
+        cur = self._db.execute(
+            "SELECT id, name, source, state, variables, run_number, error, created, updated "
+            "FROM environments WHERE id=?",
+            (env_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        keys = ("id", "name", "source", "state", "variables", "run_number", "error")
+        out = dict(zip(keys, row[:7], strict=True))
+        out["variables"] = json.loads(out["variables"])
+        out["created"], out["updated"] = row[7], row[8]
+        return out
+
+    def environments(self) -> list[dict[str, Any]]:
+        ids = [r[0] for r in self._db.execute("SELECT id FROM environments ORDER BY created")]
+        return [e for e in (self.environment(i) for i in ids) if e is not None]
+
+    def task_states(self, env_id: str) -> dict[str, int]:
+        cur = self._db.execute(
+            "SELECT state, COUNT(*) FROM tasks WHERE env=? GROUP BY state ORDER BY state",
+            (env_id,),
+        )
+        return {s: int(n) for s, n in cur}
+
+    def tasks(self, env_id: str) -> list[dict[str, Any]]:
+        cur = self._db.execute(
+            "SELECT idx, path, class, node, state, critical, pid, reason FROM tasks "
+            "WHERE env=? ORDER BY idx",
+            (env_id,),
+        )
+        keys = ("idx", "path", "class", "node", "state", "critical", "pid", "reason")
+        return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    def runs(self, env_id: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT number, env, started, stopped FROM runs"
+        args: tuple[str, ...] = ()
+        if env_id is not None:
+            sql += " WHERE env=?"
+            args = (env_id,)
+        cur = self._db.execute(sql + " ORDER BY number", args)
+        return [dict(zip(("number", "env", "started", "stopped"), r, strict=True)) for r in cur]
+
+    def transitions(self, env_id: str) -> list[dict[str, Any]]:
+        cur = self._db.execute(
+            "SELECT event, src, dst, status, started, ended, error FROM transitions "
+            "WHERE env=? ORDER BY id",
+            (env_id,),
+        )
+        keys = ("event", "src", "dst", "status", "started", "ended", "error")
+        return [dict(zip(keys, r, strict=True)) for r in cur]
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception.
+
+    Event numbers taken inside become the store's only once the commit succeeded.
+    """
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._store._pending_seq = None
+        self._store._db.execute("BEGIN IMMEDIATE")
+        return self._store._db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        store = self._store
+        if exc_type is None:
+            store._db.execute("COMMIT")
+            if store._pending_seq is not None:
+                store._seq = store._pending_seq
+        else:
+            store._db.execute("ROLLBACK")
+        store._pending_seq = None
+
+
+def _runs(idxs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted indices as (first, last) runs of consecutive numbers."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(idxs):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out

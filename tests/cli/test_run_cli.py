@@ -1,0 +1,189 @@
+"""``corral run`` and ``corral events`` as a user runs them: real processes, real dataflow.
+
+The process-table checks read /proc/*/environ: every task of an environment carries
+CORRAL_ENVIRONMENT_ID, so "nothing of the environment is left" is checked directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "corral", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=dict(os.environ, COLUMNS="120"),
+    )
+
+
+def corral(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def processes_of(env_id: str) -> list[int]:
+    """Live processes whose environment names this corral environment."""
+    needle = f"CORRAL_ENVIRONMENT_ID={env_id}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    with open(f"/proc/{d}/stat") as st:
+                        if st.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            out.append(int(d))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def pid_of_task(env_id: str, path: str) -> int:
+    needle = f"CORRAL_TASK_PATH={path}".encode()
+    for pid in processes_of(env_id):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    return pid
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"no process for {path}")
+
+
+class Output:
+    """Reads a child's merged output without blocking, line by line."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.text = ""
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+
+    def _read(self) -> str:
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return ""
+        return data.decode("utf-8", "replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        end = time.monotonic() + timeout
+        while True:
+            chunk = self._read()
+            if chunk:
+                self.text += chunk
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            if time.monotonic() > end or (self.proc.poll() is not None and not chunk):
+                raise AssertionError(f"{pattern!r} not seen; output:\n{self.text}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.text += self._read()
+            assert time.monotonic() < end, f"did not end; output:\n{self.text}"
+            time.sleep(0.05)
+        while chunk := self._read():
+            self.text += chunk
+        return self.proc.returncode
+
+
+def qc_counts(log: Path) -> list[int]:
+    if not log.exists():
+        return []
+    return [int(m) for m in re.findall(r"qc: messages=(\d+)", log.read_text())]
+
+
+def test_datataking_runs_data_flows_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = start("run", "examples/datataking.yaml", "--data", str(data),
+                 "--var", "readout_rate=200")  # fmt: skip
+    out = Output(proc)
+    env_id = ""
+    try:
+        env_id = out.wait_for(r"environment (\w+) \(datataking\)", 30).group(1)
+        run_number = int(out.wait_for(r"run number (\d+) is RUNNING", 60).group(1))
+        assert run_number >= 1
+        assert len(processes_of(env_id)) == 7  # the direct tasks; the hook task ended
+        log = data / "logs" / env_id / "datataking.qc.log"
+        end = time.monotonic() + 20
+        while len(qc_counts(log)) < 3 and time.monotonic() < end:
+            time.sleep(0.2)
+        counts = qc_counts(log)
+        assert len(counts) >= 3 and counts[-1] > counts[0] > 0, log.read_text()
+        hook_log = data / "logs" / env_id / "datataking.flp-localhost.log-run.log"
+        assert "run started on localhost" in hook_log.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert out.finish(60) == 0, out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert processes_of(env_id) == [], "processes of the environment were left behind"
+    assert re.search(r"run \d+ stopped", out.text)
+    assert "DONE; 0 tasks alive" in out.text
+
+
+def test_a_killed_critical_task_is_named_and_the_exit_is_non_zero(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = start("run", "examples/datataking.yaml", "--data", str(data))
+    out = Output(proc)
+    env_id = ""
+    try:
+        env_id = out.wait_for(r"environment (\w+) \(datataking\)", 30).group(1)
+        out.wait_for(r"is RUNNING", 60)
+        os.kill(pid_of_task(env_id, "datataking.dist"), signal.SIGKILL)
+        assert out.finish(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert re.search(r"datataking\.dist on localhost: process \d+ killed by signal 9", out.text)
+    assert processes_of(env_id) == []
+
+
+def test_events_are_gap_free_and_persisted_across_restarts(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    for _ in range(2):
+        r = corral("run", "examples/hello.yaml", "--data", data, "--for", "0.3")
+        assert r.returncode == 0, r.stdout + r.stderr
+    r = corral("events", "--data", data, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    envs = {e["env"] for e in events if e.get("env")}
+    assert len(envs) == 2
+    runs = [e["run_number"] for e in events if e["kind"] == "run" and e["status"] == "STARTED"]
+    assert runs == [1, 2]
+    text = corral("events", "--data", data)
+    assert text.returncode == 0 and "transition" in text.stdout
+
+
+def test_bad_input_gets_clear_errors(tmp_path: Path) -> None:
+    r = corral("run", "tests/templates/broken/broken.yaml", "--data", str(tmp_path))
+    assert r.returncode == 1 and "broken.yaml:" in r.stderr
+    r = corral("run", "examples/hello.yaml", "--timeout", "CONFIGURE=soon")
+    assert r.returncode == 2 and "EVENT=SECONDS" in r.stderr
+    r = corral("events", "--data", str(tmp_path / "nothing"))
+    assert r.returncode == 1 and "no store" in r.stderr

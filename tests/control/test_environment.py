@@ -1,0 +1,234 @@
+"""The controller driving real processes through the environment's life."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from corral.control.environment import TransitionError
+from tests.control.harness import Harness, plan_of, run
+from tests.fake_tasks import alive
+
+TWO = """
+name: wf
+roles:
+  - name: a
+    task: {load: fake}
+  - name: b
+    vars: {mode: "{{ b_mode }}"}
+    task: {load: fake, critical: "{{ b_critical }}"}
+defaults: {b_mode: good, b_critical: "true"}
+"""
+
+CHAIN = """
+name: wf
+roles:
+  - name: src
+    bind:
+      - {name: out, type: push, addressing: ipc}
+    task: {load: fake}
+  - name: dst
+    connect:
+      - {name: in, type: pull, target: "wf.src:out"}
+    task: {load: fake}
+"""
+
+
+def test_a_whole_life_with_two_runs(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO))
+        for event, state in [
+            ("DEPLOY", "DEPLOYED"),
+            ("CONFIGURE", "CONFIGURED"),
+            ("START_ACTIVITY", "RUNNING"),
+        ]:
+            assert await env.transition(event) == state
+        assert env.counts() == {"RUNNING": 2}
+        first = env.run_number
+        assert first is not None
+        pids = [t.pid for t in env.tasks]
+        assert all(p and alive(p) for p in pids)
+        await env.transition("STOP_ACTIVITY")
+        await env.transition("START_ACTIVITY")
+        assert env.run_number == first + 1
+        await env.transition("STOP_ACTIVITY")
+        await env.transition("RESET")
+        assert env.state == "DEPLOYED" and env.counts() == {"STANDBY": 2}
+        await env.transition("EXIT")
+        assert env.state == "DONE" and env.counts() == {"DONE": 2}
+        await h.until(lambda: not any(alive(p) for p in pids if p))
+        stored = h.store.transitions(env.id)
+        assert [t["event"] for t in stored] == [
+            "DEPLOY",
+            "CONFIGURE",
+            "START_ACTIVITY",
+            "STOP_ACTIVITY",
+            "START_ACTIVITY",
+            "STOP_ACTIVITY",
+            "RESET",
+            "EXIT",
+        ]
+        assert all(t["status"] == "DONE" and t["ended"] >= t["started"] for t in stored)
+        assert [r["number"] for r in h.store.runs(env.id)] == [first, first + 1]
+        assert h.store.environment(env.id)["state"] == "DONE"  # type: ignore[index]
+        with pytest.raises(TransitionError, match="not allowed in state DONE"):
+            await env.transition("DEPLOY")
+
+    run(tmp_path, body)
+
+
+def test_channels_get_concrete_addresses_in_configure(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, CHAIN))
+        argfile = tmp_path / "args.json"
+        os.environ["CORRAL_ARGS_FILE"] = str(argfile)
+        try:
+            await env.transition("DEPLOY")
+            await env.transition("CONFIGURE")
+        finally:
+            del os.environ["CORRAL_ARGS_FILE"]
+        src_addr = env.addresses[("wf.src", "out")]
+        assert src_addr.startswith("ipc://")
+        src = json.loads((tmp_path / "args.json.wf.src").read_text())
+        dst = json.loads((tmp_path / "args.json.wf.dst").read_text())
+        assert src["environment_id"] == dst["environment_id"] == env.id
+        assert src["task_path"] == "wf.src" and src["task_id"] == f"{env.id}:0"
+        assert src["chans.out.method"] == "bind" and src["chans.out.type"] == "push"
+        assert dst["chans.in.method"] == "connect" and dst["chans.in.type"] == "pull"
+        assert src["chans.out.address"] == dst["chans.in.address"] == src_addr
+        assert src["chans.out.transport"] == "zeromq"
+
+    run(tmp_path, body)
+
+
+def test_kill_9_of_a_critical_task_goes_to_error_within_200ms(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO))
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            await env.transition(event)
+        victim = env.by_path["wf.b"]
+        old_pid = victim.pid
+        assert old_pid is not None
+        t0 = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        await h.until(lambda: env.state == "ERROR", 2)
+        assert time.monotonic() - t0 < 0.2
+        [ev] = h.of("environment", state="ERROR")
+        assert "wf.b" in ev["error"] and "SIGKILL" in ev["error"] and "localhost" in ev["error"]
+        [tev] = h.of("task", task="wf.b", state="ERROR")
+        assert tev["node"] == "localhost" and "signal 9" in tev["reason"]
+        assert h.store.environment(env.id)["state"] == "ERROR"  # type: ignore[index]
+        # RECOVER: back to DEPLOYED with the dead task relaunched, then a new run
+        first = h.store.runs(env.id)[-1]["number"]
+        assert await env.transition("RECOVER") == "DEPLOYED"
+        assert env.counts() == {"STANDBY": 2}
+        assert victim.pid not in (None, old_pid) and alive(victim.pid)
+        await env.transition("CONFIGURE")
+        await env.transition("START_ACTIVITY")
+        assert env.state == "RUNNING" and env.run_number == first + 1
+        assert h.store.runs(env.id)[0]["stopped"] is not None
+
+    run(tmp_path, body)
+
+
+def test_a_task_that_never_answers_configure_fails_at_the_deadline(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        plan = plan_of(tmp_path, TWO, {"b_mode": "mute"})
+        env = h.create(plan, timeouts={"CONFIGURE": 0.6})
+        await env.transition("DEPLOY")
+        t0 = time.monotonic()
+        with pytest.raises(TransitionError, match="no answer to CONFIGURE within"):
+            await env.transition("CONFIGURE")
+        assert 0.55 < time.monotonic() - t0 < 1.5
+        assert env.state == "ERROR"
+        assert env.by_path["wf.b"].state == "ERROR"
+        assert h.of("task", task="wf.b", status="SLOW"), "the slow task was reported as slow"
+
+    run(tmp_path, body)
+
+
+def test_garbage_on_the_control_socket(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO, {"b_mode": "garbage"}))
+        await env.transition("DEPLOY")
+        with pytest.raises(TransitionError, match="not JSON"):
+            await env.transition("CONFIGURE")
+        assert env.state == "ERROR"
+        assert "protocol error" in (env.by_path["wf.b"].reason or "")
+        # the controller is unaffected: a second environment runs fine beside it
+        other = h.create(plan_of(tmp_path, TWO))
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            await other.transition(event)
+        assert other.state == "RUNNING"
+
+    run(tmp_path, body)
+
+
+def test_a_non_critical_failure_is_reported_and_ignored(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO, {"b_mode": "fail", "b_critical": "false"}))
+        await env.transition("DEPLOY")
+        await env.transition("CONFIGURE")
+        assert env.state == "CONFIGURED"
+        [ev] = h.of("task", task="wf.b", state="ERROR")
+        assert ev["critical"] is False and "no calibration" in ev["reason"]
+        await env.transition("START_ACTIVITY")
+        assert env.state == "RUNNING"
+
+    run(tmp_path, body)
+
+
+def test_the_run_stops_when_every_task_reported_end_of_stream(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO, {"b_mode": "eos"}), timeouts={})
+        await env.transition("DEPLOY")
+        await env.transition("CONFIGURE")
+        await env.transition("START_ACTIVITY")
+        # only b says END_OF_STREAM: the run goes on
+        await h.until(lambda: bool(h.of("task", status="END_OF_STREAM")))
+        assert env.state == "RUNNING"
+
+    run(tmp_path, body)
+
+    async def body2(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO, {"mode": "eos", "b_mode": "eos"}))
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            await env.transition(event)
+        await h.until(lambda: env.state == "CONFIGURED" and env.transitioning is None)
+        assert h.store.runs(env.id)[-1]["stopped"] is not None
+
+    (tmp_path / "2").mkdir()
+    run(tmp_path / "2", body2)
+
+
+def test_destroy_from_running_leaves_nothing(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO))
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            await env.transition(event)
+        pids = [t.pid for t in env.tasks if t.pid]
+        await h.plane.destroy(env.id)
+        assert env.state == "DONE"
+        assert not any(alive(p) for p in pids)
+        assert h.store.runs(env.id)[-1]["stopped"] is not None
+
+    run(tmp_path, body)
+
+
+def test_events_are_numbered_without_gaps(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO))
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY", "STOP_ACTIVITY"):
+            await env.transition(event)
+        stored = h.store.events()
+        assert [e["seq"] for e in stored] == list(range(1, len(stored) + 1))
+        assert [e["seq"] for e in h.events] == [e["seq"] for e in stored]
+        kinds = {e["kind"] for e in stored}
+        assert {"environment", "transition", "task", "run", "role"} <= kinds
+
+    run(tmp_path, body)
