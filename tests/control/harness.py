@@ -28,9 +28,25 @@ command:
 """
 
 
-def plan_of(tmp: Path, workflow: str, variables: dict[str, str] | None = None) -> Plan:
-    """Expand a workflow whose task roles load the class ``fake`` (tests/fake_tasks.py)."""
-    files = dedent_files({"wf.yaml": workflow, "tasks/fake.yaml": TASK_CLASS})
+SHELL_CLASS = """
+name: shell
+control:
+  mode: basic
+command:
+  shell: true
+  value: "{{ script }}"
+"""
+
+
+def plan_of(
+    tmp: Path, workflow: str, variables: dict[str, str] | None = None, *, shell: bool = False
+) -> Plan:
+    """Expand a workflow whose task roles load the class ``fake`` (tests/fake_tasks.py)
+    or ``shell`` (a basic task running ``script``, by default: touch TMP/hook-ran)."""
+    files = {"wf.yaml": workflow, "tasks/fake.yaml": TASK_CLASS}
+    if shell:
+        files["tasks/shell.yaml"] = SHELL_CLASS
+    files = dedent_files(files)
     return expand(
         "wf.yaml",
         DictSources(files),
@@ -39,6 +55,7 @@ def plan_of(tmp: Path, workflow: str, variables: dict[str, str] | None = None) -
             "python": sys.executable,
             "program": write_program(tmp),
             "mode": "good",
+            "script": f"touch {tmp}/hook-ran",
         },
     )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import os
 import signal
 import time
@@ -230,5 +232,38 @@ def test_events_are_numbered_without_gaps(tmp_path: Path) -> None:
         assert [e["seq"] for e in h.events] == [e["seq"] for e in stored]
         kinds = {e["kind"] for e in stored}
         assert {"environment", "transition", "task", "run", "role"} <= kinds
+
+    run(tmp_path, body)
+
+
+C_CLASS = """
+name: minimal-c
+control: {mode: direct}
+command: {value: "{{ binary }}"}
+"""
+
+
+def test_a_task_written_in_c_runs_through_the_whole_life(tmp_path: Path) -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:  # pragma: no cover - CI and these machines have gcc
+        pytest.skip("no C compiler on this machine")
+    binary = tmp_path / "minimal_task"
+    src = Path(__file__).parents[2] / "examples" / "protocol" / "minimal_task.c"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(src)], check=True, timeout=60)
+    from corral.templates import DictSources, expand
+
+    files = {
+        "wf.yaml": "name: wf\nroles:\n  - name: c\n    task: {load: minimal-c}\n",
+        "tasks/minimal-c.yaml": C_CLASS,
+    }
+    plan = expand("wf.yaml", DictSources(files), global_defaults={"binary": str(binary)})
+
+    async def body(h: Harness) -> None:
+        env = h.create(plan)
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY", "STOP_ACTIVITY", "EXIT"):
+            await env.transition(event)
+        assert env.state == "DONE"
+        [exited] = [e for e in h.events if e["kind"] == "task" and e.get("state") == "DONE"]
+        assert exited["tasks"] == ["wf.c"]
 
     run(tmp_path, body)

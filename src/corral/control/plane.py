@@ -30,13 +30,17 @@ def new_environment_id() -> str:
 
 
 def install_child_watcher() -> None:
-    """On 3.11, reap asyncio subprocesses through pidfd, not a thread per child."""
+    """On 3.11, reap asyncio subprocesses through pidfd, not a thread per child.
+
+    Call it from inside the running loop (3.12 and later do this by themselves).
+    """
     if sys.version_info < (3, 12):  # pragma: no branch
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
             asyncio.get_event_loop_policy().set_child_watcher(watcher)
 
 
