@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import os
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from corral.control.environment import TransitionError
+from corral.templates import DictSources, expand
 from tests.control.harness import Harness, plan_of, run
 from tests.fake_tasks import alive
 
@@ -250,8 +251,6 @@ def test_a_task_written_in_c_runs_through_the_whole_life(tmp_path: Path) -> None
     binary = tmp_path / "minimal_task"
     src = Path(__file__).parents[2] / "examples" / "protocol" / "minimal_task.c"
     subprocess.run([cc, "-O2", "-o", str(binary), str(src)], check=True, timeout=60)
-    from corral.templates import DictSources, expand
-
     files = {
         "wf.yaml": "name: wf\nroles:\n  - name: c\n    task: {load: minimal-c}\n",
         "tasks/minimal-c.yaml": C_CLASS,
