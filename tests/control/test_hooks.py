@@ -130,7 +130,7 @@ def test_a_call_past_its_timeout_is_cancelled_in_time(tmp_path: Path) -> None:
         await env.transition("DEPLOY")
         await env.transition("CONFIGURE")
         t0 = time.monotonic()
-        with pytest.raises(TransitionError, match="timed out after 0.3 s"):
+        with pytest.raises(TransitionError, match=r"timed out after 0\.3 s"):
             await env.transition("START_ACTIVITY")
         assert time.monotonic() - t0 < 0.3 + 0.1
         # before the tasks moved: the transition is cancelled, the state unchanged
@@ -167,7 +167,7 @@ def test_critical_failures_before_and_after_the_tasks(tmp_path: Path) -> None:
         harness_with(rec)(h)
         env = h.plane.create(plan_of(tmp_path, with_calls(before)))
         await env.transition("DEPLOY")
-        with pytest.raises(TransitionError, match="critical call wf.dcs failed: dcs refused"):
+        with pytest.raises(TransitionError, match=r"critical call wf\.dcs failed: dcs refused"):
             await env.transition("CONFIGURE")
         assert env.state == "DEPLOYED" and env.counts() == {"STANDBY": 1}
         [t] = h.store.transitions(env.id)[-1:]
