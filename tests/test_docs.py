@@ -60,6 +60,6 @@ def test_every_corral_command_in_the_docs_parses() -> None:
     assert len(lines) >= 10
     runner = CliRunner()
     for doc, line in lines:
-        args = shlex.split(line)[1:] + ["--help"]
+        args = [*shlex.split(line)[1:], "--help"]
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, f"{doc}: {line!r}: {result.output}"
