@@ -20,7 +20,6 @@ import tempfile
 import time
 
 from corral.backends.sim import SimBackend
-
 from corral.control.plane import ControlPlane
 from corral.store.sqlite import SqliteStore
 from corral.templates import DictSources, expand
