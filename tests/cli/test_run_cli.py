@@ -185,5 +185,11 @@ def test_bad_input_gets_clear_errors(tmp_path: Path) -> None:
     assert r.returncode == 1 and "broken.yaml:" in r.stderr
     r = corral("run", "examples/hello.yaml", "--timeout", "CONFIGURE=soon")
     assert r.returncode == 2 and "EVENT=SECONDS" in r.stderr
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: wf\nroles:\n  - name: dcs\n    call: {func: dcs.Prepare(), trigger: DEPLOY}\n"
+    )
+    r = corral("run", str(wf), "--data", str(tmp_path))
+    assert r.returncode == 1 and "call wf.dcs: unknown plugin 'dcs'" in r.stderr
     r = corral("events", "--data", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "no store" in r.stderr

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from corral.backends.local import LocalBackend
+from corral.calls import CallError, Registry
 from corral.cli.template import builtin_defaults, parse_vars, report, var_option
 from corral.control.environment import Environment, TransitionError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
@@ -120,7 +121,20 @@ def run(
     if plan is None:
         report(diags)
         sys.exit(1)
-    code = asyncio.run(_run(plan, env_id, os.path.abspath(path), data, until, duration, limits))
+    problems = []
+    registry = Registry()
+    for call in plan.calls:
+        try:
+            registry.check(call.func)
+        except CallError as e:
+            problems.append(f"call {call.path}: {e}")
+    if problems:
+        for p in problems:
+            err.print(f"[bold red]error[/]: {p}")
+        sys.exit(1)
+    code = asyncio.run(
+        _run(plan, env_id, os.path.abspath(path), data, until, duration, limits, registry)
+    )
     sys.exit(code)
 
 
@@ -132,12 +146,14 @@ async def _run(
     until: str,
     duration: float | None,
     timeouts: dict[str, float],
+    registry: Registry,
 ) -> int:
     install_child_watcher()
     loop = asyncio.get_running_loop()
     store = SqliteStore(os.path.join(data, "corral.db"))
     backend = LocalBackend()
-    plane = ControlPlane(store, backend, log_dir=os.path.join(os.path.abspath(data), "logs"))
+    logs = os.path.join(os.path.abspath(data), "logs")
+    plane = ControlPlane(store, backend, calls=registry, log_dir=logs)
     env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
     n = sum(1 for t in env.tasks if not t.hook)
     err.print(
