@@ -193,3 +193,33 @@ def test_bad_input_gets_clear_errors(tmp_path: Path) -> None:
     assert r.returncode == 1 and "call wf.dcs: unknown plugin 'dcs'" in r.stderr
     r = corral("events", "--data", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "no store" in r.stderr
+
+
+def test_ctrl_c_during_a_slow_deploy_tears_down(tmp_path: Path) -> None:
+    from tests.fake_tasks import write_program
+
+    program = write_program(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "slow.yaml").write_text(
+        "name: slow\ncontrol: {mode: direct}\n"
+        f"command: {{value: '{sys.executable}', arguments: ['{program}', '{{{{ mode }}}}', '30']}}\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        "name: wf\ndefaults: {mode: good}\nroles:\n"
+        "  - name: fast\n    task: {load: slow}\n"
+        "  - name: slow\n    vars: {mode: slowhello}\n    task: {load: slow}\n"
+    )
+    proc = start("run", str(tmp_path / "wf.yaml"), "--data", str(tmp_path / "data"))
+    out = Output(proc)
+    try:
+        env_id = out.wait_for(r"environment (\w+) \(wf\)", 30).group(1)
+        out.wait_for(r"slow.*task wf\.slow on localhost: no hello after", 10)
+        assert len(processes_of(env_id)) == 2
+        proc.send_signal(signal.SIGINT)
+        assert out.finish(30) == 0, out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted" in out.text
+    assert processes_of(env_id) == []

@@ -27,7 +27,7 @@ from corral.calls import CallContext, CallError, Registry
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
 from corral.lifecycle import task as tasksm
-from corral.lifecycle.hooks import Slot, before_tasks, schedule
+from corral.lifecycle.hooks import Slot, schedule
 from corral.model.plan import CallSpec, Plan, TaskSpec
 from corral.model.vocabulary import Trigger
 from corral.ports.backend import Backend, ChannelRequest, Launch, Order, Outcome, Report
@@ -238,10 +238,8 @@ class Environment:
                     if error is not None:
                         break
                     continue
-                error = await self._run_slot(slot, event, running, deadline)
+                error = await self._run_slot(slot, event, running)
                 if error is not None:
-                    if not tasks_done and not before_tasks(slot):
-                        tasks_done = True  # pragma: no cover - TASKS comes first
                     break
                 if tasks_done and self._failure is not None:
                     error = self._failure
@@ -253,6 +251,8 @@ class Environment:
             raise
         await self._cancel_calls(running)
         if error is not None:
+            if event == "EXIT":
+                await self._terminate(self.tasks)  # EXIT ends the processes, whatever failed
             self._finish_failed(tid, event, src, dst, error, tasks_done)
             raise TransitionError(f"{event} failed: {error}", state=self.state)
         self._set_state(dst, event=event)
@@ -284,7 +284,6 @@ class Environment:
         slot: Slot[Hooked],
         event: str,
         running: dict[int, asyncio.Task[tuple[bool, str | None]]],
-        deadline: float,
     ) -> str | None:
         for item in slot.start:
             running[id(item)] = asyncio.ensure_future(self._run_hooked(item, event, slot.label))
@@ -754,7 +753,7 @@ class Environment:
                         running: dict[int, asyncio.Task[tuple[bool, str | None]]] = {}
                         for slot in slots:
                             if not slot.tasks:
-                                await self._run_slot(slot, event, running, 0.0)
+                                await self._run_slot(slot, event, running)
                         await self._cancel_calls(running)
                 else:
                     self._events(
