@@ -202,7 +202,8 @@ def test_ctrl_c_during_a_slow_deploy_tears_down(tmp_path: Path) -> None:
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "slow.yaml").write_text(
         "name: slow\ncontrol: {mode: direct}\n"
-        f"command: {{value: '{sys.executable}', arguments: ['{program}', '{{{{ mode }}}}', '30']}}\n"
+        f"command: {{value: '{sys.executable}', "
+        f"arguments: ['{program}', '{{{{ mode }}}}', '30']}}\n"
     )
     (tmp_path / "wf.yaml").write_text(
         "name: wf\ndefaults: {mode: good}\nroles:\n"
