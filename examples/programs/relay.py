@@ -16,24 +16,9 @@ import sys
 import time
 
 import zmq
+from zmq_channels import open_socket
 
-from corral.taskctl import Channel, Task, channels, run
-
-TYPES = {"push": zmq.PUSH, "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB}
-
-
-def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], chan: Channel) -> zmq.Socket[bytes]:
-    if chan.transport != "zeromq" or chan.type not in TYPES:
-        raise ValueError(f"channel {chan.name}: {chan.transport} {chan.type} is not supported")
-    sock = ctx.socket(TYPES[chan.type])
-    sock.linger = 0
-    if chan.type == "sub":
-        sock.subscribe(b"")
-    if chan.method == "bind":
-        sock.bind(chan.address)
-    else:
-        sock.connect(chan.address)
-    return sock
+from corral.taskctl import Task, channels, run
 
 
 class Relay(Task):

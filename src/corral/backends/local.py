@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from corral.backends.status import describe_status
 from corral.ports.backend import (
     TASK_TRANSITIONS,
     ChannelRequest,
@@ -47,17 +48,6 @@ from corral.ports.backend import (
 
 MAX_LINE = 1 << 20  # the protocol's longest line: 1 MiB
 NODE = "localhost"
-
-
-def describe_status(code: int) -> str:
-    """'exited with status 3' or 'killed by signal 9 (SIGKILL)'."""
-    if code >= 0:
-        return f"exited with status {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = "unknown"
-    return f"killed by signal {-code} ({name})"
 
 
 def argv_of(launch: Launch) -> list[str]:

@@ -21,6 +21,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from corral.backends.status import describe_status
 from corral.ports.backend import (
     TASK_TRANSITIONS,
     ChannelRequest,
@@ -168,7 +169,7 @@ class SimBackend:
             outs[i] = Outcome(order.task_id, t.state)
             if name == "EXIT":
                 del self._tasks[order.task_id]
-                reports.append(Report(order.task_id, "exited", "process exited with status 0", 0))
+                reports.append(Report(order.task_id, "exited", _died(0), 0))
             elif name == "START":
                 started.append(order.task_id)
         self._schedule_running_faults(started)
@@ -178,7 +179,7 @@ class SimBackend:
         reports = []
         for tid in task_ids:
             if self._tasks.pop(tid, None) is not None:
-                reports.append(Report(tid, "exited", "process killed by signal 15 (SIGTERM)", -15))
+                reports.append(Report(tid, "exited", _died(-15), -15))
         self._emit(reports)
 
     async def release(self, node: str, env_id: str) -> None:
@@ -332,7 +333,4 @@ class SimBackend:
 
 
 def _died(code: int) -> str:
-    if code >= 0:
-        return f"process exited with status {code}"
-    names = {9: "SIGKILL", 15: "SIGTERM", 11: "SIGSEGV", 6: "SIGABRT"}
-    return f"process killed by signal {-code} ({names.get(-code, 'signal')})"
+    return f"process {describe_status(code)}"

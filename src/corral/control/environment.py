@@ -647,32 +647,10 @@ class Environment:
                 changes.setdefault(t.node, []).append((t, tasksm.ERROR, None, why))
             elif r.kind == "end_of_stream":
                 t.eos = True
-                events.append(
-                    {
-                        "kind": "task",
-                        "env": self.id,
-                        "node": t.node,
-                        "task": t.spec.path,
-                        "id": t.id,
-                        "state": t.state,
-                        "status": "END_OF_STREAM",
-                    }
-                )
+                events.append(self._task_event(t, t.state, status="END_OF_STREAM"))
                 continue
             elif r.kind == "slow":
-                events.append(
-                    {
-                        "kind": "task",
-                        "env": self.id,
-                        "node": t.node,
-                        "task": t.spec.path,
-                        "id": t.id,
-                        "state": t.state,
-                        "status": "SLOW",
-                        "reason": r.reason,
-                        "pid": t.pid,
-                    }
-                )
+                events.append(self._task_event(t, t.state, status="SLOW", reason=r.reason))
                 continue
             else:
                 continue
@@ -816,19 +794,7 @@ class Environment:
             t.reason = reason
             stored.append(TaskChange(t.idx, state, pid, reason))
             if reason is not None:
-                singles.append(
-                    {
-                        "kind": "task",
-                        "env": self.id,
-                        "node": node,
-                        "task": t.spec.path,
-                        "id": t.id,
-                        "state": state,
-                        "pid": t.pid,
-                        "critical": t.spec.critical,
-                        "reason": reason,
-                    }
-                )
+                singles.append(self._task_event(t, state, reason=reason))
             else:
                 groups.setdefault(state, []).append(t.spec.path)
         events: list[dict[str, Any]] = [
@@ -850,6 +816,21 @@ class Environment:
         self._publish(
             self.store.set_environment(self.id, state, self.clock(), error=error, events=[ev])
         )
+
+    def _task_event(self, t: RuntimeTask, state: str, **extra: Any) -> dict[str, Any]:
+        """The event of one task: what, where, which process, how critical."""
+        ev: dict[str, Any] = {
+            "kind": "task",
+            "env": self.id,
+            "node": t.node,
+            "task": t.spec.path,
+            "id": t.id,
+            "state": state,
+            "pid": t.pid,
+            "critical": t.spec.critical,
+        }
+        ev.update(extra)
+        return ev
 
     def _env_event(self, state: str, **extra: Any) -> dict[str, Any]:
         ev: dict[str, Any] = {"kind": "environment", "env": self.id, "state": state}

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from corral.model import vocabulary
+
 STANDBY = "STANDBY"
 DEPLOYED = "DEPLOYED"
 CONFIGURED = "CONFIGURED"
@@ -44,16 +46,9 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (ERROR, "RECOVER"): DEPLOYED,
 }
 
-EVENTS: tuple[str, ...] = (
-    "DEPLOY",
-    "CONFIGURE",
-    "START_ACTIVITY",
-    "STOP_ACTIVITY",
-    "RESET",
-    "EXIT",
-    "GO_ERROR",
-    "RECOVER",
-)
+# The events of the table: the vocabulary's, but DESTROY, which is not a transition
+# (the controller tears an environment down from any state).
+EVENTS: tuple[str, ...] = tuple(e for e in vocabulary.EVENTS if e != "DESTROY")
 
 
 @dataclass(frozen=True, slots=True)
