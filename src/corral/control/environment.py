@@ -227,22 +227,18 @@ class Environment:
         tasks_done = False
         try:
             for slot in slots:
+                t_slot = self.clock()
                 if slot.tasks:
-                    if self._failure is not None:
-                        error = self._failure
-                        break
-                    error = await self._core(event, commands, deadline)
-                    tasks_done = True
-                    if error is None and self._failure is not None:
-                        error = self._failure
-                    if error is not None:
-                        break
-                    continue
-                error = await self._run_slot(slot, event, running)
-                if error is not None:
-                    break
-                if tasks_done and self._failure is not None:
                     error = self._failure
+                    if error is None:
+                        error = await self._core(event, commands, deadline)
+                        tasks_done = True
+                else:
+                    error = await self._run_slot(slot, event, running)
+                if error is None and (tasks_done or slot.tasks):
+                    error = self._failure
+                self._events([self._step_event(event, slot.label, error, t_slot)])
+                if error is not None:
                     break
         except asyncio.CancelledError:
             error = f"{event} was interrupted"
@@ -269,8 +265,10 @@ class Environment:
         self, tid: int, event: str, src: str, dst: str, error: str, tasks_done: bool
     ) -> None:
         self.transitioning = None
-        # Before the tasks moved, a failure leaves the state as it was; after, ERROR.
-        if tasks_done and self.state != envsm.ERROR and event != "EXIT":
+        # Before the tasks moved, a failed call leaves the state as it was; after it,
+        # or when a critical task failed meanwhile, the environment is in ERROR.
+        broken = tasks_done or self._failure is not None
+        if broken and self.state != envsm.ERROR and event != "EXIT":
             self._set_state(envsm.ERROR, event=event, error=error)
         elif event == "EXIT":
             self._set_state(envsm.DONE, event=event, error=error)
@@ -837,6 +835,22 @@ class Environment:
         if self.run_number is not None:
             ev["run_number"] = self.run_number
         ev.update(extra)
+        return ev
+
+    def _step_event(
+        self, event: str, step: str, error: str | None, started: float
+    ) -> dict[str, Any]:
+        """One step (moment) of a transition: its calls, or the core's work (TASKS)."""
+        ev: dict[str, Any] = {
+            "kind": "transition",
+            "env": self.id,
+            "transition": event,
+            "step": step,
+            "status": "DONE" if error is None else "FAILED",
+            "duration": round(self.clock() - started, 6),
+        }
+        if error is not None:
+            ev["error"] = error
         return ev
 
     def _transition_event(self, event: str, src: str, dst: str, status: str) -> dict[str, Any]:
