@@ -102,6 +102,11 @@ def test_order_of_moments_and_weights(tmp_path: Path) -> None:
             "after",
         ]  # fmt: skip
         assert "start other" not in rec.log
+        steps = [e["step"] for e in h.events if e["kind"] == "transition" and "step" in e]
+        assert steps == [
+            "before_CONFIGURE-5", "before_CONFIGURE+100", "leave_DEPLOYED", "CONFIGURE-1",
+            "TASKS", "CONFIGURE+3", "enter_CONFIGURED", "after_CONFIGURE",
+        ]  # fmt: skip
 
     run(tmp_path, body)
 
