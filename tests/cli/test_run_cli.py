@@ -224,3 +224,37 @@ def test_ctrl_c_during_a_slow_deploy_tears_down(tmp_path: Path) -> None:
             proc.wait()
     assert "interrupted" in out.text
     assert processes_of(env_id) == []
+
+
+def test_a_restart_marks_leftovers_lost_and_ends_their_processes(tmp_path: Path) -> None:
+    """The control process dies: direct tasks end themselves when their control socket
+    closes (the protocol); a basic task (hello's `sleep`) lives on until the next start
+    ends it, marked LOST, with its environment in ERROR."""
+    data = str(tmp_path / "data")
+    proc = start("run", "examples/hello.yaml", "--data", data)
+    out = Output(proc)
+    env_id = ""
+    try:
+        env_id = out.wait_for(r"environment (\w+) \(hello\)", 30).group(1)
+        out.wait_for(r"is RUNNING", 60)
+        proc.kill()  # the control process dies; the basic task (own session) lives on
+        proc.wait()
+        assert len(processes_of(env_id)) == 1
+        r = corral("run", "examples/hello.yaml", "--data", data, "--for", "0.2")
+        assert r.returncode == 0, r.stderr
+        assert f"environment {env_id} (hello) was RUNNING" in r.stderr
+        assert "1 leftover processes ended" in r.stderr
+        deadline = time.monotonic() + 5
+        while processes_of(env_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_of(env_id) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in processes_of(env_id) if env_id else []:
+            os.killpg(pid, signal.SIGKILL)
+    r = corral("events", "--data", data, "--env", env_id, "-o", "json")
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[-1]["state"] == "ERROR" and "restarted" in events[-1]["error"]
+    assert events[-2]["state"] == "LOST" and events[-2]["tasks"] == ["hello.greeter"]

@@ -246,6 +246,27 @@ class LocalBackend:
         if self._own_run_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
+    async def end_leftovers(self, tasks: Sequence[tuple[str, int | None]]) -> int:
+        """SIGKILL the process groups of tasks a previous control process left behind.
+
+        A pid is trusted only if /proc says that process carries the task's
+        CORRAL_TASK_ID in its environment, so a reused pid is never killed.
+        """
+        ended = 0
+        for task_id, pid in tasks:
+            if pid is None:
+                continue
+            needle = f"CORRAL_TASK_ID={task_id}".encode()
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if needle not in fh.read().split(b"\0"):
+                        continue
+            except OSError:
+                continue
+            _killpg(pid, signal.SIGKILL)
+            ended += 1
+        return ended
+
     # -- introspection (tests, `corral run`) -------------------------------------------
 
     def pid_of(self, task_id: str) -> int | None:

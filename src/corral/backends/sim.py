@@ -185,6 +185,9 @@ class SimBackend:
     async def release(self, node: str, env_id: str) -> None:
         return None
 
+    async def end_leftovers(self, tasks: Sequence[tuple[str, int | None]]) -> int:
+        return 0  # simulated tasks do not outlive their backend
+
     async def close(self) -> None:
         for h in self._timers:
             h.cancel()

@@ -154,6 +154,8 @@ async def _run(
     backend = LocalBackend()
     logs = os.path.join(os.path.abspath(data), "logs")
     plane = ControlPlane(store, backend, calls=registry, log_dir=logs)
+    for note in await plane.adopt_leftovers():
+        err.print(f"[yellow]note[/]: {note}")
     env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
     n = sum(1 for t in env.tasks if not t.hook)
     err.print(

@@ -153,6 +153,8 @@ class Environment:
         self._hook_waiters: dict[str, asyncio.Future[int | None]] = {}
         self._auto: asyncio.Task[None] | None = None
         self.variables = dict(plan.variables)
+        self.actor: str | None = None  # who asked for the transition under way
+        self.created_by: str | None = None
 
         nodes = [n.name for n in backend.nodes()]
         placed = _assign_nodes(plan, nodes)
@@ -194,18 +196,37 @@ class Environment:
         ev = self._env_event(envsm.STANDBY, note="created")
         ev["tasks"] = len(self.tasks)
         ev["name"] = self.plan.name
+        if self.created_by is not None:
+            ev["actor"] = self.created_by
         self._publish(
             self.store.create_environment(
-                self.id, self.plan.name, self.source, self.variables, rows, self.clock(), [ev]
+                self.id,
+                self.plan.name,
+                self.source,
+                self.variables,
+                rows,
+                self.clock(),
+                [ev],
+                created_by=self.created_by,
             )
         )
 
     # -- transitions ----------------------------------------------------------------------
 
-    async def transition(self, event: str, *, timeout: float | None = None) -> str:
-        """Run one transition; return the new state or raise TransitionError."""
+    async def transition(
+        self, event: str, *, timeout: float | None = None, actor: str | None = None
+    ) -> str:
+        """Run one transition; return the new state or raise TransitionError.
+
+        ``actor`` names who asked (a token's name); it is kept in the transition's
+        record and events. Automatic transitions have none.
+        """
         async with self.lock:
-            return await self._transition(event, timeout)
+            self.actor = actor
+            try:
+                return await self._transition(event, timeout)
+            finally:
+                self.actor = None
 
     async def _transition(self, event: str, timeout: float | None) -> str:
         src = self.state
@@ -217,7 +238,7 @@ class Environment:
         limit = timeout if timeout is not None else self.timeouts.get(event, 60.0)
         deadline = loop.time() + limit
         started = self.clock()
-        tid = self.store.begin_transition(self.id, event, src, started)
+        tid = self.store.begin_transition(self.id, event, src, started, self.actor)
         self.transitioning = event
         self._failure = None
         self._events([self._transition_event(event, src, dst, "STARTED")])
@@ -750,7 +771,7 @@ class Environment:
 
     # -- destroy --------------------------------------------------------------------------
 
-    async def destroy(self, *, timeout: float = 30.0) -> None:
+    async def destroy(self, *, timeout: float = 30.0, actor: str | None = None) -> None:
         """Stop, exit, kill, clean up; the environment ends DONE, whatever its state."""
         if self._auto is not None and not self._auto.done():
             try:
@@ -758,6 +779,7 @@ class Environment:
             except (TimeoutError, Exception):
                 self._auto.cancel()
         async with self.lock:
+            self.actor = actor
             if self.state == envsm.RUNNING:
                 with contextlib.suppress(TransitionError):
                     await self._transition("STOP_ACTIVITY", timeout)
@@ -770,9 +792,8 @@ class Environment:
                 await self.backend.release(node, self.id)
             if self.state != envsm.DONE:
                 self._set_state(envsm.DONE, event="DESTROY")
-            self._events(
-                [{"kind": "environment", "env": self.id, "state": envsm.DONE, "note": "destroyed"}]
-            )
+            self._events([self._env_event(envsm.DONE, note="destroyed")])
+            self.actor = None
 
     # -- state, store, events ---------------------------------------------------------------
 
@@ -834,6 +855,8 @@ class Environment:
         ev: dict[str, Any] = {"kind": "environment", "env": self.id, "state": state}
         if self.run_number is not None:
             ev["run_number"] = self.run_number
+        if self.actor is not None:
+            ev["actor"] = self.actor
         ev.update(extra)
         return ev
 
@@ -854,7 +877,7 @@ class Environment:
         return ev
 
     def _transition_event(self, event: str, src: str, dst: str, status: str) -> dict[str, Any]:
-        return {
+        ev: dict[str, Any] = {
             "kind": "transition",
             "env": self.id,
             "transition": event,
@@ -862,6 +885,9 @@ class Environment:
             "dst": dst,
             "status": status,
         }
+        if self.actor is not None:
+            ev["actor"] = self.actor
+        return ev
 
     def _role_events(self) -> list[dict[str, Any]]:
         """Aggregated states of the top-level roles that changed."""

@@ -71,6 +71,7 @@ class ControlPlane:
         env_id: str | None = None,
         source: str | None = None,
         timeouts: dict[str, float] | None = None,
+        created_by: str | None = None,
     ) -> Environment:
         env = Environment(
             env_id or new_environment_id(),
@@ -84,16 +85,52 @@ class ControlPlane:
             log_dir=self.log_dir,
             clock=self.clock,
         )
+        env.created_by = created_by
         env.create()
         self.environments[env.id] = env
         return env
 
-    async def destroy(self, env_id: str) -> None:
+    async def destroy(self, env_id: str, *, actor: str | None = None) -> None:
         env = self.environments.get(env_id)
         if env is None:
             return
-        await env.destroy()
+        await env.destroy(actor=actor)
         del self.environments[env_id]
+
+    async def adopt_leftovers(self) -> list[str]:
+        """At start: what a previous control process left unfinished.
+
+        Re-attaching to running tasks comes later; until then their environments go to
+        ERROR, their tasks to LOST, and the processes still running are ended. Returns
+        one line per environment saying so.
+        """
+        notes = []
+        for env in self.store.orphans():
+            env_id = env["id"]
+            pairs = [(f"{env_id}:{t['idx']}", t["pid"]) for t in env["tasks"]]
+            ended = await self.backend.end_leftovers(pairs)
+            reason = (
+                "the control server restarted: its tasks are no longer watched "
+                f"(re-attaching comes later); {ended} leftover processes ended"
+            )
+            ev = {
+                "kind": "environment",
+                "env": env_id,
+                "state": "ERROR",
+                "error": reason,
+                "transition": "GO_ERROR",
+            }
+            lost = {
+                "kind": "task",
+                "env": env_id,
+                "state": "LOST",
+                "count": len(pairs),
+                "tasks": [t["path"] for t in env["tasks"]],
+                "reason": reason,
+            }
+            self.bus.publish(self.store.mark_lost(env_id, reason, self.clock(), [lost, ev]))
+            notes.append(f"environment {env_id} ({env['name']}) was {env['state']}: {reason}")
+        return notes
 
     async def close(self) -> None:
         """Destroy every environment, then close the backend."""

@@ -152,6 +152,14 @@ class Backend(Protocol):
         """Forget an environment on this node: remove its ipc paths and leftovers."""
         ...
 
+    async def end_leftovers(self, tasks: Sequence[tuple[str, int | None]]) -> int:
+        """End processes a previous control process left running: (task id, pid) pairs.
+
+        Only a process that provably is that task is ended (never a reused pid);
+        returns how many were ended.
+        """
+        ...
+
     async def close(self) -> None:
         """Stop every task still running and free the backend's resources."""
         ...

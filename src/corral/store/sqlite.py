@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS environments(
     id TEXT PRIMARY KEY, name TEXT NOT NULL, source TEXT, state TEXT NOT NULL,
     variables TEXT NOT NULL, run_number INTEGER, error TEXT,
-    created REAL NOT NULL, updated REAL NOT NULL);
+    created REAL NOT NULL, updated REAL NOT NULL, created_by TEXT);
 CREATE TABLE IF NOT EXISTS tasks(
     env TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, class TEXT NOT NULL,
     node TEXT NOT NULL, state TEXT NOT NULL, critical INTEGER NOT NULL,
@@ -32,11 +32,17 @@ CREATE TABLE IF NOT EXISTS runs(
     number INTEGER PRIMARY KEY, env TEXT NOT NULL, started REAL NOT NULL, stopped REAL);
 CREATE TABLE IF NOT EXISTS transitions(
     id INTEGER PRIMARY KEY, env TEXT NOT NULL, event TEXT NOT NULL, src TEXT NOT NULL,
-    dst TEXT, status TEXT NOT NULL, started REAL NOT NULL, ended REAL, error TEXT);
+    dst TEXT, status TEXT NOT NULL, started REAL NOT NULL, ended REAL, error TEXT,
+    actor TEXT);
 CREATE TABLE IF NOT EXISTS events(
     seq INTEGER PRIMARY KEY, time REAL NOT NULL, env TEXT, kind TEXT NOT NULL,
     body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_env ON events(env, seq);
+CREATE TABLE IF NOT EXISTS tokens(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, created_by TEXT, revoked REAL);
+CREATE TABLE IF NOT EXISTS locks(
+    detector TEXT PRIMARY KEY, holder TEXT NOT NULL, taken REAL NOT NULL);
 """
 
 
@@ -75,12 +81,25 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
         row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         self._seq = int(row[0])
         self._pending_seq: int | None = None  # numbers taken by the open transaction
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Add the columns later versions introduced to a store an older one created."""
+        added = {
+            "environments": [("created_by", "TEXT")],
+            "transitions": [("actor", "TEXT")],
+        }
+        for table, cols in added.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in cols:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     # -- writes: each one transaction ----------------------------------------------------
 
@@ -96,12 +115,13 @@ class SqliteStore:
         tasks: Sequence[TaskRow],
         now: float,
         events: Sequence[Event] = (),
+        created_by: str | None = None,
     ) -> list[Event]:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO environments(id, name, source, state, variables, created, updated)"
-                " VALUES (?, ?, ?, 'STANDBY', ?, ?, ?)",
-                (env_id, name, source, json.dumps(variables, sort_keys=True), now, now),
+                "INSERT INTO environments(id, name, source, state, variables, created, updated,"
+                " created_by) VALUES (?, ?, ?, 'STANDBY', ?, ?, ?, ?)",
+                (env_id, name, source, json.dumps(variables, sort_keys=True), now, now, created_by),
             )
             db.executemany(
                 "INSERT INTO tasks(env, idx, path, class, node, state, critical)"
@@ -185,12 +205,14 @@ class SqliteStore:
             db.execute("UPDATE environments SET run_number=NULL WHERE id=?", (env_id,))
             return self._put_events(db, events, now)
 
-    def begin_transition(self, env_id: str, event: str, src: str, now: float) -> int:
+    def begin_transition(
+        self, env_id: str, event: str, src: str, now: float, actor: str | None = None
+    ) -> int:
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO transitions(env, event, src, status, started) "
-                "VALUES (?, ?, ?, 'STARTED', ?)",
-                (env_id, event, src, now),
+                "INSERT INTO transitions(env, event, src, status, started, actor) "
+                "VALUES (?, ?, ?, 'STARTED', ?, ?)",
+                (env_id, event, src, now, actor),
             )
             return int(cur.lastrowid or 0)
 
@@ -245,8 +267,8 @@ class SqliteStore:
 
     def environment(self, env_id: str) -> dict[str, Any] | None:
         cur = self._db.execute(
-            "SELECT id, name, source, state, variables, run_number, error, created, updated "
-            "FROM environments WHERE id=?",
+            "SELECT id, name, source, state, variables, run_number, error, created, updated, "
+            "created_by FROM environments WHERE id=?",
             (env_id,),
         )
         row = cur.fetchone()
@@ -255,7 +277,7 @@ class SqliteStore:
         keys = ("id", "name", "source", "state", "variables", "run_number", "error")
         out = dict(zip(keys, row[:7], strict=True))
         out["variables"] = json.loads(out["variables"])
-        out["created"], out["updated"] = row[7], row[8]
+        out["created"], out["updated"], out["created_by"] = row[7], row[8], row[9]
         return out
 
     def environments(self) -> list[dict[str, Any]]:
@@ -289,12 +311,95 @@ class SqliteStore:
 
     def transitions(self, env_id: str) -> list[dict[str, Any]]:
         cur = self._db.execute(
-            "SELECT event, src, dst, status, started, ended, error FROM transitions "
+            "SELECT event, src, dst, status, started, ended, error, actor FROM transitions "
             "WHERE env=? ORDER BY id",
             (env_id,),
         )
-        keys = ("event", "src", "dst", "status", "started", "ended", "error")
+        keys = ("event", "src", "dst", "status", "started", "ended", "error", "actor")
         return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    # -- tokens and locks ------------------------------------------------------------------
+
+    def add_token(
+        self, token_id: str, name: str, role: str, digest: str, now: float, by: str | None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens(id, name, role, hash, created, created_by) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (token_id, name, role, digest, now, by),
+            )
+
+    def token_by_hash(self, digest: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT id, name, role FROM tokens WHERE hash=? AND revoked IS NULL", (digest,)
+        ).fetchone()
+        return None if row is None else {"id": row[0], "name": row[1], "role": row[2]}
+
+    def tokens(self) -> list[dict[str, Any]]:
+        cur = self._db.execute(
+            "SELECT id, name, role, created, created_by, revoked FROM tokens ORDER BY created"
+        )
+        keys = ("id", "name", "role", "created", "created_by", "revoked")
+        return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    def revoke_token(self, token_id: str, now: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE tokens SET revoked=? WHERE id=? AND revoked IS NULL", (now, token_id)
+            )
+            return cur.rowcount > 0
+
+    def locks(self) -> dict[str, dict[str, Any]]:
+        cur = self._db.execute("SELECT detector, holder, taken FROM locks ORDER BY detector")
+        return {d: {"holder": h, "taken": t} for d, h, t in cur}
+
+    def set_locks(
+        self, take: Sequence[str], release: Sequence[str], holder: str, now: float,
+        events: Sequence[Event] = (),
+    ) -> list[Event]:  # fmt: skip
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO locks(detector, holder, taken) VALUES (?, ?, ?)",
+                ((d, holder, now) for d in take),
+            )
+            db.executemany("DELETE FROM locks WHERE detector=?", ((d,) for d in release))
+            return self._put_events(db, events, now)
+
+    # -- a restart ---------------------------------------------------------------------------
+
+    def orphans(self) -> list[dict[str, Any]]:
+        """Environments a previous control process left unfinished, with live task pids."""
+        out = []
+        for env in self.environments():
+            if env["state"] == "DONE":
+                continue
+            cur = self._db.execute(
+                "SELECT idx, pid, state, path FROM tasks WHERE env=? AND state NOT IN "
+                "('DONE', 'PENDING', 'LOST')",
+                (env["id"],),
+            )
+            env["tasks"] = [{"idx": i, "pid": p, "state": st, "path": pa} for i, p, st, pa in cur]
+            out.append(env)
+        return out
+
+    def mark_lost(
+        self, env_id: str, reason: str, now: float, events: Sequence[Event]
+    ) -> list[Event]:
+        """A previous control process's environment: its tasks LOST, itself in ERROR."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET state='LOST', reason=? WHERE env=? AND state NOT IN "
+                "('DONE', 'PENDING', 'LOST')",
+                (reason, env_id),
+            )
+            db.execute(
+                "UPDATE environments SET state='ERROR', error=?, updated=?, run_number=NULL "
+                "WHERE id=?",
+                (reason, now, env_id),
+            )
+            db.execute("UPDATE runs SET stopped=? WHERE env=? AND stopped IS NULL", (now, env_id))
+            return self._put_events(db, events, now)
 
 
 class _Tx:
