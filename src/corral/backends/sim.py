@@ -128,6 +128,7 @@ class SimBackend:
         outs: list[Outcome | None] = [None] * len(batch)
         pending: list[tuple[int, str, Fault]] = []
         reports: list[Report] = []
+        hooks_done: list[Report] = []
         for i, spec in enumerate(batch):
             if node not in self._known:
                 outs[i] = Outcome(spec.task_id, error=f"node {node} is gone")
@@ -137,9 +138,15 @@ class SimBackend:
             fault = self._fire(t, "LAUNCH")
             if fault is None:
                 outs[i] = Outcome(spec.task_id, "STANDBY", pid=t.pid)
+                if spec.control == "hook":  # a hook task runs and ends at once
+                    del self._tasks[spec.task_id]
+                    hooks_done.append(Report(spec.task_id, "exited", _died(0), 0))
             else:
                 outs[i] = self._faulty(spec.task_id, t, fault, "its launch", reports, pending, i)
-        return await self._settle(outs, pending, reports, timeout, slow_after, "hello")
+        result = await self._settle(outs, pending, reports, timeout, slow_after, "hello")
+        if hooks_done:
+            asyncio.get_running_loop().call_soon(self._emit, hooks_done)
+        return result
 
     async def transition(
         self, node: str, batch: Sequence[Order], timeout: float, slow_after: float

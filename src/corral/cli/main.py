@@ -10,6 +10,7 @@ import click
 
 from corral import __version__
 from corral.cli.run import events, run
+from corral.cli.serve import serve
 from corral.cli.template import template
 
 
@@ -22,6 +23,7 @@ def cli() -> None:
 cli.add_command(template)
 cli.add_command(run)
 cli.add_command(events)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -499,7 +499,7 @@ class Environment:
             ("CORRAL_TASK_ID", t.id),
             ("CORRAL_TASK_PATH", t.spec.path),
         )
-        control = "direct" if t.spec.control == "direct" else "basic"
+        control = "hook" if t.hook else ("direct" if t.spec.control == "direct" else "basic")
         return Launch(t.id, t.spec.path, t.spec.command, control, env, log)
 
     async def _launch_node(self, node: str, ts: list[RuntimeTask], timeout: float) -> str | None:

@@ -300,6 +300,36 @@ class SqliteStore:
         keys = ("idx", "path", "class", "node", "state", "critical", "pid", "reason")
         return [dict(zip(keys, r, strict=True)) for r in cur]
 
+    def find_tasks(
+        self,
+        *,
+        env: str | None = None,
+        state: str | None = None,
+        node: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Tasks by environment, state and node, in order, a page at a time."""
+        sql = "SELECT env, idx, path, class, node, state, critical, pid, reason FROM tasks"
+        where: list[str] = []
+        args: list[Any] = []
+        for col, value in (("env", env), ("state", state), ("node", node)):
+            if value is not None:
+                where.append(f"{col}=?")
+                args.append(value)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY env, idx LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        keys = ("env", "idx", "path", "class", "node", "state", "critical", "pid", "reason")
+        out = []
+        for r in self._db.execute(sql, args):
+            d = dict(zip(keys, r, strict=True))
+            d["id"] = f"{d['env']}:{d['idx']}"
+            d["critical"] = bool(d["critical"])
+            out.append(d)
+        return out
+
     def runs(self, env_id: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT number, env, started, stopped FROM runs"
         args: tuple[str, ...] = ()

@@ -1,0 +1,120 @@
+"""``corral serve``: the control plane as a long-lived server with its HTTP API.
+
+It opens the store in ``--data``, picks the backend, ends what a previous server left
+unfinished (see docs/environments.md), prints the first admin token once (on the
+first start), and serves the API with uvicorn on the same event loop as the
+controller. SIGINT or SIGTERM stops it: environments are torn down (re-attaching to
+running tasks after a restart comes later), then the store is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import click
+import uvicorn
+from rich.console import Console
+
+from corral.api.app import create_app
+from corral.backends.local import LocalBackend
+from corral.backends.sim import SimBackend
+from corral.cli.run import data_option
+from corral.control.plane import ControlPlane, install_child_watcher
+from corral.control.service import ControlService
+from corral.ports.backend import Backend
+from corral.store.sqlite import SqliteStore
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT", param_hint="--listen")
+    return host or "127.0.0.1", int(port)
+
+
+@click.command("serve")
+@data_option
+@click.option(
+    "--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+    help="Address to serve the API on (port 0: any free port).",
+)  # fmt: skip
+@click.option(
+    "--backend", type=click.Choice(["local", "sim"]), default="local", show_default=True,
+    help="Where tasks run: this machine, or a simulated farm.",
+)  # fmt: skip
+@click.option(
+    "--sim-nodes", type=click.IntRange(1, 100_000), default=10, show_default=True,
+    help="Nodes of the simulated farm (with --backend sim).",
+)  # fmt: skip
+@click.option(
+    "--workflows", default=".", show_default=True, metavar="DIR",
+    type=click.Path(file_okay=False, exists=True),
+    help="Directory of the workflow templates environments are created from.",
+)  # fmt: skip
+def serve(data: str, listen: str, backend: str, sim_nodes: int, workflows: str) -> None:
+    """Run the control server: the HTTP API, the controller and the store."""
+    host, port = parse_listen(listen)
+    sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows)))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: ``_serve`` handles SIGINT and SIGTERM on
+    the loop, so that the environments are torn down before the process ends."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(
+    data: str, host: str, port: int, backend_name: str, sim_nodes: int, workflows: str
+) -> int:
+    install_child_watcher()
+    store = SqliteStore(os.path.join(data, "corral.db"))
+    log_dir = os.path.join(os.path.abspath(data), "logs")
+    backend: Backend = LocalBackend() if backend_name == "local" else SimBackend(sim_nodes)
+    plane = ControlPlane(store, backend, log_dir=log_dir)
+    service = ControlService(plane, workflows=workflows)
+    try:
+        for note in await plane.adopt_leftovers():
+            err.print(f"[yellow]note[/]: {note}")
+        token = service.first_admin_token()
+        if token is not None:
+            print(f"admin token (shown once, keep it): {token}", flush=True)
+        app = create_app(service, log_dir=log_dir)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off",
+            timeout_graceful_shutdown=3,
+        )  # fmt: skip
+        server = _Server(config)
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            app.state.closing = True  # event streams end, so shutdown need not wait
+            server.should_exit = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        job = asyncio.ensure_future(server.serve())
+        while not server.started and not job.done():
+            await asyncio.sleep(0.01)
+        if job.done():
+            job.result()
+            err.print("[bold red]error[/]: the server did not start")
+            return 1
+        bound = server.servers[0].sockets[0].getsockname()
+        print(f"corral serving on http://{bound[0]}:{bound[1]} ({backend_name} backend, "
+              f"data in {data})", flush=True)  # fmt: skip
+        await job
+        err.print("stopping: tearing environments down ...")
+        return 0
+    finally:
+        await service.close()
+        store.close()

@@ -1,0 +1,272 @@
+"""The control service: what a long-lived server does, for the API to call.
+
+How this runs. One ``ControlService`` on the server's event loop owns the control
+plane (store, backend, bus), the workflows directory, the access tokens and the
+detector locks. API handlers call its methods and never touch the store or the
+backend themselves. Transitions run as asyncio tasks of their own (one per request,
+not per task), so a request can start one and answer at once, or wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from corral.calls import CallError
+from corral.control.environment import Environment, TransitionError
+from corral.control.plane import ControlPlane, new_environment_id
+from corral.model.plan import Plan
+from corral.store.files import DiskSources
+from corral.templates import Diagnostic, check
+
+ROLES = ("viewer", "operator", "admin")
+
+
+class ServiceError(Exception):
+    """A request the service refuses; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: a token's id, name and role."""
+
+    id: str
+    name: str
+    role: str
+
+    def can(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ControlService:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        *,
+        workflows: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.plane = plane
+        self.store = plane.store
+        self.workflows = os.path.abspath(workflows)
+        self.clock = clock
+        self._jobs: dict[str, asyncio.Task[str]] = {}
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def first_admin_token(self) -> str | None:
+        """A new admin token when there is none at all (the first start), else None."""
+        if self.store.tokens():
+            return None
+        return self.create_token("admin", "admin", by=None)[1]
+
+    def create_token(self, role: str, name: str, *, by: str | None) -> tuple[str, str]:
+        if role not in ROLES:
+            raise ServiceError(
+                422, "Bad role", f"role {role!r}: expected one of {', '.join(ROLES)}"
+            )
+        token = "crl_" + secrets.token_urlsafe(24)
+        token_id = secrets.token_hex(4)
+        self.store.add_token(token_id, name, role, digest(token), self.clock(), by)
+        self._record({"kind": "token", "status": "CREATED", "token": token_id, "role": role,
+                      "name": name}, by)  # fmt: skip
+        return token_id, token
+
+    def revoke_token(self, token_id: str, *, by: str) -> None:
+        if not self.store.revoke_token(token_id, self.clock()):
+            raise ServiceError(404, "No such token", f"no active token {token_id!r}")
+        self._record({"kind": "token", "status": "REVOKED", "token": token_id}, by)
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        if not token:
+            return None
+        row = self.store.token_by_hash(digest(token))
+        return None if row is None else Principal(row["id"], row["name"], row["role"])
+
+    # -- locks -------------------------------------------------------------------------------
+
+    def lock(self, detectors: list[str], who: Principal, *, release: bool, force: bool) -> None:
+        held = self.store.locks()
+        take: list[str] = []
+        drop: list[str] = []
+        for d in detectors:
+            if not d or len(d) > 64:
+                raise ServiceError(422, "Bad detector", f"detector name {d!r} is empty or too long")
+            owner = held.get(d, {}).get("holder")
+            if release:
+                if owner is None:
+                    continue
+                if owner != who.name and not force:
+                    raise ServiceError(
+                        409, "Locked by another", f"detector {d} is locked by {owner}",
+                        holder=owner,
+                    )  # fmt: skip
+                drop.append(d)
+            elif owner is None:
+                take.append(d)
+            elif owner != who.name:
+                raise ServiceError(
+                    409, "Locked by another", f"detector {d} is locked by {owner}", holder=owner
+                )
+        if take or drop:
+            ev = {"kind": "lock", "actor": who.name, "taken": take, "released": drop,
+                  "forced": force}  # fmt: skip
+            self.plane.bus.publish(self.store.set_locks(take, drop, who.name, self.clock(), [ev]))
+
+    def check_locks(self, detectors: list[str], who: Principal) -> None:
+        held = self.store.locks()
+        for d in detectors:
+            owner = held.get(d, {}).get("holder")
+            if owner is not None and owner != who.name:
+                raise ServiceError(
+                    423, "Detector locked", f"detector {d} is locked by {owner}", holder=owner
+                )
+
+    # -- workflows -----------------------------------------------------------------------------
+
+    def workflow_path(self, name: str) -> str:
+        """A workflow of the workflows directory, by name or relative path; never outside."""
+        if not name or "\0" in name:
+            raise ServiceError(422, "Bad workflow", "the workflow name is empty")
+        rel = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+        path = os.path.realpath(os.path.join(self.workflows, rel))
+        if not path.startswith(self.workflows + os.sep):
+            raise ServiceError(422, "Bad workflow", f"{name!r} is outside the workflows directory")
+        if not os.path.isfile(path):
+            raise ServiceError(404, "No such workflow", f"no workflow {name!r} in {self.workflows}")
+        return path
+
+    def list_workflows(self) -> list[dict[str, Any]]:
+        out = []
+        for entry in sorted(os.listdir(self.workflows)):
+            if entry.endswith((".yaml", ".yml")) and os.path.isfile(
+                os.path.join(self.workflows, entry)
+            ):
+                out.append({"name": entry.rsplit(".", 1)[0], "file": entry})
+        return out
+
+    def expand(
+        self, name: str, variables: dict[str, str], *, env_id: str = ""
+    ) -> tuple[Plan | None, list[Diagnostic], str]:
+        path = self.workflow_path(name)
+        defaults = {"python": sys.executable, "workflow_dir": os.path.dirname(path)}
+        if env_id:
+            defaults["environment_id"] = env_id
+        plan, diags = check(
+            path, DiskSources(), variables=variables, global_defaults=defaults, seed=env_id or "0"
+        )
+        return plan, diags, path
+
+    # -- environments ----------------------------------------------------------------------------
+
+    def create(self, name: str, variables: dict[str, str], who: Principal) -> Environment:
+        env_id = new_environment_id()
+        plan, diags, path = self.expand(name, variables, env_id=env_id)
+        if plan is None:
+            raise ServiceError(
+                422, "Template errors", f"{len(diags)} errors in {name}",
+                errors=[_diag(d) for d in diags],
+            )  # fmt: skip
+        problems = []
+        for c in plan.calls:
+            try:
+                self.plane.calls.check(c.func)
+            except CallError as e:
+                problems.append({"message": f"call {c.path}: {e}", "role": c.path})
+        if problems:
+            raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
+        self.check_locks(detectors_of(plan), who)
+        return self.plane.create(plan, env_id=env_id, source=path, created_by=who.name)
+
+    def get(self, env_id: str) -> Environment:
+        env = self.plane.environments.get(env_id)
+        if env is None:
+            if self.store.environment(env_id) is not None:
+                raise ServiceError(
+                    409, "Not controlled", f"environment {env_id} is not run by this server "
+                    "(it ended, or a previous server left it)",
+                )  # fmt: skip
+            raise ServiceError(404, "No such environment", f"no environment {env_id!r}")
+        return env
+
+    async def transition(
+        self, env_id: str, event: str, who: Principal, *, wait: bool
+    ) -> dict[str, Any]:
+        env = self.get(env_id)
+        self.check_locks(detectors_of(env.plan), who)
+        job = self._jobs.get(env_id)
+        if job is not None and not job.done():
+            raise ServiceError(
+                409,
+                "Busy",
+                f"environment {env_id} is running {env.transitioning or 'a transition'}",
+            )
+        task = asyncio.ensure_future(env.transition(event.upper(), actor=who.name))
+        self._jobs[env_id] = task
+        if not wait:
+            await asyncio.sleep(0)
+            if task.done() and task.exception() is not None:
+                exc = task.exception()
+                raise ServiceError(409, "Transition refused", str(exc), state=env.state)
+            return {"id": env_id, "state": env.state, "transition": event.upper(), "started": True}
+        try:
+            state = await task
+        except TransitionError as e:
+            raise ServiceError(409, "Transition failed", str(e), state=e.state) from None
+        return {"id": env_id, "state": state, "transition": event.upper(), "run_number":
+                env.run_number}  # fmt: skip
+
+    async def destroy(self, env_id: str, who: Principal) -> None:
+        env = self.get(env_id)
+        self.check_locks(detectors_of(env.plan), who)
+        job = self._jobs.pop(env_id, None)
+        if job is not None and not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransitionError):
+                await job
+        await self.plane.destroy(env_id, actor=who.name)
+
+    async def close(self) -> None:
+        for job in self._jobs.values():
+            job.cancel()
+        await self.plane.close()
+
+    def _record(self, event: dict[str, Any], actor: str | None) -> None:
+        if actor is not None:
+            event["actor"] = actor
+        self.plane.bus.publish(self.store.add_events([event], self.clock()))
+
+
+def detectors_of(plan: Plan) -> list[str]:
+    """The detectors an environment uses: its ``detector``/``detectors`` variables
+    (as the user set them, else the template's public default)."""
+    public = {p.name: p.value for p in plan.public}
+    out: list[str] = []
+    for key in ("detector", "detectors"):
+        value = plan.variables.get(key, public.get(key))
+        if value:
+            out.extend(d.strip() for d in value.replace(";", ",").split(",") if d.strip())
+    return sorted(set(out))
+
+
+def _diag(d: Diagnostic) -> dict[str, Any]:
+    return {"message": str(d)}

@@ -1,0 +1,262 @@
+"""The HTTP API against a real server process on 127.0.0.1; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.server import Server
+
+
+def tokens(s: Server) -> dict[str, str]:
+    """An admin (the first token), and an operator, a second operator and a viewer."""
+    out = {"admin": s.admin}
+    with s.client(s.admin) as c:
+        for name, role in [("op", "operator"), ("op2", "operator"), ("view", "viewer")]:
+            r = c.post("/api/tokens", json={"role": role, "name": name})
+            assert r.status_code == 201, r.text
+            out[name] = r.json()["token"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with Server(tmp_path_factory.mktemp("api") / "data", "--backend", "sim") as s:
+        s.tokens = tokens(s)  # type: ignore[attr-defined]
+        yield s
+
+
+def test_an_environment_through_its_life(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client(t["op"]) as c:
+        r = c.post("/api/environments", json={"workflow": "datataking",
+                                              "vars": {"detector": "ITS"}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        env = r.json()
+        assert env["state"] == "STANDBY" and env["created_by"] == "op"
+        for event, state in [("DEPLOY", "DEPLOYED"), ("CONFIGURE", "CONFIGURED"),
+                             ("START_ACTIVITY", "RUNNING")]:  # fmt: skip
+            r = c.post(f"/api/environments/{env['id']}/transitions", json={"event": event})
+            assert r.status_code == 200 and r.json()["state"] == state, r.text
+        got = c.get(f"/api/environments/{env['id']}").json()
+        assert got["run_number"] >= 1 and got["tasks"] == {"RUNNING": 7}
+        assert {"path": "datataking.dist", "state": "RUNNING", "tasks": 1} in got["roles"]
+        assert any(ch["to"] == "datataking.qc" or ch["from"] == "datataking.qc"
+                   for ch in got["channels"])  # fmt: skip
+        assert [x["actor"] for x in got["transitions"]] == ["op", "op", "op"]
+        tasks = c.get("/api/tasks", params={"env": env["id"], "state": "RUNNING"}).json()
+        assert len(tasks) == 7 and all(x["node"].startswith("sim-") for x in tasks)
+        one = c.get(f"/api/tasks/{tasks[0]['id']}").json()
+        assert one["path"] == tasks[0]["path"]
+        # a transition the state does not allow: 409 with the reason
+        r = c.post(f"/api/environments/{env['id']}/transitions", json={"event": "DEPLOY"})
+        assert r.status_code == 409 and "not allowed in state RUNNING" in r.json()["detail"]
+        runs = c.get("/api/runs", params={"env": env["id"]}).json()
+        assert len(runs) == 1 and runs[0]["stopped"] is None
+        r = c.delete(f"/api/environments/{env['id']}")
+        assert r.status_code == 200 and r.json()["state"] == "DONE"
+        events = c.get("/api/events", params={"env": env["id"]}).json()
+        actors = {e.get("actor") for e in events if e["kind"] == "transition" and "src" in e}
+        assert actors == {"op"}
+
+
+def test_every_mutating_endpoint_needs_a_token_and_a_role(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+    bodies = {
+        "/api/environments": {"workflow": "hello"},
+        "/api/environments/{env_id}/transitions": {"event": "DEPLOY"},
+        "/api/tokens": {"role": "viewer", "name": "x"},
+        "/api/locks": {"detectors": ["TPC"], "action": "take"},
+        "/api/workflows/validate": {"workflow": "hello"},
+        "/api/workflows/render": {"workflow": "hello"},
+    }
+    mutating = [
+        (path, method)
+        for path, ops in spec["paths"].items()
+        for method in ops
+        if method in ("post", "put", "patch", "delete")
+    ]
+    assert len(mutating) >= 7
+    for path, method in mutating:
+        url = path.replace("{env_id}", "nosuch").replace("{token_id}", "nosuch")
+        body = bodies.get(path)
+        for token, status in [(None, 401), ("bogus", 401), (t["view"], 403)]:
+            if path.startswith("/api/workflows/") and status == 403:
+                continue  # validate and render only read: viewers may use them
+            with server.client(token) as c:
+                r = c.request(method.upper(), url, json=body)
+            assert r.status_code == status, (method, path, token, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_bad_input_gets_a_4xx_that_says_what(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client(t["op"]) as c:
+        r = c.post("/api/environments", json={"workflow": "../../etc/passwd"})
+        assert r.status_code == 422 and "outside the workflows directory" in r.json()["detail"]
+        r = c.post("/api/environments", json={"workflow": "nosuch"})
+        assert r.status_code == 404
+        r = c.post("/api/environments", json={"workflow": "datataking",
+                                              "vars": {"hosts": "not json"}})  # fmt: skip
+        assert r.status_code == 422
+        assert any("datataking.yaml:" in e["message"] for e in r.json()["errors"])
+        r = c.post("/api/environments", json={"workflow": "hello", "extra": 1})
+        assert r.status_code == 422 and "extra" in r.json()["detail"]
+        r = c.post("/api/environments/nosuch/transitions", json={"event": "LAUNCH"})
+        assert r.status_code == 422 and "event" in r.json()["detail"]
+        r = c.get("/api/tasks/garbage")
+        assert r.status_code == 422
+        r = c.get("/api/events/stream", headers={"Last-Event-ID": "abc"})
+        assert r.status_code == 422
+        r = c.post("/api/workflows/validate", json={"workflow": "datataking",
+                                                    "vars": {"hosts": "[1"}})  # fmt: skip
+        assert r.status_code == 200 and r.json()["ok"] is False and r.json()["errors"]
+
+
+def test_workflows_are_listed_rendered_and_offer_their_public_variables(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client(t["view"]) as c:
+        names = [w["name"] for w in c.get("/api/workflows").json()]
+        assert names == ["datataking", "hello"]
+        public = {p["name"]: p for p in c.get("/api/workflows/datataking").json()["public"]}
+        assert public["detector"]["widget"] == "comboBox" and "TPC" in public["detector"]["values"]
+        plan = c.post("/api/workflows/render", json={"workflow": "datataking",
+                      "vars": {"hosts": '["a","b"]'}}).json()  # fmt: skip
+        assert len(plan["tasks"]) == 12
+
+
+def test_detector_locks(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    op, op2, admin = (server.client(t[k]) for k in ("op", "op2", "admin"))
+    try:
+        r = op.post("/api/locks", json={"detectors": ["MCH"], "action": "take"})
+        assert r.status_code == 200 and r.json()["MCH"]["holder"] == "op"
+        r = op2.post("/api/environments", json={"workflow": "datataking",
+                                                "vars": {"detector": "MCH"}})  # fmt: skip
+        assert r.status_code == 423 and "locked by op" in r.json()["detail"]
+        r = op.post("/api/environments", json={"workflow": "datataking",
+                                               "vars": {"detector": "MCH"}})  # fmt: skip
+        assert r.status_code == 201
+        env_id = r.json()["id"]
+        r = op2.post(f"/api/environments/{env_id}/transitions", json={"event": "DEPLOY"})
+        assert r.status_code == 423
+        r = op2.post("/api/locks", json={"detectors": ["MCH"], "action": "release"})
+        assert r.status_code == 409
+        r = op2.post("/api/locks", json={"detectors": ["MCH"], "action": "release",
+                                         "force": True})  # fmt: skip
+        assert r.status_code == 403
+        r = admin.post("/api/locks", json={"detectors": ["MCH"], "action": "release",
+                                           "force": True})  # fmt: skip
+        assert r.status_code == 200 and "MCH" not in r.json()
+        r = op2.post(f"/api/environments/{env_id}/transitions", json={"event": "DEPLOY"})
+        assert r.status_code == 200
+        assert op2.delete(f"/api/environments/{env_id}").status_code == 200
+    finally:
+        for c in (op, op2, admin):
+            c.close()
+
+
+def test_tokens_are_revoked(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client(t["admin"]) as c:
+        made = c.post("/api/tokens", json={"role": "viewer", "name": "temp"}).json()
+        with server.client(made["token"]) as v:
+            assert v.get("/api/whoami").json() == {"id": made["id"], "name": "temp",
+                                                    "role": "viewer"}  # fmt: skip
+            assert c.delete(f"/api/tokens/{made['id']}").status_code == 200
+            assert v.get("/api/whoami").status_code == 401
+        listed = {x["id"]: x for x in c.get("/api/tokens").json()}
+        assert listed[made["id"]]["revoked"] is not None
+        assert "hash" not in listed[made["id"]]
+
+
+def read_sse(url: str, token: str, last_id: int | None, stop: threading.Event,
+             out: list[dict[str, Any]], limit: int) -> None:  # fmt: skip
+    headers = {"Authorization": f"Bearer {token}"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = str(last_id)
+    try:
+        with httpx.stream("GET", url + "/api/events/stream", headers=headers, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(json.loads(line[6:]))
+                    if len(out) >= limit or stop.is_set():
+                        return
+    except httpx.HTTPError:
+        if not stop.is_set():
+            raise
+
+
+def test_the_event_stream_is_live_and_resumes_without_gaps(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client(t["op"]) as c:
+        first = c.get("/api/events", params={"limit": 10_000}).json()
+        start = first[-1]["seq"]
+        got: list[dict[str, Any]] = []
+        stop = threading.Event()
+        reader = threading.Thread(target=read_sse, args=(server.url, t["view"], start, stop,
+                                                         got, 10**9), daemon=True)  # fmt: skip
+        reader.start()
+        env = c.post("/api/environments", json={"workflow": "hello"}).json()
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            c.post(f"/api/environments/{env['id']}/transitions", json={"event": event})
+        c.delete(f"/api/environments/{env['id']}")
+        stored = c.get("/api/events", params={"after": start, "limit": 10_000}).json()
+        deadline = time.monotonic() + 10
+        while len(got) < len(stored) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        assert [e["seq"] for e in got[: len(stored)]] == [e["seq"] for e in stored]
+        assert [e["seq"] for e in stored] == list(range(start + 1, start + 1 + len(stored)))
+        # resume from the middle: exactly the rest, no gap, no repeat
+        middle = stored[len(stored) // 2]["seq"]
+        rest: list[dict[str, Any]] = []
+        read_sse(server.url, t["view"], middle, threading.Event(), rest,
+                 len([e for e in stored if e["seq"] > middle]))  # fmt: skip
+        assert [e["seq"] for e in rest] == [e["seq"] for e in stored if e["seq"] > middle]
+
+
+def test_metrics(server: Server) -> None:
+    with server.client() as c:
+        text = c.get("/metrics").text
+    for family in ["corral_environments", "corral_tasks", "corral_transition_seconds_bucket",
+                   "corral_events_total", "corral_api_request_seconds_bucket",
+                   "corral_call_seconds_bucket"]:  # fmt: skip
+        assert family in text, family
+
+
+def test_task_logs_and_a_restart_keeps_every_record(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with Server(data) as s:
+        with s.client(s.admin) as c:
+            env = c.post(
+                "/api/environments", json={"workflow": "hello", "vars": {"greeting": "hi there"}}
+            ).json()
+            for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+                c.post(f"/api/environments/{env['id']}/transitions", json={"event": event})
+            task = c.get("/api/tasks", params={"env": env["id"]}).json()[0]
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                log = c.get(f"/api/tasks/{task['id']}/log").json()
+                if log["lines"]:
+                    break
+                time.sleep(0.05)
+            assert log["lines"] == ["hi there"]
+            before = c.get("/api/events", params={"limit": 10_000}).json()
+        admin = s.admin
+    assert "tearing environments down" in s.output
+    with Server(data) as s2:
+        assert s2.admin == "", "the first admin token is printed only once"
+        with s2.client(admin) as c:
+            envs = c.get("/api/environments").json()
+            assert [e["state"] for e in envs] == ["DONE"] and envs[0]["id"] == env["id"]
+            after = c.get("/api/events", params={"limit": 10_000}).json()
+            assert after[: len(before)] == before
