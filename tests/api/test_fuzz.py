@@ -15,8 +15,9 @@ from tests.api.server import Server
 
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "300"))
 
+finite = st.floats(allow_nan=False, allow_infinity=False)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+    st.none() | st.booleans() | st.integers() | finite | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
                                                                   max_size=4),
     max_leaves=12,
