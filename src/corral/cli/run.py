@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from corral.backends.local import LocalBackend
 from corral.calls import CallError, Registry
+from corral.cli.client import remote_events, server_options
 from corral.cli.template import builtin_defaults, parse_vars, report, var_option
 from corral.control.environment import Environment, TransitionError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
@@ -290,11 +291,27 @@ class _Notes:
 
 @click.command("events")
 @data_option
+@server_options
 @click.option("--env", "env_id", default=None, help="Only this environment's events.")
 @click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this seq.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events (with a server).")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-def events(data: str, env_id: str | None, after: int, output: str) -> None:
-    """Print the stored events, oldest first."""
+def events(
+    data: str,
+    server: str | None,
+    token: str | None,
+    env_id: str | None,
+    after: int,
+    follow: bool,
+    output: str,
+) -> None:
+    """Print the events, oldest first: from a server (--server or CORRAL_SERVER), or
+    from the store in --data."""
+    if server:
+        remote_events(server, token, env_id, after, follow, output, _format_event)
+        return
+    if follow:
+        raise click.UsageError("--follow needs a server (--server or CORRAL_SERVER)")
     db = os.path.join(data, "corral.db")
     if not os.path.exists(db):
         err.print(f"[bold red]error[/]: no store at {db} (is --data right?)")

@@ -1,0 +1,302 @@
+"""The command line against a control server: ``corral env|task|token|lock ...``.
+
+The server comes from ``--server`` or ``CORRAL_SERVER``, the token from ``--token`` or
+``CORRAL_TOKEN``. Listings print tables, or JSON with ``-o json``. Exit codes scripts
+can rely on: 0 done; 1 the server refused or the action failed (its problem detail is
+printed); 2 the command line is wrong; 3 the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from corral.cli.template import parse_vars, var_option
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_options(f: F) -> F:
+    f = click.option(
+        "--server", envvar="CORRAL_SERVER", metavar="URL", help="The control server (or "
+        "CORRAL_SERVER), e.g. http://127.0.0.1:8080.",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--token", envvar="CORRAL_TOKEN", metavar="TOKEN", help="Access token (or CORRAL_TOKEN)."
+    )(f)
+    return f
+
+
+output_option = click.option("-o", "--output", type=click.Choice(["table", "json"]),
+                             default="table", show_default=True)  # fmt: skip
+
+
+class Api:
+    def __init__(self, server: str | None, token: str | None) -> None:
+        if not server:
+            raise click.UsageError("no server: give --server URL or set CORRAL_SERVER")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=300)
+        self.server = server
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            fail(3, f"cannot reach {self.server}: {e}")
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                msg = f"{body.get('title', 'error')} ({r.status_code}): {body.get('detail')}"
+                for item in body.get("errors", [])[:20]:
+                    text = item.get("message", item) if isinstance(item, dict) else item
+                    msg += f"\n  {text}"
+            except ValueError:
+                msg = f"HTTP {r.status_code}: {r.text[:500]}"
+            fail(1, msg)
+        return r.json()
+
+    def stream(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        try:
+            with self.client.stream("GET", path, params=params, timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    fail(1, f"HTTP {r.status_code}: {r.text[:500]}")
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        yield json.loads(line[6:])
+        except httpx.HTTPError as e:
+            fail(3, f"the event stream from {self.server} ended: {e}")
+
+
+def fail(code: int, message: str) -> NoReturn:
+    err.print(f"[bold red]error[/]: {message}")
+    sys.exit(code)
+
+
+def show(rows: list[dict[str, Any]], columns: list[str], output: str) -> None:
+    if output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    table = Table(*columns, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    out.print(table)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={n}" for k, n in v.items())
+    return str(v)
+
+
+# -- environments -----------------------------------------------------------------------------
+
+
+@click.group("env")
+def env() -> None:
+    """Environments on a control server."""
+
+
+@env.command("create")
+@click.argument("workflow")
+@var_option
+@server_options
+@output_option
+def env_create(workflow: str, variables: tuple[str, ...], server: str, token: str,
+               output: str) -> None:  # fmt: skip
+    """Create an environment from WORKFLOW (a name in the server's workflows directory)."""
+    api = Api(server, token)
+    e = api.call("POST", "/api/environments", json={"workflow": workflow,
+                                                     "vars": parse_vars(variables)})  # fmt: skip
+    if output == "json":
+        show([e], [], "json")
+    else:
+        out.print(e["id"])
+
+
+@env.command("list")
+@server_options
+@output_option
+def env_list(server: str, token: str, output: str) -> None:
+    """List environments."""
+    rows = Api(server, token).call("GET", "/api/environments")
+    show(rows, ["id", "name", "state", "run_number", "tasks", "created_by"], output)
+
+
+@env.command("show")
+@click.argument("env_id")
+@server_options
+@output_option
+def env_show(env_id: str, server: str, token: str, output: str) -> None:
+    """Show one environment: state, run, roles."""
+    e = Api(server, token).call("GET", f"/api/environments/{env_id}")
+    if output == "json":
+        show([e], [], "json")
+        return
+    out.print(f"[bold]{e['id']}[/] {e['name']}: {e['state']}"
+              + (f", run {e['run_number']}" if e["run_number"] else "")
+              + (f" [red]{e['error']}[/]" if e["error"] else ""))  # fmt: skip
+    out.print("tasks: " + _cell(e["tasks"]))
+    if e.get("roles"):
+        show(e["roles"], ["path", "state", "tasks"], "table")
+
+
+@env.command("control")
+@click.argument("env_id")
+@click.argument("event", type=click.Choice(
+    ["DEPLOY", "CONFIGURE", "START_ACTIVITY", "STOP_ACTIVITY", "RESET", "EXIT", "GO_ERROR",
+     "RECOVER"], case_sensitive=False))  # fmt: skip
+@server_options
+def env_control(env_id: str, event: str, server: str, token: str) -> None:
+    """Run a transition and wait for it."""
+    r = Api(server, token).call("POST", f"/api/environments/{env_id}/transitions",
+                                json={"event": event.upper()})  # fmt: skip
+    out.print(f"{env_id} is {r['state']}" + (f", run {r['run_number']}" if r.get("run_number")
+                                              else ""))  # fmt: skip
+
+
+@env.command("destroy")
+@click.argument("env_id")
+@server_options
+def env_destroy(env_id: str, server: str, token: str) -> None:
+    """Stop, exit and tear down an environment."""
+    r = Api(server, token).call("DELETE", f"/api/environments/{env_id}")
+    out.print(f"{env_id} is {r['state']}")
+
+
+# -- tasks --------------------------------------------------------------------------------------
+
+
+@click.group("task")
+def task() -> None:
+    """Tasks on a control server."""
+
+
+@task.command("list")
+@click.option("--env", "env_id", help="Only this environment's tasks.")
+@click.option("--state", help="Only tasks in this state.")
+@click.option("--node", help="Only tasks on this node.")
+@server_options
+@output_option
+def task_list(env_id: str | None, state: str | None, node: str | None, server: str, token: str,
+              output: str) -> None:  # fmt: skip
+    """List tasks."""
+    params = {k: v for k, v in (("env", env_id), ("state", state), ("node", node)) if v}
+    rows = Api(server, token).call("GET", "/api/tasks", params=params)
+    show(rows, ["id", "path", "node", "state", "pid", "critical", "reason"], output)
+
+
+@task.command("logs")
+@click.argument("task_id")
+@click.option("-n", "--lines", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@server_options
+def task_logs(task_id: str, lines: int, server: str, token: str) -> None:
+    """Print the end of a task's log."""
+    r = Api(server, token).call("GET", f"/api/tasks/{task_id}/log", params={"lines": lines})
+    for line in r["lines"]:
+        sys.stdout.write(line + "\n")
+
+
+# -- tokens and locks ----------------------------------------------------------------------------
+
+
+@click.group("token")
+def token_group() -> None:
+    """Access tokens (admin)."""
+
+
+@token_group.command("create")
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
+@click.option("--name", required=True, help="Who or what will use it (shown in events).")
+@server_options
+def token_create(role: str, name: str, server: str, token: str) -> None:
+    """Create a token; it is printed once."""
+    r = Api(server, token).call("POST", "/api/tokens", json={"role": role, "name": name})
+    out.print(r["token"])
+
+
+@token_group.command("list")
+@server_options
+@output_option
+def token_list(server: str, token: str, output: str) -> None:
+    """List tokens (never their secrets)."""
+    rows = Api(server, token).call("GET", "/api/tokens")
+    show(rows, ["id", "name", "role", "created_by", "revoked"], output)
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@server_options
+def token_revoke(token_id: str, server: str, token: str) -> None:
+    """Revoke a token by its id."""
+    Api(server, token).call("DELETE", f"/api/tokens/{token_id}")
+    out.print(f"{token_id} revoked")
+
+
+@click.group("lock")
+def lock() -> None:
+    """Detector locks."""
+
+
+def _lock(action: str, detectors: tuple[str, ...], force: bool, server: str, token: str) -> None:
+    held = Api(server, token).call("POST", "/api/locks", json={
+        "detectors": list(detectors), "action": action, "force": force})  # fmt: skip
+    show([{"detector": d, **v} for d, v in held.items()], ["detector", "holder"], "table")
+
+
+@lock.command("take")
+@click.argument("detectors", nargs=-1, required=True)
+@server_options
+def lock_take(detectors: tuple[str, ...], server: str, token: str) -> None:
+    """Take the locks of these detectors."""
+    _lock("take", detectors, False, server, token)
+
+
+@lock.command("release")
+@click.argument("detectors", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Release another's lock (admin).")
+@server_options
+def lock_release(detectors: tuple[str, ...], force: bool, server: str, token: str) -> None:
+    """Release the locks of these detectors."""
+    _lock("release", detectors, force, server, token)
+
+
+@lock.command("list")
+@server_options
+def lock_list(server: str, token: str) -> None:
+    """Who holds which detector."""
+    held = Api(server, token).call("GET", "/api/locks")
+    show([{"detector": d, **v} for d, v in held.items()], ["detector", "holder"], "table")
+
+
+def remote_events(server: str, token: str | None, env_id: str | None, after: int, follow: bool,
+                  output: str, fmt: Callable[[dict[str, Any]], str]) -> None:  # fmt: skip
+    """`corral events --server`: the history, then (with --follow) the live stream."""
+    api = Api(server, token)
+    params: dict[str, Any] = {"after": after}
+    if env_id:
+        params["env"] = env_id
+    source: Iterator[dict[str, Any]]
+    if follow:
+        source = api.stream("/api/events/stream", params)
+    else:
+        source = iter(api.call("GET", "/api/events", params=dict(params, limit=10_000)))
+    try:
+        for e in source:
+            line = json.dumps(e, sort_keys=True) if output == "json" else fmt(e)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
