@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS environments(
 CREATE TABLE IF NOT EXISTS tasks(
     env TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, class TEXT NOT NULL,
     node TEXT NOT NULL, state TEXT NOT NULL, critical INTEGER NOT NULL,
-    pid INTEGER, reason TEXT, PRIMARY KEY(env, idx)) WITHOUT ROWID;
+    pid INTEGER, reason TEXT, since REAL, PRIMARY KEY(env, idx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs(
     number INTEGER PRIMARY KEY, env TEXT NOT NULL, started REAL NOT NULL, stopped REAL);
 CREATE TABLE IF NOT EXISTS transitions(
@@ -94,6 +94,7 @@ class SqliteStore:
         added = {
             "environments": [("created_by", "TEXT")],
             "transitions": [("actor", "TEXT")],
+            "tasks": [("since", "REAL")],
         }
         for table, cols in added.items():
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
@@ -124,10 +125,10 @@ class SqliteStore:
                 (env_id, name, source, json.dumps(variables, sort_keys=True), now, now, created_by),
             )
             db.executemany(
-                "INSERT INTO tasks(env, idx, path, class, node, state, critical)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks(env, idx, path, class, node, state, critical, since)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (env_id, t.idx, t.path, t.task_class, t.node, t.state, int(t.critical))
+                    (env_id, t.idx, t.path, t.task_class, t.node, t.state, int(t.critical), now)
                     for t in tasks
                 ),
             )
@@ -160,15 +161,15 @@ class SqliteStore:
                 if c.pid is None and c.reason is None:
                     plain.setdefault(c.state, []).append(c.idx)
                 else:
-                    detailed.append((c.state, c.pid, c.reason, env_id, c.idx))
+                    detailed.append((c.state, c.pid, c.reason, now, env_id, c.idx))
             for state, idxs in plain.items():
                 db.executemany(
-                    "UPDATE tasks SET state=? WHERE env=? AND idx BETWEEN ? AND ?",
-                    ((state, env_id, lo, hi) for lo, hi in _runs(idxs)),
+                    "UPDATE tasks SET state=?, since=? WHERE env=? AND idx BETWEEN ? AND ?",
+                    ((state, now, env_id, lo, hi) for lo, hi in _runs(idxs)),
                 )
             if detailed:
                 db.executemany(
-                    "UPDATE tasks SET state=?, pid=COALESCE(?, pid), reason=? "
+                    "UPDATE tasks SET state=?, pid=COALESCE(?, pid), reason=?, since=? "
                     "WHERE env=? AND idx=?",
                     detailed,
                 )
@@ -310,7 +311,7 @@ class SqliteStore:
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """Tasks by environment, state and node, in order, a page at a time."""
-        sql = "SELECT env, idx, path, class, node, state, critical, pid, reason FROM tasks"
+        sql = "SELECT env, idx, path, class, node, state, critical, pid, reason, since FROM tasks"
         where: list[str] = []
         args: list[Any] = []
         for col, value in (("env", env), ("state", state), ("node", node)):
@@ -321,7 +322,18 @@ class SqliteStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY env, idx LIMIT ? OFFSET ?"
         args += [limit, offset]
-        keys = ("env", "idx", "path", "class", "node", "state", "critical", "pid", "reason")
+        keys = (
+            "env",
+            "idx",
+            "path",
+            "class",
+            "node",
+            "state",
+            "critical",
+            "pid",
+            "reason",
+            "since",
+        )
         out = []
         for r in self._db.execute(sql, args):
             d = dict(zip(keys, r, strict=True))
