@@ -20,13 +20,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.api.metrics import Metrics
 from corral.control.service import ControlService, Principal, ServiceError
+from corral.web import STATIC
 
 PROBLEM = "application/problem+json"
 MAX_LOG_LINES = 10_000
@@ -404,6 +406,14 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         service.lock(req.detectors, who, release=req.action == "release", force=req.force)
         return service.store.locks()
 
+    # -- the web GUI ----------------------------------------------------------------------------
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(os.path.join(STATIC, "index.html"))
+
     # -- metrics ----
 
     @app.get("/metrics", tags=["metrics"], response_class=Response)
@@ -451,12 +461,20 @@ def role_tree(env: Any) -> list[dict[str, Any]]:
 
 
 def channels(env: Any) -> list[dict[str, Any]]:
-    """The channel graph: an edge per connect, from the binding task to the connecting one."""
+    """The channel graph, an edge per connect, pointing the way data flows: from the
+    pushing or publishing side to the pulling or subscribing one."""
     out = []
     for c in env.plan.connects:
-        src = c.bind_task or c.address
+        bound = c.bind_task or c.address
+        sends = c.type in ("push", "pub")
         out.append(
-            {"from": src, "from_channel": c.bind_name, "to": c.task, "to_channel": c.name,
-             "type": c.type, "address": env.addresses.get((c.bind_task, c.bind_name))}
-        )  # fmt: skip
+            {
+                "from": c.task if sends else bound,
+                "from_channel": c.name if sends else c.bind_name,
+                "to": bound if sends else c.task,
+                "to_channel": c.bind_name if sends else c.name,
+                "type": c.type,
+                "address": env.addresses.get((c.bind_task, c.bind_name), c.address),
+            }
+        )
     return out
