@@ -31,3 +31,18 @@ def errors_of(files: dict[str, str], root: str = "wf.yaml", **kw: object) -> lis
 @pytest.fixture
 def example_defaults() -> dict[str, str]:
     return {"python": sys.executable, "workflow_dir": EXAMPLES}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_child_watcher() -> object:
+    """Each test's event loop installs its own pidfd child watcher (3.11); forget it
+    afterwards, so that a later loop (Playwright's, say) does not inherit a watcher
+    attached to a closed loop."""
+    yield
+    if sys.version_info < (3, 12):
+        import asyncio
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.get_event_loop_policy().set_child_watcher(None)  # type: ignore[arg-type]

@@ -46,7 +46,7 @@ def test_an_environment_through_its_life(server: Server) -> None:
             assert r.status_code == 200 and r.json()["state"] == state, r.text
         got = c.get(f"/api/environments/{env['id']}").json()
         assert got["run_number"] >= 1 and got["tasks"] == {"RUNNING": 7}
-        assert {"path": "datataking.dist", "state": "RUNNING", "tasks": 1} in got["roles"]
+        assert {"path": "datataking.flp-localhost", "state": "RUNNING", "tasks": 3} in got["roles"]
         assert any(ch["to"] == "datataking.qc" or ch["from"] == "datataking.qc"
                    for ch in got["channels"])  # fmt: skip
         assert [x["actor"] for x in got["transitions"]] == ["op", "op", "op"]

@@ -40,7 +40,7 @@ def test_the_client_commands(tmp_path: Path) -> None:
         [row] = json.loads(r.stdout)
         assert row["state"] == "RUNNING" and row["created_by"] == "shifter"
         r = corral(s, viewer.strip(), "env", "show", env_id)
-        assert "RUNNING, run 1" in r.stdout and "hello.greeter" in r.stdout
+        assert "RUNNING, run 1" in r.stdout and "tasks: RUNNING=1" in r.stdout
         r = corral(s, viewer.strip(), "task", "list", "--env", env_id)
         assert "hello.greeter" in r.stdout and "RUNNING" in r.stdout
         task_id = f"{env_id}:0"

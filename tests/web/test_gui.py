@@ -82,7 +82,9 @@ def test_an_operator_runs_the_example_from_the_browser(browser: Any, tmp_path: P
         # the dataflow graph: a node per task, an edge per channel, coloured by state
         expect(page.locator("#graph g.node")).to_have_count(8)
         assert page.locator("#graph path.edge").count() >= 6
-        expect(page.locator("#roles [data-role='datataking.qc'] .state")).to_have_text("RUNNING")
+        expect(page.locator("#roles [data-role='datataking.epn-localhost'] .state")).to_have_text(
+            "RUNNING"
+        )
         # the QC task's log, tailed
         page.click("#tasks tbody tr[data-task='datataking.qc']")
         expect(page.locator("#log")).to_contain_text("qc: messages=", timeout=10_000)

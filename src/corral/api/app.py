@@ -1,7 +1,9 @@
 """The HTTP API: thin handlers over ``control.service.ControlService``.
 
 How this runs. One FastAPI application on the server's event loop, beside the control
-plane (uvicorn serves it in the same loop). Handlers validate input (pydantic models
+plane (uvicorn serves it in the same loop). Every handler and dependency is ``async``
+so that it runs on that loop's thread: the store is only ever used from there (never
+from FastAPI's thread pool), and handlers are short. Handlers validate input (pydantic models
 at this edge only), check the caller's token and role, call the service and turn its
 refusals into problem-details JSON (RFC 9457). The event stream is Server-Sent
 Events: it replays the persisted events after ``Last-Event-ID`` (or ``?after=``), then
@@ -73,7 +75,7 @@ class LockRequest(_Strict):
     force: bool = False
 
 
-def caller(
+async def caller(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     token: Annotated[str | None, Query(include_in_schema=False)] = None,
@@ -108,15 +110,15 @@ def _needs(role: str) -> Callable[[Principal], Principal]:
 _viewer, _operator, _admin = _needs("viewer"), _needs("operator"), _needs("admin")
 
 
-def viewer(who: Annotated[Principal, Depends(caller)]) -> Principal:
+async def viewer(who: Annotated[Principal, Depends(caller)]) -> Principal:
     return _viewer(who)
 
 
-def operator(who: Annotated[Principal, Depends(caller)]) -> Principal:
+async def operator(who: Annotated[Principal, Depends(caller)]) -> Principal:
     return _operator(who)
 
 
-def admin(who: Annotated[Principal, Depends(caller)]) -> Principal:
+async def admin(who: Annotated[Principal, Depends(caller)]) -> Principal:
     return _admin(who)
 
 
@@ -146,6 +148,7 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     app.state.metrics = metrics
     app.state.service = service
     app.state.closing = False
+    trees: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # role trees by state version
 
     # -- errors as problem details ----------------------------------------------------------
 
@@ -184,28 +187,28 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     # -- who, workflows ---------------------------------------------------------------------------
 
     @app.get("/api/whoami", tags=["auth"])
-    def whoami(who: Viewer) -> dict[str, str]:
+    async def whoami(who: Viewer) -> dict[str, str]:
         return {"id": who.id, "name": who.name, "role": who.role}
 
     @app.get("/api/workflows", tags=["workflows"])
-    def workflows(who: Viewer) -> list[dict[str, Any]]:
+    async def workflows(who: Viewer) -> list[dict[str, Any]]:
         return service.list_workflows()
 
     @app.get("/api/workflows/{name}", tags=["workflows"])
-    def workflow(name: str, who: Viewer) -> dict[str, Any]:
+    async def workflow(name: str, who: Viewer) -> dict[str, Any]:
         plan, diags, _ = service.expand(name, {})
         public = [] if plan is None else [p.to_dict() for p in plan.public]
         return {"name": name, "public": public, "errors": [str(d) for d in diags]}
 
     @app.post("/api/workflows/validate", tags=["workflows"])
-    def validate(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
+    async def validate(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
         plan, diags, _ = service.expand(req.workflow, req.vars)
         if plan is None:
             return {"ok": False, "errors": [str(d) for d in diags]}
         return {"ok": True, "errors": [], "tasks": len(plan.tasks), "calls": len(plan.calls)}
 
     @app.post("/api/workflows/render", tags=["workflows"])
-    def render(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
+    async def render(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
         plan, diags, _ = service.expand(req.workflow, req.vars)
         if plan is None:
             raise ServiceError(
@@ -216,20 +219,23 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     # -- environments ----
 
     @app.post("/api/environments", tags=["environments"], status_code=201)
-    def create(req: WorkflowRequest, who: Operator) -> dict[str, Any]:
+    async def create(req: WorkflowRequest, who: Operator) -> dict[str, Any]:
         env = service.create(req.workflow, req.vars, who)
         return summary(env.id)
 
     @app.get("/api/environments", tags=["environments"])
-    def environments(who: Viewer) -> list[dict[str, Any]]:
+    async def environments(who: Viewer) -> list[dict[str, Any]]:
         return [summary(e["id"], e) for e in service.store.environments()]
 
     @app.get("/api/environments/{env_id}", tags=["environments"])
-    def environment(env_id: str, who: Viewer) -> dict[str, Any]:
+    async def environment(env_id: str, who: Viewer) -> dict[str, Any]:
         out = summary(env_id)
         live = service.plane.environments.get(env_id)
         if live is not None:
-            out["roles"] = role_tree(live)
+            cached = trees.get(env_id)
+            if cached is None or cached[0] != live.version:
+                cached = trees[env_id] = (live.version, role_tree(live))
+            out["roles"] = cached[1]
             out["channels"] = channels(live)
         out["transitions"] = service.store.transitions(env_id)
         return out
@@ -265,7 +271,7 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     # -- tasks, runs ----
 
     @app.get("/api/tasks", tags=["tasks"])
-    def tasks(
+    async def tasks(
         who: Viewer,
         env: str | None = None,
         state: str | None = None,
@@ -286,11 +292,11 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         return found[0]
 
     @app.get("/api/tasks/{task_id}", tags=["tasks"])
-    def task(task_id: str, who: Viewer) -> dict[str, Any]:
+    async def task(task_id: str, who: Viewer) -> dict[str, Any]:
         return one_task(task_id)
 
     @app.get("/api/tasks/{task_id}/log", tags=["tasks"])
-    def task_log(
+    async def task_log(
         task_id: str, who: Viewer, lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = 100
     ) -> dict[str, Any]:
         t = one_task(task_id)
@@ -300,13 +306,13 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         return {"task": task_id, "path": path, "lines": tail(path, lines)}
 
     @app.get("/api/runs", tags=["runs"])
-    def runs(who: Viewer, env: str | None = None) -> list[dict[str, Any]]:
+    async def runs(who: Viewer, env: str | None = None) -> list[dict[str, Any]]:
         return service.store.runs(env)
 
     # -- events ----
 
     @app.get("/api/events", tags=["events"])
-    def events(
+    async def events(
         who: Viewer,
         after: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -356,9 +362,8 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
                 page = service.store.events(env=env, after=last, limit=1000)
                 if not page:
                     break
-                for old in page:
-                    yield frame(old)
-                    last = old["seq"]
+                yield b"".join(frame(old) for old in page)  # one write per page
+                last = page[-1]["seq"]
             quiet = 0.0
             while not app.state.closing and not await request.is_disconnected():
                 try:
@@ -370,37 +375,46 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
                         yield b": keep-alive\n\n"
                     continue
                 quiet = 0.0
-                if e is None:
-                    return
-                if e["seq"] <= last:
-                    continue
-                yield frame(e)
-                last = e["seq"]
+                # what else is waiting goes out in the same write
+                batch = [e]
+                while batch[-1] is not None and not queue.empty() and len(batch) < 1000:
+                    batch.append(queue.get_nowait())
+                chunk: list[bytes] = []
+                for item in batch:
+                    if item is None:
+                        if chunk:
+                            yield b"".join(chunk)
+                        return
+                    if item["seq"] > last:
+                        chunk.append(frame(item))
+                        last = item["seq"]
+                if chunk:
+                    yield b"".join(chunk)
         finally:
             unsubscribe()
 
     # -- tokens and locks ----
 
     @app.post("/api/tokens", tags=["auth"], status_code=201)
-    def create_token(req: TokenRequest, who: Admin) -> dict[str, str]:
+    async def create_token(req: TokenRequest, who: Admin) -> dict[str, str]:
         token_id, token = service.create_token(req.role, req.name, by=who.name)
         return {"id": token_id, "name": req.name, "role": req.role, "token": token}
 
     @app.get("/api/tokens", tags=["auth"])
-    def list_tokens(who: Admin) -> list[dict[str, Any]]:
+    async def list_tokens(who: Admin) -> list[dict[str, Any]]:
         return service.store.tokens()
 
     @app.delete("/api/tokens/{token_id}", tags=["auth"])
-    def revoke_token(token_id: str, who: Admin) -> dict[str, str]:
+    async def revoke_token(token_id: str, who: Admin) -> dict[str, str]:
         service.revoke_token(token_id, by=who.name)
         return {"id": token_id, "status": "revoked"}
 
     @app.get("/api/locks", tags=["locks"])
-    def locks(who: Viewer) -> dict[str, Any]:
+    async def locks(who: Viewer) -> dict[str, Any]:
         return service.store.locks()
 
     @app.post("/api/locks", tags=["locks"])
-    def lock(req: LockRequest, who: Operator) -> dict[str, Any]:
+    async def lock(req: LockRequest, who: Operator) -> dict[str, Any]:
         if req.force and not who.can("admin"):
             raise ServiceError(403, "Forbidden", "only an admin may force-release a lock")
         service.lock(req.detectors, who, release=req.action == "release", force=req.force)
@@ -411,22 +425,34 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
+    async def index() -> FileResponse:
         return FileResponse(os.path.join(STATIC, "index.html"))
 
     # -- metrics ----
 
     @app.get("/metrics", tags=["metrics"], response_class=Response)
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     return app
 
 
+_frames: dict[int, bytes] = {}
+
+
 def frame(e: dict[str, Any]) -> bytes:
-    data = json.dumps(e, separators=(",", ":"), default=str)
-    return f"id: {e['seq']}\nevent: {e['kind']}\ndata: {data}\n\n".encode()
+    """An event as one SSE frame; encoded once however many subscribers send it."""
+    seq = e["seq"]
+    out = _frames.get(seq)
+    if out is None:
+        data = json.dumps(e, separators=(",", ":"), default=str)
+        out = f"id: {seq}\nevent: {e['kind']}\ndata: {data}\n\n".encode()
+        if len(_frames) >= 4096:  # keep the newest few thousand
+            for old in sorted(_frames)[:1024]:
+                del _frames[old]
+        _frames[seq] = out
+    return out
 
 
 def tail(path: str, lines: int) -> list[str]:
@@ -444,7 +470,8 @@ def tail(path: str, lines: int) -> list[str]:
 
 
 def role_tree(env: Any) -> list[dict[str, Any]]:
-    """Roles (path prefixes) with their aggregated states, parents before children."""
+    """The roles above the tasks (path prefixes), with their aggregated states, parents
+    before children. Task roles themselves are the task list's business."""
     from corral.lifecycle.task import aggregate
 
     per: dict[str, list[tuple[str, bool]]] = {}
@@ -452,7 +479,7 @@ def role_tree(env: Any) -> list[dict[str, Any]]:
         if t.hook:
             continue
         parts = t.spec.path.split(".")
-        for i in range(1, len(parts) + 1):
+        for i in range(1, len(parts)):
             per.setdefault(".".join(parts[:i]), []).append((t.state, t.spec.critical))
     return [
         {"path": path, "state": aggregate(states), "tasks": len(states)}

@@ -154,6 +154,7 @@ class Environment:
         self._auto: asyncio.Task[None] | None = None
         self.variables = dict(plan.variables)
         self.actor: str | None = None  # who asked for the transition under way
+        self.version = 0  # bumped by every change of a task's or the environment's state
         self.created_by: str | None = None
 
         nodes = [n.name for n in backend.nodes()]
@@ -803,6 +804,7 @@ class Environment:
         """One node's task changes: one transaction, then their events."""
         if not changes:
             return
+        self.version += 1
         stored = []
         groups: dict[str, list[str]] = {}
         singles: list[dict[str, Any]] = []
@@ -824,6 +826,7 @@ class Environment:
         self._publish(self.store.update_tasks(self.id, stored, self.clock(), events))
 
     def _set_state(self, state: str, *, event: str, error: str | None = None) -> None:
+        self.version += 1
         self.state = state
         if error is not None:
             self.error = error
