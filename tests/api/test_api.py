@@ -260,3 +260,33 @@ def test_task_logs_and_a_restart_keeps_every_record(tmp_path: Path) -> None:
             assert [e["state"] for e in envs] == ["DONE"] and envs[0]["id"] == env["id"]
             after = c.get("/api/events", params={"limit": 10_000}).json()
             assert after[: len(before)] == before
+
+
+def test_after_a_crash_the_restarted_server_says_what_it_lost(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    s = Server(data)
+    with s:
+        with s.client(s.admin) as c:
+            env = c.post("/api/environments", json={"workflow": "hello"}).json()
+            for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+                c.post(f"/api/environments/{env['id']}/transitions", json={"event": event})
+            pid = c.get("/api/tasks", params={"env": env["id"]}).json()[0]["pid"]
+        assert s.proc is not None
+        s.proc.kill()  # a crash: no teardown
+        s.proc.wait()
+        assert Path(f"/proc/{pid}").exists(), "the basic task outlived the server"
+    with Server(data) as s2:
+        assert "was RUNNING" in s2.log.read_text()
+        with s2.client(s.admin) as c:
+            got = c.get(f"/api/environments/{env['id']}").json()
+            assert got["state"] == "ERROR" and "restarted" in got["error"]
+            assert not got["controlled"]
+            [task] = c.get("/api/tasks", params={"env": env["id"], "node": "localhost"}).json()
+            assert task["state"] == "LOST"
+            r = c.post(f"/api/environments/{env['id']}/transitions", json={"event": "RECOVER"})
+            assert r.status_code == 409 and "not run by this server" in r.json()["detail"]
+            assert c.get("/api/tasks", params={"node": "elsewhere"}).json() == []
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists(), "the leftover process was not ended"
