@@ -221,6 +221,8 @@ class ControlService:
                 f"environment {env_id} is running {env.transitioning or 'a transition'}",
             )
         task = asyncio.ensure_future(env.transition(event.upper(), actor=who.name))
+        # a failure is in the environment's state and events; nobody awaits a started job
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._jobs[env_id] = task
         if not wait:
             await asyncio.sleep(0)
