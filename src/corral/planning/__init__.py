@@ -1,0 +1,1 @@
+"""Placement of tasks on nodes. Pure: the snapshot, the request and the seed decide."""
