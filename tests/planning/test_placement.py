@@ -49,7 +49,7 @@ def test_pins_resources_ports_and_spread() -> None:
         *(
             Demand(f"wf.proc-{i}", Resources(cpu=1, gpu=1), (Constraint("role", "epn"),))
             for i in range(8)
-        ),  # fmt: skip
+        ),
         *(Demand(f"wf.mon-{i}", Resources(cpu=1), (Constraint("role", "flp"),)) for i in range(4)),
     ]
     p = place(Snapshot(nodes), Request(demands))
