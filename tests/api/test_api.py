@@ -13,6 +13,9 @@ import pytest
 
 from tests.api.server import Server
 
+# The example pins its tasks to its hosts (machine_id): name simulated nodes.
+ON_SIM = {"hosts": '["sim-000"]', "epn_hosts": '["sim-001", "sim-002"]'}
+
 
 def tokens(s: Server) -> dict[str, str]:
     """An admin (the first token), and an operator, a second operator and a viewer."""
@@ -36,7 +39,7 @@ def test_an_environment_through_its_life(server: Server) -> None:
     t = server.tokens  # type: ignore[attr-defined]
     with server.client(t["op"]) as c:
         r = c.post("/api/environments", json={"workflow": "datataking",
-                                              "vars": {"detector": "ITS"}})  # fmt: skip
+                                              "vars": {"detector": "ITS", **ON_SIM}})  # fmt: skip
         assert r.status_code == 201, r.text
         env = r.json()
         assert env["state"] == "STANDBY" and env["created_by"] == "op"
@@ -45,13 +48,18 @@ def test_an_environment_through_its_life(server: Server) -> None:
             r = c.post(f"/api/environments/{env['id']}/transitions", json={"event": event})
             assert r.status_code == 200 and r.json()["state"] == state, r.text
         got = c.get(f"/api/environments/{env['id']}").json()
-        assert got["run_number"] >= 1 and got["tasks"] == {"RUNNING": 7}
-        assert {"path": "datataking.flp-localhost", "state": "RUNNING", "tasks": 3} in got["roles"]
+        assert got["run_number"] >= 1 and got["tasks"] == {"RUNNING": 9}
+        assert {"path": "datataking.flp-sim-000", "state": "RUNNING", "tasks": 3} in got["roles"]
         assert any(ch["to"] == "datataking.qc" or ch["from"] == "datataking.qc"
                    for ch in got["channels"])  # fmt: skip
         assert [x["actor"] for x in got["transitions"]] == ["op", "op", "op"]
         tasks = c.get("/api/tasks", params={"env": env["id"], "state": "RUNNING"}).json()
-        assert len(tasks) == 7 and all(x["node"].startswith("sim-") for x in tasks)
+        assert len(tasks) == 9
+        where = {x["path"]: x["node"] for x in tasks}
+        assert where["datataking.flp-sim-000.readout"] == "sim-000"  # pinned by the template
+        assert where["datataking.epn-sim-002.proc-1"] == "sim-002"
+        assert where["datataking.dist"] == "sim-001"
+        assert where["datataking.qc"].startswith("sim-")  # unconstrained: spread
         one = c.get(f"/api/tasks/{tasks[0]['id']}").json()
         assert one["path"] == tasks[0]["path"]
         # a transition the state does not allow: 409 with the reason
@@ -121,6 +129,19 @@ def test_bad_input_gets_a_4xx_that_says_what(server: Server) -> None:
         assert r.status_code == 200 and r.json()["ok"] is False and r.json()["errors"]
 
 
+def test_an_environment_that_does_not_fit_is_refused_with_reasons(server: Server) -> None:
+    t = server.tokens  # type: ignore[attr-defined]
+    with server.client(t["op"]) as c:
+        r = c.post("/api/environments", json={"workflow": "datataking",
+                                              "vars": {"hosts": '["flp9"]'}})  # fmt: skip
+        assert r.status_code == 409 and r.json()["title"] == "Does not fit"
+        messages = [e["message"] for e in r.json()["errors"]]
+        assert "datataking.flp-flp9.readout: no node with machine_id=flp9" in messages
+        nodes = c.get("/api/nodes").json()
+        assert len(nodes) == 10 and nodes[0]["name"] == "sim-000"
+        assert {"cpu", "memory", "gpu", "ports", "tasks"} <= set(nodes[0]["allocated"])
+
+
 def test_workflows_are_listed_rendered_and_offer_their_public_variables(server: Server) -> None:
     t = server.tokens  # type: ignore[attr-defined]
     with server.client(t["view"]) as c:
@@ -143,8 +164,8 @@ def test_detector_locks(server: Server) -> None:
                                                 "vars": {"detector": "MCH"}})  # fmt: skip
         assert r.status_code == 423 and "locked by op" in r.json()["detail"]
         r = op.post("/api/environments", json={"workflow": "datataking",
-                                               "vars": {"detector": "MCH"}})  # fmt: skip
-        assert r.status_code == 201
+                                               "vars": {"detector": "MCH", **ON_SIM}})  # fmt: skip
+        assert r.status_code == 201, r.text
         env_id = r.json()["id"]
         r = op2.post(f"/api/environments/{env_id}/transitions", json={"event": "DEPLOY"})
         assert r.status_code == 423

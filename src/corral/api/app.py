@@ -305,6 +305,10 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         path = os.path.join(log_dir, t["env"], t["path"] + ".log")
         return {"task": task_id, "path": path, "lines": tail(path, lines)}
 
+    @app.get("/api/nodes", tags=["nodes"])
+    async def nodes(who: Viewer) -> list[dict[str, Any]]:
+        return service.plane.ledger.table()
+
     @app.get("/api/runs", tags=["runs"])
     async def runs(who: Viewer, env: str | None = None) -> list[dict[str, Any]]:
         return service.store.runs(env)

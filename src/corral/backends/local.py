@@ -130,7 +130,10 @@ class LocalBackend:
     # -- the port -----------------------------------------------------------------
 
     def nodes(self) -> Sequence[NodeInfo]:
-        return [NodeInfo(NODE, (("machine_id", NODE),))]
+        """This machine: its cpus, memory and a port range. (Tasks placed on other node
+        names, from an inventory file, run here too: virtual nodes for a laptop.)"""
+        return [NodeInfo(NODE, cpu=float(os.cpu_count() or 1), memory=_memory_mb(),
+                         ports=(20000, 29999))]  # fmt: skip
 
     def subscribe(self, sink: ReportSink) -> None:
         self._sink = sink
@@ -593,6 +596,17 @@ class LocalBackend:
         reports, self._queue = self._queue, []
         if self._sink is not None and reports:
             self._sink(reports)
+
+
+def _memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1024
 
 
 def _killpg(pgid: int, sig: int) -> None:

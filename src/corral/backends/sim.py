@@ -85,12 +85,18 @@ class SimBackend:
         per_task_latency: float = 0.0,
         faults: Sequence[Fault] = (),
         labels: Mapping[str, Mapping[str, str]] | None = None,
+        node_cpu: float = 128.0,
+        node_memory: int = 1_000_000,
+        node_gpu: int = 8,
     ) -> None:
         names = [f"sim-{i:03d}" for i in range(nodes)] if isinstance(nodes, int) else list(nodes)
         self._nodes = [
-            NodeInfo(n, tuple(sorted({"machine_id": n, **(labels or {}).get(n, {})}.items())))
+            NodeInfo(
+                n, cpu=node_cpu, memory=node_memory, gpu=node_gpu, ports=(20000, 29999),
+                labels=tuple(sorted((labels or {}).get(n, {}).items())),
+            )
             for n in names
-        ]
+        ]  # fmt: skip
         self._known = set(names)
         self.launch_latency = launch_latency
         self.transition_latency = transition_latency
@@ -124,6 +130,7 @@ class SimBackend:
     async def launch(
         self, node: str, batch: Sequence[Launch], timeout: float, slow_after: float
     ) -> list[Outcome]:
+        """Any node name is accepted unless it was lost: placement decides where."""
         await self._latency(self.launch_latency, len(batch))
         outs: list[Outcome | None] = [None] * len(batch)
         pending: list[tuple[int, str, Fault]] = []

@@ -27,6 +27,7 @@ from corral.calls import CallError, Registry
 from corral.cli.client import remote_events, server_options
 from corral.cli.template import builtin_defaults, parse_vars, report, var_option
 from corral.control.environment import Environment, TransitionError
+from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
 from corral.lifecycle import task as tasksm
 from corral.store.files import DiskSources
@@ -157,7 +158,13 @@ async def _run(
     plane = ControlPlane(store, backend, calls=registry, log_dir=logs)
     for note in await plane.adopt_leftovers():
         err.print(f"[yellow]note[/]: {note}")
-    env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
+    try:
+        env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
+    except PlacementError as e:
+        err.print(f"[bold red]error[/]: the environment does not fit: {e}")
+        await plane.close()
+        store.close()
+        return 1
     n = sum(1 for t in env.tasks if not t.hook)
     err.print(
         f"environment [bold]{env.id}[/] ({plan.name}): {n} tasks, {len(plan.calls)} calls; "

@@ -93,29 +93,6 @@ class _HookTask:
 Hooked = CallSpec | _HookTask
 
 
-def _assign_nodes(plan: Plan, nodes: Sequence[str]) -> list[str]:
-    """Where each task runs, until placement (planning/) decides it.
-
-    One node: everything runs there (the local backend; constraints are not checked).
-    Several: a task constrained to ``machine_id`` or ``hostname`` equal to a node's
-    name runs there; the others are spread in contiguous blocks.
-    """
-    if len(nodes) == 1:
-        return [nodes[0]] * len(plan.tasks)
-    known = set(nodes)
-    out = []
-    n = len(plan.tasks)
-    for i, spec in enumerate(plan.tasks):
-        node = None
-        for c in spec.constraints:
-            if c.operator == "equals" and c.attribute in ("machine_id", "hostname"):
-                node = c.value if c.value in known else None
-                if node is not None:
-                    break
-        out.append(node if node is not None else nodes[i * len(nodes) // max(n, 1)])
-    return out
-
-
 class Environment:
     """One environment: its plan, its tasks' runtime state, its transitions."""
 
@@ -132,7 +109,10 @@ class Environment:
         timeouts: dict[str, float] | None = None,
         log_dir: str | None = None,
         clock: Callable[[], float] = time.time,
+        nodes: Sequence[str] | None = None,
     ) -> None:
+        """``nodes`` says where each task of the plan runs (the ledger's placement);
+        without it every task runs on the backend's first node."""
         self.id = env_id
         self.plan = plan
         self.backend = backend
@@ -157,8 +137,7 @@ class Environment:
         self.version = 0  # bumped by every change of a task's or the environment's state
         self.created_by: str | None = None
 
-        nodes = [n.name for n in backend.nodes()]
-        placed = _assign_nodes(plan, nodes)
+        placed = list(nodes) if nodes is not None else [backend.nodes()[0].name] * len(plan.tasks)
         members: dict[str, str] = {}
         for coll in plan.collections:
             for m in coll.members:

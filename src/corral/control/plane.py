@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 
 from corral.calls import Registry
 from corral.control.environment import Environment
+from corral.control.ledger import Ledger
 from corral.events.bus import EventBus
+from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.ports.backend import Backend, Report
 from corral.store.sqlite import SqliteStore
@@ -54,7 +56,10 @@ class ControlPlane:
         bus: EventBus | None = None,
         log_dir: str | None = None,
         clock: Callable[[], float] = time.time,
+        inventory: Sequence[Node] | None = None,
     ) -> None:
+        """``inventory``: the nodes to place on (an inventory file); by default the
+        backend's own."""
         self.store = store
         self.backend = backend
         self.calls = calls if calls is not None else Registry()
@@ -62,6 +67,7 @@ class ControlPlane:
         self.log_dir = log_dir
         self.clock = clock
         self.environments: dict[str, Environment] = {}
+        self.ledger = Ledger(inventory if inventory is not None else backend.nodes())
         backend.subscribe(self._on_reports)
 
     def create(
@@ -72,9 +78,14 @@ class ControlPlane:
         source: str | None = None,
         timeouts: dict[str, float] | None = None,
         created_by: str | None = None,
+        strategy: str = "spread",
     ) -> Environment:
+        """Place the plan's tasks (all or none: PlacementError says why not), then
+        create the environment in the store."""
+        env_id = env_id or new_environment_id()
+        reservation = self.ledger.reserve(env_id, plan, seed=env_id, strategy=strategy)
         env = Environment(
-            env_id or new_environment_id(),
+            env_id,
             plan,
             backend=self.backend,
             store=self.store,
@@ -84,9 +95,14 @@ class ControlPlane:
             timeouts=timeouts,
             log_dir=self.log_dir,
             clock=self.clock,
+            nodes=reservation.nodes,
         )
         env.created_by = created_by
-        env.create()
+        try:
+            env.create()
+        except BaseException:
+            self.ledger.release(env_id)
+            raise
         self.environments[env.id] = env
         return env
 
@@ -96,6 +112,7 @@ class ControlPlane:
             return
         await env.destroy(actor=actor)
         del self.environments[env_id]
+        self.ledger.release(env_id)
 
     async def adopt_leftovers(self) -> list[str]:
         """At start: what a previous control process left unfinished.

@@ -22,6 +22,7 @@ from typing import Any
 
 from corral.calls import CallError
 from corral.control.environment import Environment, TransitionError
+from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, new_environment_id
 from corral.model.plan import Plan
 from corral.store.files import DiskSources
@@ -195,7 +196,13 @@ class ControlService:
         if problems:
             raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
         self.check_locks(detectors_of(plan), who)
-        return self.plane.create(plan, env_id=env_id, source=path, created_by=who.name)
+        try:
+            return self.plane.create(plan, env_id=env_id, source=path, created_by=who.name)
+        except PlacementError as e:
+            raise ServiceError(
+                409, "Does not fit", f"{e.nofit.failed} of {len(plan.tasks)} tasks do not fit",
+                errors=[{"task": t, "message": f"{t}: {why}"} for t, why in e.nofit.reasons],
+            ) from None  # fmt: skip
 
     def get(self, env_id: str) -> Environment:
         env = self.plane.environments.get(env_id)

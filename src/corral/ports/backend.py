@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from corral.model.inventory import Node
 from corral.model.plan import Command
 
 # What a task answers to each transition of the task control protocol.
@@ -106,12 +107,8 @@ class Report:
 ReportSink = Callable[[list[Report]], None]
 
 
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """A node as a backend knows it. Resources and labels feed placement (later)."""
-
-    name: str
-    labels: tuple[tuple[str, str], ...] = ()
+# A node as a backend knows it: its resources and labels feed placement.
+NodeInfo = Node
 
 
 class Backend(Protocol):
