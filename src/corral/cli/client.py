@@ -281,6 +281,43 @@ def lock_list(server: str, token: str) -> None:
     show([{"detector": d, **v} for d, v in held.items()], ["detector", "holder"], "table")
 
 
+@click.group("node")
+def node() -> None:
+    """Nodes: capacity, allocation and labels."""
+
+
+@node.command("list")
+@click.option("--inventory", type=click.Path(dir_okay=False), metavar="FILE",
+              help="An inventory file (without a server).")  # fmt: skip
+@server_options
+@output_option
+def node_list(inventory: str | None, server: str | None, token: str | None, output: str) -> None:
+    """List nodes: from a server, an inventory file, or this machine."""
+    if server:
+        rows = Api(server, token).call("GET", "/api/nodes")
+    else:
+        from corral.backends.local import LocalBackend
+        from corral.control.ledger import Ledger
+        from corral.store.inventory import InventoryError, load_inventory
+
+        try:
+            nodes = load_inventory(inventory) if inventory else LocalBackend().nodes()
+        except InventoryError as e:
+            fail(1, str(e))
+        rows = Ledger(nodes).table()
+    if output == "json":
+        show(rows, [], "json")
+        return
+    for r in rows:
+        a = r.get("allocated") or {}
+        r["cpu"] = f"{a.get('cpu', 0):g}/{r['cpu']:g}"
+        r["memory"] = f"{a.get('memory', 0)}/{r['memory']}"
+        r["gpu"] = f"{a.get('gpu', 0)}/{r['gpu']}"
+        r["tasks"] = a.get("tasks", 0)
+        r["labels"] = ",".join(f"{k}={v}" for k, v in r["labels"].items())
+    show(rows, ["name", "pool", "cpu", "memory", "gpu", "tasks", "labels", "cordoned"], output)
+
+
 def remote_events(server: str, token: str | None, env_id: str | None, after: int, follow: bool,
                   output: str, fmt: Callable[[dict[str, Any]], str]) -> None:  # fmt: skip
     """`corral events --server`: the history, then (with --follow) the live stream."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from corral import __version__
-from corral.cli.client import env, lock, task, token_group
+from corral.cli.client import env, lock, node, task, token_group
 from corral.cli.run import events, run
 from corral.cli.serve import serve
 from corral.cli.template import template
@@ -25,7 +25,7 @@ cli.add_command(template)
 cli.add_command(run)
 cli.add_command(events)
 cli.add_command(serve)
-for group in (env, task, token_group, lock):
+for group in (env, task, token_group, lock, node):
     cli.add_command(group)
 
 

@@ -30,7 +30,9 @@ from corral.control.environment import Environment, TransitionError
 from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
 from corral.lifecycle import task as tasksm
+from corral.model.inventory import Node
 from corral.store.files import DiskSources
+from corral.store.inventory import InventoryError, load_inventory
 from corral.store.sqlite import SqliteStore
 from corral.templates import check
 
@@ -51,6 +53,25 @@ TASK_TARGET = {
     "RESET": tasksm.STANDBY,
 }
 DEFAULT_DATA = ".corral"
+
+
+inventory_option = click.option(
+    "--inventory",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Nodes to place tasks on (YAML, docs/scheduling.md); default: the backend's own.",
+)
+
+
+def read_inventory(path: str | None) -> list[Node] | None:
+    if path is None:
+        return None
+    try:
+        return load_inventory(path)
+    except InventoryError as e:
+        err.print(f"[bold red]error[/]: {e}")
+        sys.exit(1)
 
 
 data_option = click.option(
@@ -105,6 +126,7 @@ def _parse_timeouts(pairs: tuple[str, ...]) -> dict[str, float]:
     metavar="EVENT=SECONDS",
     help="Deadline of a transition, e.g. CONFIGURE=5 (repeatable).",
 )
+@inventory_option
 def run(
     path: str,
     variables: tuple[str, ...],
@@ -112,10 +134,12 @@ def run(
     until: str,
     duration: float | None,
     timeouts: tuple[str, ...],
+    inventory: str | None,
 ) -> None:
     """Run the workflow at PATH on this machine until Ctrl-C."""
     user = parse_vars(variables)
     limits = _parse_timeouts(timeouts)
+    nodes = read_inventory(inventory)
     env_id = new_environment_id()
     gdefaults = builtin_defaults(path)
     gdefaults["environment_id"] = env_id
@@ -135,7 +159,7 @@ def run(
             err.print(f"[bold red]error[/]: {p}")
         sys.exit(1)
     code = asyncio.run(
-        _run(plan, env_id, os.path.abspath(path), data, until, duration, limits, registry)
+        _run(plan, env_id, os.path.abspath(path), data, until, duration, limits, registry, nodes)
     )
     sys.exit(code)
 
@@ -149,13 +173,14 @@ async def _run(
     duration: float | None,
     timeouts: dict[str, float],
     registry: Registry,
+    nodes: list[Node] | None,
 ) -> int:
     install_child_watcher()
     loop = asyncio.get_running_loop()
     store = SqliteStore(os.path.join(data, "corral.db"))
     backend = LocalBackend()
     logs = os.path.join(os.path.abspath(data), "logs")
-    plane = ControlPlane(store, backend, calls=registry, log_dir=logs)
+    plane = ControlPlane(store, backend, calls=registry, log_dir=logs, inventory=nodes)
     for note in await plane.adopt_leftovers():
         err.print(f"[yellow]note[/]: {note}")
     try:

@@ -23,9 +23,10 @@ from rich.console import Console
 from corral.api.app import create_app
 from corral.backends.local import LocalBackend
 from corral.backends.sim import SimBackend
-from corral.cli.run import data_option
+from corral.cli.run import data_option, inventory_option, read_inventory
 from corral.control.plane import ControlPlane, install_child_watcher
 from corral.control.service import ControlService
+from corral.model.inventory import Node
 from corral.ports.backend import Backend
 from corral.store.sqlite import SqliteStore
 
@@ -58,10 +59,14 @@ def parse_listen(value: str) -> tuple[str, int]:
     type=click.Path(file_okay=False, exists=True),
     help="Directory of the workflow templates environments are created from.",
 )  # fmt: skip
-def serve(data: str, listen: str, backend: str, sim_nodes: int, workflows: str) -> None:
+@inventory_option
+def serve(
+    data: str, listen: str, backend: str, sim_nodes: int, workflows: str, inventory: str | None
+) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
     host, port = parse_listen(listen)
-    sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows)))
+    nodes = read_inventory(inventory)
+    sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows, nodes)))
 
 
 class _Server(uvicorn.Server):
@@ -74,13 +79,23 @@ class _Server(uvicorn.Server):
 
 
 async def _serve(
-    data: str, host: str, port: int, backend_name: str, sim_nodes: int, workflows: str
+    data: str,
+    host: str,
+    port: int,
+    backend_name: str,
+    sim_nodes: int,
+    workflows: str,
+    nodes: list[Node] | None,
 ) -> int:
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
     log_dir = os.path.join(os.path.abspath(data), "logs")
-    backend: Backend = LocalBackend() if backend_name == "local" else SimBackend(sim_nodes)
-    plane = ControlPlane(store, backend, log_dir=log_dir)
+    backend: Backend
+    if backend_name == "local":
+        backend = LocalBackend()
+    else:  # a simulated farm of the inventory's nodes, or of --sim-nodes generated ones
+        backend = SimBackend([n.name for n in nodes] if nodes else sim_nodes)
+    plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes)
     service = ControlService(plane, workflows=workflows)
     try:
         for note in await plane.adopt_leftovers():

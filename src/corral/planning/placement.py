@@ -334,7 +334,16 @@ def _explain(
 
     best = min(cands.nodes, key=lambda i: (shortfall(i), st.order[i]))
     have = _resources(st.cpu[best], st.mem[best], st.gpu[best], st.free_ports(best), like=w)
-    return f"no node with {where} and {need} free; closest: {nodes[best].name} has {have} free"
+    node, base = nodes[best], st.base[best]
+    before = _resources(
+        node.cpu - base.cpu,
+        node.memory - base.memory,
+        node.gpu - base.gpu,
+        node.port_count - len(base.ports),
+        like=w,
+    )
+    also = f" ({before} before this environment's other tasks)" if before != have else ""
+    return f"no node with {where} and {need} free; closest: {node.name} has {have} free{also}"
 
 
 def _resources(cpu: float, memory: int, gpu: int, ports: int, like: Resources | None = None) -> str:

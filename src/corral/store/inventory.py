@@ -1,0 +1,86 @@
+"""Inventory files: the nodes of a farm, in YAML, for placement.
+
+nodes:
+  - name: flp1
+    cpu: 32
+    memory: 128000          # MB
+    gpu: 0
+    ports: 20000-29999      # an inclusive range
+    pool: sync
+    labels: {role: flp, detector: TPC}
+    cordoned: false
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from corral.model.inventory import Node
+
+FIELDS = {"name", "cpu", "memory", "gpu", "ports", "pool", "labels", "cordoned"}
+
+
+class InventoryError(ValueError):
+    """A broken inventory file; the message says which node and field."""
+
+
+def load_inventory(path: str) -> list[Node]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.load(fh, Loader=yaml.CSafeLoader)
+    except OSError as e:
+        raise InventoryError(f"{path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise InventoryError(f"{path}: not YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        raise InventoryError(f"{path}: expected a mapping with a list `nodes`")
+    out: list[Node] = []
+    seen: set[str] = set()
+    for n, item in enumerate(doc["nodes"], 1):
+        where = f"{path}: node {n}"
+        if not isinstance(item, dict):
+            raise InventoryError(f"{where}: expected a mapping")
+        unknown = set(item) - FIELDS
+        if unknown:
+            raise InventoryError(f"{where}: unknown field {sorted(unknown)[0]!r} "
+                                 f"(fields: {', '.join(sorted(FIELDS))})")  # fmt: skip
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise InventoryError(f"{where}: `name` is missing")
+        if name in seen:
+            raise InventoryError(f"{where}: node {name!r} appears twice")
+        seen.add(name)
+        out.append(_node(f"{path}: node {name}", item))
+    return out
+
+
+def _node(where: str, item: dict[str, Any]) -> Node:
+    def number(key: str, kind: type) -> Any:
+        v = item.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise InventoryError(f"{where}: `{key}` must be a number >= 0, not {v!r}")
+        return kind(v)
+
+    ports = item.get("ports", "")
+    lo, hi = 0, -1
+    if ports not in ("", None):
+        text = str(ports)
+        a, sep, b = text.partition("-")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) > int(b):
+            raise InventoryError(f"{where}: `ports` must be a range like 20000-29999, not {text!r}")
+        lo, hi = int(a), int(b)
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise InventoryError(f"{where}: `labels` must be a mapping")
+    return Node(
+        item["name"],
+        cpu=number("cpu", float),
+        memory=number("memory", int),
+        gpu=number("gpu", int),
+        ports=(lo, hi),
+        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+        pool=str(item.get("pool", "default")),
+        cordoned=bool(item.get("cordoned", False)),
+    )
