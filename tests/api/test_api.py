@@ -311,3 +311,34 @@ def test_after_a_crash_the_restarted_server_says_what_it_lost(tmp_path: Path) ->
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{pid}").exists(), "the leftover process was not ended"
+
+
+def test_priorities_through_the_api(tmp_path: Path) -> None:
+    wf = tmp_path / "wf"
+    (wf / "tasks").mkdir(parents=True)
+    (wf / "work.yaml").write_text(
+        "name: work\nroles:\n  - name: w-{{ i }}\n"
+        "    for: {begin: '1', end: '3', var: i}\n    task: {load: worker}\n"
+    )
+    (wf / "tasks" / "worker.yaml").write_text(
+        "name: worker\ncontrol: {mode: direct}\nwants: {cpu: 1}\ncommand: {value: /bin/w}\n"
+    )
+    inv = tmp_path / "nodes.yaml"
+    inv.write_text("nodes:\n  - {name: n1, cpu: 4}\n")
+    with Server(tmp_path / "data", "--backend", "sim", "--inventory", str(inv),
+                "--workflows", str(wf)) as s, s.client(s.admin) as c:  # fmt: skip
+        batch = c.post("/api/environments", json={"workflow": "work",
+                       "vars": {"priority_class": "batch"}}).json()  # fmt: skip
+        online = {"workflow": "work", "vars": {"priority_class": "online"}}
+        assert c.post("/api/environments", json=online).status_code == 409
+        dry = c.post("/api/environments", json={**online, "dry_run": True}).json()
+        assert dry == {"dry_run": True, "fits": True, "evict": [batch["id"]]}
+        r = c.post("/api/environments", json={**online, "preempt": True})
+        assert r.status_code == 201 and r.json()["evicted"] == [batch["id"]]
+        assert c.get(f"/api/environments/{batch['id']}").json()["state"] == "DONE"
+        r = c.post("/api/environments", json={"workflow": "work",
+                   "vars": {"priority_class": "batch"}, "preempt": True})  # fmt: skip
+        assert r.status_code == 409 and r.json()["title"] == "Does not fit"
+        r = c.post("/api/environments", json={"workflow": "work",
+                   "vars": {"priority_class": "urgent"}})  # fmt: skip
+        assert r.status_code == 422 and "priority_class 'urgent'" in r.json()["detail"]

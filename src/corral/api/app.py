@@ -54,6 +54,13 @@ class WorkflowRequest(_Strict):
     vars: dict[str, Annotated[str, Field(max_length=65536)]] = Field(default_factory=dict)
 
 
+class CreateRequest(WorkflowRequest):
+    preempt: bool = Field(
+        default=False, description="evict lower-priority environments if it takes that"
+    )
+    dry_run: bool = Field(default=False, description="only say what would be evicted")
+
+
 class TransitionRequest(_Strict):
     event: Literal[
         "DEPLOY", "CONFIGURE", "START_ACTIVITY", "STOP_ACTIVITY", "RESET", "EXIT", "GO_ERROR",
@@ -219,7 +226,15 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     # -- environments ----
 
     @app.post("/api/environments", tags=["environments"], status_code=201)
-    async def create(req: WorkflowRequest, who: Operator) -> dict[str, Any]:
+    async def create(req: CreateRequest, who: Operator, response: Response) -> dict[str, Any]:
+        if req.preempt or req.dry_run:
+            evicted, env = await service.create_preempting(
+                req.workflow, req.vars, who, dry_run=req.dry_run
+            )
+            if env is None:
+                response.status_code = 200
+                return {"dry_run": True, "fits": True, "evict": evicted}
+            return dict(summary(env.id), evicted=evicted)
         env = service.create(req.workflow, req.vars, who)
         return summary(env.id)
 

@@ -185,8 +185,8 @@ async def _run(
         err.print(f"[yellow]note[/]: {note}")
     try:
         env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
-    except PlacementError as e:
-        err.print(f"[bold red]error[/]: the environment does not fit: {e}")
+    except (PlacementError, ValueError) as e:
+        err.print(f"[bold red]error[/]: the environment cannot be placed: {e}")
         await plane.close()
         store.close()
         return 1

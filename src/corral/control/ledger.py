@@ -11,11 +11,17 @@ resources back when it ends.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.planning.placement import Demand, NoFit, Placement, Request, Snapshot, Usage, place
+from corral.planning.preemption import (
+    PRIORITY_CLASSES,
+    Holder,
+    Preemption,
+    plan_preemption,
+    without,
+)
 
 
 class PlacementError(Exception):
@@ -26,15 +32,21 @@ class PlacementError(Exception):
         self.nofit = nofit
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    nodes: tuple[str, ...]
-    ports: tuple[tuple[int, ...], ...]
-    demands: tuple[Demand, ...]
+Reservation = Holder  # what an environment holds: its placed demands and priority
 
 
 def demands_of(plan: Plan) -> list[Demand]:
     return [Demand(t.path, t.wants, t.constraints) for t in plan.tasks]
+
+
+def priority_of(plan: Plan) -> tuple[str, int]:
+    """The environment's priority class (variable ``priority_class``; default batch)."""
+    public = {p.name: p.value for p in plan.public}
+    name = plan.variables.get("priority_class", public.get("priority_class", "batch"))
+    if name not in PRIORITY_CLASSES:
+        known = ", ".join(PRIORITY_CLASSES)
+        raise ValueError(f"priority_class {name!r} is not one of {known}")
+    return name, PRIORITY_CLASSES[name]
 
 
 class Ledger:
@@ -43,44 +55,49 @@ class Ledger:
         self.usage: dict[str, Usage] = {}
         self.version = 0
         self._held: dict[str, Reservation] = {}
+        self._order = 0
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.nodes, dict(self.usage), self.version)
 
-    def reserve(self, key: str, plan: Plan, *, seed: str, strategy: str = "spread") -> Reservation:
+    def reserve(
+        self, key: str, plan: Plan, *, seed: str, strategy: str = "spread", priority: int = 0
+    ) -> Reservation:
         request = Request(demands_of(plan), strategy)
         for _ in range(5):
             snap = self.snapshot()
             result = place(snap, request, seed=seed)
             if isinstance(result, NoFit):
                 raise PlacementError(result)
-            if self._commit(key, result, request):
+            if self._commit(key, result, request, priority):
                 return self._held[key]
         raise RuntimeError("the ledger kept changing while placing (5 attempts)")
 
-    def _commit(self, key: str, p: Placement, request: Request) -> bool:
+    def preemption(
+        self, plan: Plan, *, seed: str, priority: int, strategy: str = "spread"
+    ) -> Preemption | NoFit:
+        """What would have to be evicted for the plan to fit (pure: nothing changes)."""
+        request = Request(demands_of(plan), strategy)
+        return plan_preemption(
+            self.snapshot(), request, list(self._held.values()), priority=priority, seed=seed
+        )
+
+    def _commit(self, key: str, p: Placement, request: Request, priority: int = 0) -> bool:
         if p.version != self.version:
             return False  # placed against an old snapshot: place again
         self.usage = dict(p.usage)
         self.version += 1
-        self._held[key] = Reservation(p.nodes, p.ports, tuple(request.demands))
+        self._order += 1
+        self._held[key] = Holder(
+            key, priority, p.nodes, p.ports, tuple(request.demands), order=self._order
+        )
         return True
 
     def release(self, key: str) -> None:
         r = self._held.pop(key, None)
         if r is None:
             return
-        usage = dict(self.usage)
-        for node, ports, d in zip(r.nodes, r.ports, r.demands, strict=True):
-            u = usage.get(node, Usage())
-            usage[node] = Usage(
-                cpu=round(max(0.0, u.cpu - d.wants.cpu), 9),
-                memory=max(0, u.memory - d.wants.memory),
-                gpu=max(0, u.gpu - d.wants.gpu),
-                tasks=max(0, u.tasks - 1),
-                ports=u.ports - frozenset(ports),
-            )
-        self.usage = usage
+        self.usage = dict(without(self.snapshot(), [r]).used)
         self.version += 1
 
     def table(self) -> list[dict[str, object]]:

@@ -14,13 +14,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from corral.calls import Registry
 from corral.control.environment import Environment
-from corral.control.ledger import Ledger
+from corral.control.ledger import Ledger, PlacementError, priority_of
 from corral.events.bus import EventBus
 from corral.model.inventory import Node
 from corral.model.plan import Plan
+from corral.planning.placement import NoFit
 from corral.ports.backend import Backend, Report
 from corral.store.sqlite import SqliteStore
 
@@ -83,7 +85,10 @@ class ControlPlane:
         """Place the plan's tasks (all or none: PlacementError says why not), then
         create the environment in the store."""
         env_id = env_id or new_environment_id()
-        reservation = self.ledger.reserve(env_id, plan, seed=env_id, strategy=strategy)
+        _, priority = priority_of(plan)
+        reservation = self.ledger.reserve(
+            env_id, plan, seed=env_id, strategy=strategy, priority=priority
+        )
         env = Environment(
             env_id,
             plan,
@@ -105,6 +110,41 @@ class ControlPlane:
             raise
         self.environments[env.id] = env
         return env
+
+    async def create_preempting(
+        self,
+        plan: Plan,
+        *,
+        dry_run: bool = False,
+        env_id: str | None = None,
+        actor: str | None = None,
+        **kw: Any,
+    ) -> tuple[list[str], Environment | None]:
+        """Create the environment, evicting lower-priority environments if it takes that.
+
+        Returns the evicted environment ids and the new environment; with ``dry_run``,
+        only what would be evicted (nothing changes). Eviction is per environment: its
+        run is stopped and its processes ended with their grace period.
+        """
+        env_id = env_id or new_environment_id()
+        cls, priority = priority_of(plan)
+        result = self.ledger.preemption(plan, seed=env_id, priority=priority)
+        if isinstance(result, NoFit):
+            raise PlacementError(result)
+        evict = list(result.evict)
+        if dry_run:
+            return evict, None
+        for victim in evict:
+            note = f"preempted by {env_id} ({cls} priority)"
+            self.bus.publish(
+                self.store.add_events(
+                    [{"kind": "environment", "env": victim, "note": note, "actor": actor}],
+                    self.clock(),
+                )
+            )
+            if victim in self.environments:
+                await self.destroy(victim, actor=actor or f"preemption for {env_id}")
+        return evict, self.create(plan, env_id=env_id, created_by=actor, **kw)
 
     async def destroy(self, env_id: str, *, actor: str | None = None) -> None:
         env = self.environments.get(env_id)

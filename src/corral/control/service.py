@@ -180,8 +180,39 @@ class ControlService:
     # -- environments ----------------------------------------------------------------------------
 
     def create(self, name: str, variables: dict[str, str], who: Principal) -> Environment:
+        plan, env_id = self._checked_plan(name, variables, who)
+        return self._placed(plan, lambda: self.plane.create(
+            plan, env_id=env_id, source=self.workflow_path(name), created_by=who.name))  # fmt: skip
+
+    async def create_preempting(
+        self, name: str, variables: dict[str, str], who: Principal, *, dry_run: bool
+    ) -> tuple[list[str], Environment | None]:
+        """Create, evicting lower-priority environments if needed (their holders' locks
+        are not checked: priority decides); a dry run only says what would go."""
+        plan, env_id = self._checked_plan(name, variables, who)
+        try:
+            return await self.plane.create_preempting(
+                plan, dry_run=dry_run, env_id=env_id, actor=who.name,
+                source=self.workflow_path(name),
+            )  # fmt: skip
+        except ValueError as e:
+            raise ServiceError(422, "Bad variable", str(e)) from None
+        except PlacementError as e:
+            raise _nofit(e, len(plan.tasks)) from None
+
+    def _placed(self, plan: Plan, make: Callable[[], Environment]) -> Environment:
+        try:
+            return make()
+        except ValueError as e:  # a bad priority_class
+            raise ServiceError(422, "Bad variable", str(e)) from None
+        except PlacementError as e:
+            raise _nofit(e, len(plan.tasks)) from None
+
+    def _checked_plan(
+        self, name: str, variables: dict[str, str], who: Principal
+    ) -> tuple[Plan, str]:
         env_id = new_environment_id()
-        plan, diags, path = self.expand(name, variables, env_id=env_id)
+        plan, diags, _ = self.expand(name, variables, env_id=env_id)
         if plan is None:
             raise ServiceError(
                 422, "Template errors", f"{len(diags)} errors in {name}",
@@ -196,13 +227,7 @@ class ControlService:
         if problems:
             raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
         self.check_locks(detectors_of(plan), who)
-        try:
-            return self.plane.create(plan, env_id=env_id, source=path, created_by=who.name)
-        except PlacementError as e:
-            raise ServiceError(
-                409, "Does not fit", f"{e.nofit.failed} of {len(plan.tasks)} tasks do not fit",
-                errors=[{"task": t, "message": f"{t}: {why}"} for t, why in e.nofit.reasons],
-            ) from None  # fmt: skip
+        return plan, env_id
 
     def get(self, env_id: str) -> Environment:
         env = self.plane.environments.get(env_id)
@@ -275,6 +300,13 @@ def detectors_of(plan: Plan) -> list[str]:
         if value:
             out.extend(d.strip() for d in value.replace(";", ",").split(",") if d.strip())
     return sorted(set(out))
+
+
+def _nofit(e: PlacementError, total: int) -> ServiceError:
+    return ServiceError(
+        409, "Does not fit", f"{e.nofit.failed} of {total} tasks do not fit",
+        errors=[{"task": t, "message": f"{t}: {why}"} for t, why in e.nofit.reasons],
+    )  # fmt: skip
 
 
 def _diag(d: Diagnostic) -> dict[str, Any]:
