@@ -342,3 +342,32 @@ def test_priorities_through_the_api(tmp_path: Path) -> None:
         r = c.post("/api/environments", json={"workflow": "work",
                    "vars": {"priority_class": "urgent"}})  # fmt: skip
         assert r.status_code == 422 and "priority_class 'urgent'" in r.json()["detail"]
+
+
+def test_cordon_and_drain(tmp_path: Path) -> None:
+    inv = tmp_path / "nodes.yaml"
+    inv.write_text(
+        "nodes:\n  - {name: a, cpu: 8, memory: 8000}\n  - {name: b, cpu: 8, memory: 8000}\n"
+    )
+    with Server(tmp_path / "data", "--backend", "sim", "--inventory", str(inv)) as s:
+        t = tokens(s)
+        with s.client(s.admin) as c, s.client(t["op"]) as op:
+            pinned = {"workflow": "datataking", "vars": {"hosts": '["a"]', "epn_hosts": '["b"]'}}
+            env = op.post("/api/environments", json=pinned).json()
+            assert "id" in env, env
+            assert op.post("/api/nodes/a/cordon", json={}).status_code == 403  # admins only
+            assert c.post("/api/nodes/a/cordon", json={"cordoned": True}).json()["cordoned"]
+            r = op.post("/api/environments", json=pinned)
+            assert r.status_code == 409 and "a cordoned" in str(r.json()["errors"])
+            dry = c.post("/api/nodes/a/drain", params={"dry_run": True}).json()
+            assert dry["evict"] == [env["id"]]
+            assert op.get(f"/api/environments/{env['id']}").json()["state"] == "STANDBY"
+            assert c.post("/api/nodes/a/drain").json()["evict"] == [env["id"]]
+            assert op.get(f"/api/environments/{env['id']}").json()["state"] == "DONE"
+            assert c.post("/api/nodes/a/cordon", json={"cordoned": False}).status_code == 200
+            assert op.post("/api/environments", json=pinned).status_code == 201
+            assert c.post("/api/nodes/zz/drain").status_code == 404
+            nodes = {n["name"]: n for n in c.get("/api/nodes").json()}
+            on_a = c.get("/api/tasks", params={"node": "a", "state": "PENDING"}).json()
+            assert nodes["a"]["cordoned"] is False
+            assert nodes["a"]["allocated"]["tasks"] == len(on_a) >= 4  # flp chain + hook

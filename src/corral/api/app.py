@@ -61,6 +61,10 @@ class CreateRequest(WorkflowRequest):
     dry_run: bool = Field(default=False, description="only say what would be evicted")
 
 
+class CordonRequest(_Strict):
+    cordoned: bool = True
+
+
 class TransitionRequest(_Strict):
     event: Literal[
         "DEPLOY", "CONFIGURE", "START_ACTIVITY", "STOP_ACTIVITY", "RESET", "EXIT", "GO_ERROR",
@@ -323,6 +327,23 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     @app.get("/api/nodes", tags=["nodes"])
     async def nodes(who: Viewer) -> list[dict[str, Any]]:
         return service.plane.ledger.table()
+
+    @app.post("/api/nodes/{name}/cordon", tags=["nodes"])
+    async def cordon(name: str, req: CordonRequest, who: Admin) -> dict[str, Any]:
+        try:
+            service.plane.ledger.cordon(name, req.cordoned)
+        except KeyError:
+            raise ServiceError(404, "No such node", f"no node {name!r}") from None
+        service.record({"kind": "node", "node": name, "cordoned": req.cordoned}, who.name)
+        return {"node": name, "cordoned": req.cordoned}
+
+    @app.post("/api/nodes/{name}/drain", tags=["nodes"])
+    async def drain(name: str, who: Admin, dry_run: bool = False) -> dict[str, Any]:
+        try:
+            evicted = await service.plane.drain(name, dry_run=dry_run, actor=who.name)
+        except KeyError:
+            raise ServiceError(404, "No such node", f"no node {name!r}") from None
+        return {"node": name, "dry_run": dry_run, "evict": evicted}
 
     @app.get("/api/runs", tags=["runs"])
     async def runs(who: Viewer, env: str | None = None) -> list[dict[str, Any]]:

@@ -318,6 +318,27 @@ def node_list(inventory: str | None, server: str | None, token: str | None, outp
     show(rows, ["name", "pool", "cpu", "memory", "gpu", "tasks", "labels", "cordoned"], output)
 
 
+@node.command("cordon")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Uncordon: let the node take new tasks again.")
+@server_options
+def node_cordon(name: str, off: bool, server: str, token: str) -> None:
+    """Stop (or, with --off, resume) placing new tasks on a node."""
+    r = Api(server, token).call("POST", f"/api/nodes/{name}/cordon", json={"cordoned": not off})
+    out.print(f"{name} is {'cordoned' if r['cordoned'] else 'schedulable'}")
+
+
+@node.command("drain")
+@click.argument("name")
+@click.option("--dry-run", is_flag=True, help="Only say which environments would be evicted.")
+@server_options
+def node_drain(name: str, dry_run: bool, server: str, token: str) -> None:
+    """Cordon a node and evict the environments running on it."""
+    r = Api(server, token).call("POST", f"/api/nodes/{name}/drain", params={"dry_run": dry_run})
+    verb = "would evict" if dry_run else "evicted"
+    out.print(f"{name}: {verb} {', '.join(r['evict']) or 'nothing'}")
+
+
 def remote_events(server: str, token: str | None, env_id: str | None, after: int, follow: bool,
                   output: str, fmt: Callable[[dict[str, Any]], str]) -> None:  # fmt: skip
     """`corral events --server`: the history, then (with --follow) the live stream."""

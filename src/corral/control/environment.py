@@ -768,6 +768,9 @@ class Environment:
                     await self._transition("EXIT", timeout)
             self._close_run()
             await self._terminate(self.tasks)
+            never = [t for t in self.tasks if t.state == tasksm.PENDING]
+            for node, ts in _by_node(never).items():
+                self._apply(node, [(t, tasksm.DONE, None, "never started") for t in ts])
             for node in {t.node for t in self.tasks}:
                 await self.backend.release(node, self.id)
             if self.state != envsm.DONE:

@@ -11,6 +11,7 @@ resources back when it ends.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from corral.model.inventory import Node
 from corral.model.plan import Plan
@@ -99,6 +100,23 @@ class Ledger:
             return
         self.usage = dict(without(self.snapshot(), [r]).used)
         self.version += 1
+
+    def cordon(self, name: str, on: bool = True) -> None:
+        """A cordoned node takes no new tasks; what runs there stays."""
+        for i, n in enumerate(self.nodes):
+            if n.name == name:
+                if n.cordoned != on:
+                    nodes = list(self.nodes)
+                    nodes[i] = replace(n, cordoned=on)
+                    self.nodes = tuple(nodes)
+                    self.version += 1
+                return
+        raise KeyError(name)
+
+    def holders_on(self, name: str) -> list[str]:
+        """The environments with tasks on this node, oldest first."""
+        held = sorted(self._held.values(), key=lambda h: h.order)
+        return [h.key for h in held if name in h.nodes]
 
     def table(self) -> list[dict[str, object]]:
         """Each node's capacity, allocation and labels (for `corral node list`)."""

@@ -146,6 +146,27 @@ class ControlPlane:
                 await self.destroy(victim, actor=actor or f"preemption for {env_id}")
         return evict, self.create(plan, env_id=env_id, created_by=actor, **kw)
 
+    async def drain(
+        self, node: str, *, dry_run: bool = False, actor: str | None = None
+    ) -> list[str]:
+        """Cordon the node and evict the environments with tasks on it (whole: they are
+        gangs). Returns their ids; a dry run changes nothing."""
+        victims = self.ledger.holders_on(node)  # KeyError-free: unknown nodes hold nothing
+        if node not in {n.name for n in self.ledger.nodes}:
+            raise KeyError(node)
+        if dry_run:
+            return victims
+        self.ledger.cordon(node, True)
+        for victim in victims:
+            note = f"evicted: node {node} is drained"
+            self.bus.publish(self.store.add_events(
+                [{"kind": "environment", "env": victim, "note": note, "actor": actor}],
+                self.clock(),
+            ))  # fmt: skip
+            if victim in self.environments:
+                await self.destroy(victim, actor=actor)
+        return victims
+
     async def destroy(self, env_id: str, *, actor: str | None = None) -> None:
         env = self.environments.get(env_id)
         if env is None:

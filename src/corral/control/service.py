@@ -284,6 +284,10 @@ class ControlService:
             job.cancel()
         await self.plane.close()
 
+    def record(self, event: dict[str, Any], actor: str | None) -> None:
+        """Store and announce an event about an action (who did what)."""
+        self._record(event, actor)
+
     def _record(self, event: dict[str, Any], actor: str | None) -> None:
         if actor is not None:
             event["actor"] = actor
