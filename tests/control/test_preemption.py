@@ -138,3 +138,43 @@ def test_preemption_evicts_only_lower_priority_and_never_overcommits(
     if r.evict:  # nothing evicted that was not needed: without the last one, no fit
         kept = [by_key[k] for k in r.evict[:-1]]
         assert isinstance(place(without(snap, kept), request), NoFit)
+
+
+def test_pack_anti_affinity_and_own_priority_classes(tmp_path: Path) -> None:
+    wf = """
+name: wf
+defaults: {placement: spread}
+roles:
+  - name: w-{{ i }}
+    for: {begin: "1", end: "3", var: i}
+    task: {load: worker}
+"""
+    spaced = WORKER.replace("wants: {cpu: 1}", "wants: {cpu: 1}\nproperties: {anti_affinity: ws}")
+
+    def p(cls: str, placement: str, worker: str = WORKER) -> Any:
+        return expand("wf.yaml", DictSources({"wf.yaml": wf, "tasks/worker.yaml": worker}),
+                      variables={"priority_class": cls, "placement": placement})  # fmt: skip
+
+    async def main() -> None:
+        store = SqliteStore(str(tmp_path / "corral.db"))
+        nodes = [Node(f"n{i}", cpu=4) for i in range(3)]
+        plane = ControlPlane(store, SimBackend(["n0", "n1", "n2"]), inventory=nodes,
+                             priority_classes={"urgent": 10, "batch": 1})  # fmt: skip
+        try:
+            packed = plane.create(p("batch", "pack"))
+            assert len({t.node for t in packed.tasks}) == 1
+            spread = plane.create(p("batch", "spread", spaced))
+            assert len({t.node for t in spread.tasks}) == 3  # one per node: anti-affinity
+            with pytest.raises(ValueError, match="priority_class 'online'"):
+                plane.create(p("online", "spread"))  # not one of this server's classes
+            with pytest.raises(ValueError, match="placement 'fill'"):
+                plane.create(p("batch", "fill"))
+            # urgent wants 3 tasks on distinct nodes; the packed node is full: evicting the
+            # newest batch environment (spread) is enough
+            evict, _ = await plane.create_preempting(p("urgent", "pack", spaced), dry_run=True)
+            assert evict == [spread.id]
+        finally:
+            await plane.close()
+            store.close()
+
+    asyncio.run(main())

@@ -20,6 +20,8 @@ FARM = """
 name: farm
 roles:
   - name: flp
+    constraints:
+      - {attribute: machine_id, value: sim-000}
     task: {load: proc}
   - name: "{{ host }}"
     for: {range: "{{ hosts }}", var: host, nmin: "{{ nmin }}"}
@@ -89,8 +91,7 @@ def test_a_task_dying_while_running_sends_the_environment_to_error(tmp_path: Pat
         while env.state != "ERROR":
             assert time.monotonic() - t0 < 2
             await asyncio.sleep(0.005)
-        node = env.by_path["farm.flp"].node  # unconstrained: wherever placement spread it
-        assert f"farm.flp on {node}" in (env.error or "") and "SIGKILL" in (env.error or "")
+        assert "farm.flp on sim-000" in (env.error or "") and "SIGKILL" in (env.error or "")
         # the fault fired once: RECOVER relaunches it and a new run starts
         await env.transition("RECOVER")
         await env.transition("CONFIGURE")

@@ -93,9 +93,10 @@ class SimBackend:
         self._nodes = [
             NodeInfo(
                 n, cpu=node_cpu, memory=node_memory, gpu=node_gpu, ports=(20000, 29999),
-                labels=tuple(sorted((labels or {}).get(n, {}).items())),
+                labels=tuple(sorted({"rack": f"r{k // 20:02d}", **(labels or {}).get(n, {})}
+                                    .items())),
             )
-            for n in names
+            for k, n in enumerate(names)
         ]  # fmt: skip
         self._known = set(names)
         self.launch_latency = launch_latency

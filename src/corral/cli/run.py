@@ -64,6 +64,27 @@ inventory_option = click.option(
 )
 
 
+priority_option = click.option(
+    "--priority-class",
+    "priority_classes",
+    multiple=True,
+    metavar="NAME=RANK",
+    help="Priority classes to use instead of online=300 async=200 batch=100 (repeatable).",
+)
+
+
+def parse_priorities(pairs: tuple[str, ...]) -> dict[str, int] | None:
+    if not pairs:
+        return None
+    out: dict[str, int] = {}
+    for pair in pairs:
+        name, eq, rank = pair.partition("=")
+        if not eq or not name.strip() or not rank.strip().lstrip("-").isdigit():
+            raise click.BadParameter(f"{pair!r}: expected NAME=RANK", param_hint="--priority-class")
+        out[name.strip()] = int(rank)
+    return out
+
+
 def read_inventory(path: str | None) -> list[Node] | None:
     if path is None:
         return None
@@ -127,6 +148,7 @@ def _parse_timeouts(pairs: tuple[str, ...]) -> dict[str, float]:
     help="Deadline of a transition, e.g. CONFIGURE=5 (repeatable).",
 )
 @inventory_option
+@priority_option
 def run(
     path: str,
     variables: tuple[str, ...],
@@ -135,11 +157,13 @@ def run(
     duration: float | None,
     timeouts: tuple[str, ...],
     inventory: str | None,
+    priority_classes: tuple[str, ...],
 ) -> None:
     """Run the workflow at PATH on this machine until Ctrl-C."""
     user = parse_vars(variables)
     limits = _parse_timeouts(timeouts)
     nodes = read_inventory(inventory)
+    classes = parse_priorities(priority_classes)
     env_id = new_environment_id()
     gdefaults = builtin_defaults(path)
     gdefaults["environment_id"] = env_id
@@ -159,7 +183,18 @@ def run(
             err.print(f"[bold red]error[/]: {p}")
         sys.exit(1)
     code = asyncio.run(
-        _run(plan, env_id, os.path.abspath(path), data, until, duration, limits, registry, nodes)
+        _run(
+            plan,
+            env_id,
+            os.path.abspath(path),
+            data,
+            until,
+            duration,
+            limits,
+            registry,
+            nodes,
+            classes,
+        )
     )
     sys.exit(code)
 
@@ -174,13 +209,16 @@ async def _run(
     timeouts: dict[str, float],
     registry: Registry,
     nodes: list[Node] | None,
+    classes: dict[str, int] | None = None,
 ) -> int:
     install_child_watcher()
     loop = asyncio.get_running_loop()
     store = SqliteStore(os.path.join(data, "corral.db"))
     backend = LocalBackend()
     logs = os.path.join(os.path.abspath(data), "logs")
-    plane = ControlPlane(store, backend, calls=registry, log_dir=logs, inventory=nodes)
+    plane = ControlPlane(
+        store, backend, calls=registry, log_dir=logs, inventory=nodes, priority_classes=classes
+    )
     for note in await plane.adopt_leftovers():
         err.print(f"[yellow]note[/]: {note}")
     try:

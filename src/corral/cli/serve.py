@@ -23,7 +23,13 @@ from rich.console import Console
 from corral.api.app import create_app
 from corral.backends.local import LocalBackend
 from corral.backends.sim import SimBackend
-from corral.cli.run import data_option, inventory_option, read_inventory
+from corral.cli.run import (
+    data_option,
+    inventory_option,
+    parse_priorities,
+    priority_option,
+    read_inventory,
+)
 from corral.control.plane import ControlPlane, install_child_watcher
 from corral.control.service import ControlService
 from corral.model.inventory import Node
@@ -60,13 +66,21 @@ def parse_listen(value: str) -> tuple[str, int]:
     help="Directory of the workflow templates environments are created from.",
 )  # fmt: skip
 @inventory_option
+@priority_option
 def serve(
-    data: str, listen: str, backend: str, sim_nodes: int, workflows: str, inventory: str | None
+    data: str,
+    listen: str,
+    backend: str,
+    sim_nodes: int,
+    workflows: str,
+    inventory: str | None,
+    priority_classes: tuple[str, ...],
 ) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
     host, port = parse_listen(listen)
     nodes = read_inventory(inventory)
-    sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows, nodes)))
+    classes = parse_priorities(priority_classes)
+    sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows, nodes, classes)))
 
 
 class _Server(uvicorn.Server):
@@ -86,6 +100,7 @@ async def _serve(
     sim_nodes: int,
     workflows: str,
     nodes: list[Node] | None,
+    classes: dict[str, int] | None = None,
 ) -> int:
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
@@ -95,7 +110,7 @@ async def _serve(
         backend = LocalBackend()
     else:  # a simulated farm of the inventory's nodes, or of --sim-nodes generated ones
         backend = SimBackend([n.name for n in nodes] if nodes else sim_nodes)
-    plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes)
+    plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
     service = ControlService(plane, workflows=workflows)
     try:
         for note in await plane.adopt_leftovers():

@@ -10,7 +10,7 @@ resources back when it ends.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from corral.model.inventory import Node
@@ -37,17 +37,35 @@ Reservation = Holder  # what an environment holds: its placed demands and priori
 
 
 def demands_of(plan: Plan) -> list[Demand]:
-    return [Demand(t.path, t.wants, t.constraints) for t in plan.tasks]
+    """A demand per task; a task property ``anti_affinity`` names its group (tasks of one
+    group go to distinct nodes), e.g. ``anti_affinity: "{{ Parent().Path }}"``."""
+    out = []
+    for t in plan.tasks:
+        group = dict(t.properties).get("anti_affinity") or None
+        out.append(Demand(t.path, t.wants, t.constraints, group))
+    return out
 
 
-def priority_of(plan: Plan) -> tuple[str, int]:
-    """The environment's priority class (variable ``priority_class``; default batch)."""
+def _setting(plan: Plan, name: str, default: str) -> str:
     public = {p.name: p.value for p in plan.public}
-    name = plan.variables.get("priority_class", public.get("priority_class", "batch"))
-    if name not in PRIORITY_CLASSES:
-        known = ", ".join(PRIORITY_CLASSES)
+    return plan.variables.get(name, public.get(name, default))
+
+
+def priority_of(plan: Plan, classes: Mapping[str, int] = PRIORITY_CLASSES) -> tuple[str, int]:
+    """The environment's priority class (variable ``priority_class``; default batch)."""
+    name = _setting(plan, "priority_class", "batch")
+    if name not in classes:
+        known = ", ".join(f"{k} ({v})" for k, v in classes.items())
         raise ValueError(f"priority_class {name!r} is not one of {known}")
-    return name, PRIORITY_CLASSES[name]
+    return name, classes[name]
+
+
+def strategy_of(plan: Plan) -> str:
+    """How to place (variable ``placement``): spread (the default) or pack."""
+    value = _setting(plan, "placement", "spread")
+    if value not in ("spread", "pack"):
+        raise ValueError(f"placement {value!r} is not spread or pack")
+    return value
 
 
 class Ledger:

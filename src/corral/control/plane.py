@@ -13,16 +13,17 @@ import base64
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from corral.calls import Registry
 from corral.control.environment import Environment
-from corral.control.ledger import Ledger, PlacementError, priority_of
+from corral.control.ledger import Ledger, PlacementError, priority_of, strategy_of
 from corral.events.bus import EventBus
 from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.planning.placement import NoFit
+from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import Backend, Report
 from corral.store.sqlite import SqliteStore
 
@@ -59,6 +60,7 @@ class ControlPlane:
         log_dir: str | None = None,
         clock: Callable[[], float] = time.time,
         inventory: Sequence[Node] | None = None,
+        priority_classes: Mapping[str, int] | None = None,
     ) -> None:
         """``inventory``: the nodes to place on (an inventory file); by default the
         backend's own."""
@@ -70,6 +72,7 @@ class ControlPlane:
         self.clock = clock
         self.environments: dict[str, Environment] = {}
         self.ledger = Ledger(inventory if inventory is not None else backend.nodes())
+        self.priority_classes = dict(priority_classes or PRIORITY_CLASSES)
         backend.subscribe(self._on_reports)
 
     def create(
@@ -80,14 +83,13 @@ class ControlPlane:
         source: str | None = None,
         timeouts: dict[str, float] | None = None,
         created_by: str | None = None,
-        strategy: str = "spread",
     ) -> Environment:
         """Place the plan's tasks (all or none: PlacementError says why not), then
         create the environment in the store."""
         env_id = env_id or new_environment_id()
-        _, priority = priority_of(plan)
+        _, priority = priority_of(plan, self.priority_classes)
         reservation = self.ledger.reserve(
-            env_id, plan, seed=env_id, strategy=strategy, priority=priority
+            env_id, plan, seed=env_id, strategy=strategy_of(plan), priority=priority
         )
         env = Environment(
             env_id,
@@ -127,8 +129,10 @@ class ControlPlane:
         run is stopped and its processes ended with their grace period.
         """
         env_id = env_id or new_environment_id()
-        cls, priority = priority_of(plan)
-        result = self.ledger.preemption(plan, seed=env_id, priority=priority)
+        cls, priority = priority_of(plan, self.priority_classes)
+        result = self.ledger.preemption(
+            plan, seed=env_id, priority=priority, strategy=strategy_of(plan)
+        )
         if isinstance(result, NoFit):
             raise PlacementError(result)
         evict = list(result.evict)
