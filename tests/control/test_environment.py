@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -264,5 +265,32 @@ def test_a_task_written_in_c_runs_through_the_whole_life(tmp_path: Path) -> None
         assert env.state == "DONE"
         [exited] = [e for e in h.events if e["kind"] == "task" and e.get("state") == "DONE"]
         assert exited["tasks"] == ["wf.c"]
+
+    run(tmp_path, body)
+
+
+def test_tasks_get_the_ports_placement_gave_them(tmp_path: Path) -> None:
+    from tests.fake_tasks import write_program
+
+    cls = ("name: fake\ncontrol: {mode: direct}\nwants: {ports: 2}\n"
+           "command: {value: '{{ python }}', arguments: ['{{ program }}', good]}\n")  # fmt: skip
+    wf = "name: wf\nroles:\n" + "".join(f"  - name: {n}\n    task: {{load: fake}}\n" for n in "ab")
+
+    plan = expand("wf.yaml", DictSources({"wf.yaml": wf, "tasks/fake.yaml": cls}),
+                  global_defaults={"python": sys.executable,
+                                   "program": write_program(tmp_path)})  # fmt: skip
+
+    async def body(h: Harness) -> None:
+        env = h.create(plan)
+        os.environ["CORRAL_ARGS_FILE"] = str(tmp_path / "args.json")
+        try:
+            await env.transition("DEPLOY")
+            await env.transition("CONFIGURE")
+        finally:
+            del os.environ["CORRAL_ARGS_FILE"]
+        a = json.loads((tmp_path / "args.json.wf.a").read_text())["ports"].split(",")
+        b = json.loads((tmp_path / "args.json.wf.b").read_text())["ports"].split(",")
+        assert len(a) == len(b) == 2 and not set(a) & set(b)
+        assert all(20000 <= int(p) <= 29999 for p in a + b)
 
     run(tmp_path, body)

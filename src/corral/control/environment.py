@@ -110,6 +110,7 @@ class Environment:
         log_dir: str | None = None,
         clock: Callable[[], float] = time.time,
         nodes: Sequence[str] | None = None,
+        ports: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         """``nodes`` says where each task of the plan runs (the ledger's placement);
         without it every task runs on the backend's first node."""
@@ -162,6 +163,7 @@ class Environment:
                 assert t.spec.trigger is not None
                 self.hooked.append(_HookTask(t, t.spec.trigger, t.spec.await_ or t.spec.trigger))
         self.collections = {c.path: c for c in plan.collections}
+        self.ports = list(ports) if ports is not None else [()] * len(plan.tasks)
         self.addresses: dict[tuple[str, str], str] = {}
         self._args: dict[str, dict[str, str]] = {}
         self._roles: dict[str, str] = {}
@@ -449,6 +451,8 @@ class Environment:
         for t in self.tasks:
             a = {"environment_id": self.id, "task_id": t.id, "task_path": t.spec.path}
             a.update(t.spec.properties)
+            if self.ports[t.idx]:  # the ports placement gave it from its node's range
+                a["ports"] = ",".join(str(p) for p in self.ports[t.idx])
             args[t.spec.path] = a
         for b in self.plan.binds:
             a = args[b.task]

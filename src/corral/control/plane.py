@@ -103,6 +103,7 @@ class ControlPlane:
             log_dir=self.log_dir,
             clock=self.clock,
             nodes=reservation.nodes,
+            ports=reservation.ports,
         )
         env.created_by = created_by
         try:
