@@ -28,23 +28,7 @@ import time
 
 import httpx
 
-WORKFLOW = """
-name: farm
-roles:
-  - name: "{{ host }}"
-    for: {range: "{{ hosts }}", var: host}
-    constraints:
-      - {attribute: machine_id, value: "{{ host }}"}
-    roles:
-      - name: proc-{{ i }}
-        for: {begin: "1", end: "{{ per_node }}", var: i}
-        task: {load: proc}
-"""
-CLASS = """
-name: proc
-control: {mode: direct}
-command: {value: /usr/bin/o2-proc, arguments: ["--id={{ i }}"]}
-"""
+from sim_150k import CLASS, WORKFLOW  # the same farm: hosts x tasks pinned to them
 
 
 def pct(values: list[float], p: float) -> float:
