@@ -371,3 +371,9 @@ def test_cordon_and_drain(tmp_path: Path) -> None:
             on_a = c.get("/api/tasks", params={"node": "a", "state": "PENDING"}).json()
             assert nodes["a"]["cordoned"] is False
             assert nodes["a"]["allocated"]["tasks"] == len(on_a) >= 4  # flp chain + hook
+            assert c.post("/api/nodes/b/cordon", json={"cordoned": True}).status_code == 200
+    # a cordon outlives a restart of the server
+    again = Server(tmp_path / "data", "--backend", "sim", "--inventory", str(inv))
+    with again, again.client(s.admin) as c:
+        nodes = {n["name"]: n for n in c.get("/api/nodes").json()}
+        assert nodes["b"]["cordoned"] is True and nodes["a"]["cordoned"] is False

@@ -253,6 +253,8 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         if live is not None:
             cached = trees.get(env_id)
             if cached is None or cached[0] != live.version:
+                for gone in [k for k in trees if k not in service.plane.environments]:
+                    del trees[gone]  # environments that ended
                 cached = trees[env_id] = (live.version, role_tree(live))
             out["roles"] = cached[1]
             out["channels"] = channels(live)
@@ -331,7 +333,7 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     @app.post("/api/nodes/{name}/cordon", tags=["nodes"])
     async def cordon(name: str, req: CordonRequest, who: Admin) -> dict[str, Any]:
         try:
-            service.plane.ledger.cordon(name, req.cordoned)
+            service.plane.cordon(name, req.cordoned)
         except KeyError:
             raise ServiceError(404, "No such node", f"no node {name!r}") from None
         service.record({"kind": "node", "node": name, "cordoned": req.cordoned}, who.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import sys
 import time
@@ -72,6 +73,10 @@ class ControlPlane:
         self.clock = clock
         self.environments: dict[str, Environment] = {}
         self.ledger = Ledger(inventory if inventory is not None else backend.nodes())
+        known = {n.name for n in self.ledger.nodes}
+        for name in json.loads(store.get_meta("cordoned") or "[]"):
+            if name in known:  # cordons set through the API outlive a restart
+                self.ledger.cordon(name, True)
         self.priority_classes = dict(priority_classes or PRIORITY_CLASSES)
         backend.subscribe(self._on_reports)
 
@@ -151,6 +156,12 @@ class ControlPlane:
                 await self.destroy(victim, actor=actor or f"preemption for {env_id}")
         return evict, self.create(plan, env_id=env_id, created_by=actor, **kw)
 
+    def cordon(self, node: str, on: bool = True) -> None:
+        """Cordon (or uncordon) a node, and remember it across restarts."""
+        self.ledger.cordon(node, on)
+        names = sorted(n.name for n in self.ledger.nodes if n.cordoned)
+        self.store.set_meta("cordoned", json.dumps(names))
+
     async def drain(
         self, node: str, *, dry_run: bool = False, actor: str | None = None
     ) -> list[str]:
@@ -161,7 +172,7 @@ class ControlPlane:
             raise KeyError(node)
         if dry_run:
             return victims
-        self.ledger.cordon(node, True)
+        self.cordon(node, True)
         for victim in victims:
             note = f"evicted: node {node} is drained"
             self.bus.publish(self.store.add_events(

@@ -408,6 +408,18 @@ class SqliteStore:
             db.executemany("DELETE FROM locks WHERE detector=?", ((d,) for d in release))
             return self._put_events(db, events, now)
 
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+
     # -- a restart ---------------------------------------------------------------------------
 
     def orphans(self) -> list[dict[str, Any]]:
