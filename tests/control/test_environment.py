@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -292,5 +293,34 @@ def test_tasks_get_the_ports_placement_gave_them(tmp_path: Path) -> None:
         b = json.loads((tmp_path / "args.json.wf.b").read_text())["ports"].split(",")
         assert len(a) == len(b) == 2 and not set(a) & set(b)
         assert all(20000 <= int(p) <= 29999 for p in a + b)
+
+    run(tmp_path, body)
+
+
+def test_a_basic_task_failing_its_health_check_sends_the_environment_to_error(
+    tmp_path: Path,
+) -> None:
+    flag = tmp_path / "healthy"
+    flag.write_text("yes")
+    cls = (
+        "name: svc\ncontrol: {mode: basic}\n"
+        "command: {value: /bin/sleep, arguments: ['60']}\n"
+        f"health: {{command: /bin/sh, arguments: ['-c', 'test -e {flag} || "
+        "{ echo gone >&2; exit 1; }'], interval: 0.1s, timeout: 1s, failures: 2}\n"
+    )
+    wf = "name: wf\nroles:\n  - name: svc\n    task: {load: svc}\n"
+    plan = expand("wf.yaml", DictSources({"wf.yaml": wf, "tasks/svc.yaml": cls}))
+
+    async def body(h: Harness) -> None:
+        env = h.create(plan)
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            await env.transition(event)
+        await asyncio.sleep(0.5)  # several checks pass
+        assert env.state == "RUNNING"
+        flag.unlink()
+        await h.until(lambda: env.state == "ERROR", 3)
+        assert "health check failed 2 times in a row: exited with status 1: gone" in (
+            env.error or ""
+        )
 
     run(tmp_path, body)

@@ -16,6 +16,11 @@ with no thread and no asyncio task per child:
 
 So the cost per task is two registered file descriptors, and a batch of N tasks costs
 N small writes plus one wakeup per answer.
+
+Health checks of basic tasks run from one loop for the whole backend: it sleeps until
+the next check is due, then starts the due ones (a short-lived process each, in its own
+group, killed at its timeout). A task that fails as many checks in a row as it allows
+is reported as an ``error``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from corral.backends.status import describe_status
+from corral.model.plan import HealthCheck
 from corral.ports.backend import (
     TASK_TRANSITIONS,
     ChannelRequest,
@@ -83,6 +89,14 @@ class _Proc:
         return self.popen.pid
 
 
+@dataclass(slots=True, eq=False)
+class _Health:
+    spec: HealthCheck
+    due: float
+    fails: int = 0
+    busy: bool = False
+
+
 class _Batch:
     """One launch or transition batch: one future, two timers at most."""
 
@@ -126,6 +140,9 @@ class LocalBackend:
         self._run_dir = run_dir or tempfile.mkdtemp(prefix="corral-")
         self._ports: set[int] = set()
         self._reapers: dict[str, asyncio.Future[None]] = {}
+        self._health: dict[str, _Health] = {}
+        self._health_loop: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # health checks under way
 
     # -- the port -----------------------------------------------------------------
 
@@ -168,6 +185,8 @@ class LocalBackend:
                 b.set_now(pos, Outcome(spec.task_id, error=self._spawn_error(spec, e)))
                 continue
             self._procs[spec.task_id] = proc
+            if spec.health is not None and spec.control == "basic":
+                self._watch_health(spec.task_id, spec.health)
             if proc.sock is None:
                 b.set_now(pos, Outcome(spec.task_id, state="STANDBY", pid=proc.pid))
             else:
@@ -240,6 +259,11 @@ class LocalBackend:
             del self._procs[tid]
 
     async def close(self) -> None:
+        self._health.clear()
+        for job in [*self._checks, *([self._health_loop] if self._health_loop else [])]:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
         alive = [t for t, p in self._procs.items() if p.exited is None]
         if alive:
             await self.stop(NODE, alive, 2.0)
@@ -565,6 +589,7 @@ class LocalBackend:
         fut = self._reapers.pop(proc.task_id, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
+        self._health.pop(proc.task_id, None)
         self._emit([Report(proc.task_id, "exited", f"process {proc.pid} {why}", code)])
 
     def _forget(self, proc: _Proc) -> None:
@@ -580,6 +605,67 @@ class LocalBackend:
                 loop.remove_writer(proc.sock.fileno())
             proc.sock.close()
             proc.sock = None
+
+    # -- health checks ----------------------------------------------------------------
+
+    def _watch_health(self, task_id: str, spec: HealthCheck) -> None:
+        loop = self._bind_loop()
+        self._health[task_id] = _Health(spec, loop.time() + spec.interval)
+        if self._health_loop is None or self._health_loop.done():
+            self._health_loop = asyncio.ensure_future(self._run_health())
+
+    async def _run_health(self) -> None:
+        loop = self._bind_loop()
+        while self._health:
+            now = loop.time()
+            due = [(tid, h) for tid, h in self._health.items() if h.due <= now and not h.busy]
+            for tid, h in due:
+                h.busy = True
+                h.due = now + h.spec.interval
+                job = asyncio.ensure_future(self._check(tid, h))
+                self._checks.add(job)
+                job.add_done_callback(self._checks.discard)
+            waits = [h.due for h in self._health.values() if not h.busy]
+            await asyncio.sleep(max(0.01, min(waits, default=now + 0.1) - loop.time()))
+
+    async def _check(self, task_id: str, h: _Health) -> None:
+        why = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *h.spec.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            why = f"cannot run {h.spec.command[0]!r}: {e.strerror or e}"
+        else:
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), h.spec.timeout)
+                if proc.returncode != 0:
+                    tail = err.decode("utf-8", "replace").strip().splitlines()[-1:]
+                    why = f"{describe_status(proc.returncode or 0)}" + (
+                        f": {tail[0][:200]}" if tail else ""
+                    )
+            except TimeoutError:
+                _killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+                why = f"no answer within {h.spec.timeout:g} s"
+            except asyncio.CancelledError:  # the backend is closing
+                _killpg(proc.pid, signal.SIGKILL)
+                raise
+        h.busy = False
+        if task_id not in self._health:
+            return  # the task ended meanwhile
+        if why is None:
+            h.fails = 0
+            return
+        h.fails += 1
+        if h.fails >= h.spec.failures:
+            del self._health[task_id]
+            reason = f"health check failed {h.fails} times in a row: {why}"
+            self._emit([Report(task_id, "error", reason)])
 
     # -- reports ----------------------------------------------------------------------
 

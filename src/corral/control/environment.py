@@ -484,7 +484,8 @@ class Environment:
             ("CORRAL_TASK_PATH", t.spec.path),
         )
         control = "hook" if t.hook else ("direct" if t.spec.control == "direct" else "basic")
-        return Launch(t.id, t.spec.path, t.spec.command, control, env, log)
+        health = t.spec.health if control == "basic" else None
+        return Launch(t.id, t.spec.path, t.spec.command, control, env, log, health)
 
     async def _launch_node(self, node: str, ts: list[RuntimeTask], timeout: float) -> str | None:
         self._apply(node, [(t, tasksm.LAUNCHING, None, None) for t in ts])

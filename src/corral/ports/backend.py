@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from corral.model.inventory import Node
-from corral.model.plan import Command
+from corral.model.plan import Command, HealthCheck
 
 # What a task answers to each transition of the task control protocol.
 TASK_TRANSITIONS: dict[str, str] = {
@@ -43,6 +43,7 @@ class Launch:
     control: str
     env: tuple[tuple[str, str], ...] = ()  # added to the command's own env
     log_path: str | None = None  # stdout and stderr go here (appended)
+    health: HealthCheck | None = None  # a basic task's periodic check, run by its node
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +93,9 @@ class Report:
       ``exited``         the process ended; ``code`` is its exit status, or minus the
                          signal number that ended it;
       ``end_of_stream``  the task sent END_OF_STREAM;
-      ``error``          the task sent ERROR, or broke the protocol (garbage, a line
-                         too long, EOF while alive); ``reason`` says which;
+      ``error``          the task sent ERROR, broke the protocol (garbage, a line too
+                         long, EOF while alive), or failed its health check as many
+                         times in a row as it allows; ``reason`` says which;
       ``slow``           the task has not answered a launch or transition yet, while
                          its process is alive; ``reason`` says for how long.
     """
