@@ -609,6 +609,8 @@ class LocalBackend:
     # -- health checks ----------------------------------------------------------------
 
     def _watch_health(self, task_id: str, spec: HealthCheck) -> None:
+        if not spec.command:
+            return
         loop = self._bind_loop()
         self._health[task_id] = _Health(spec, loop.time() + spec.interval)
         if self._health_loop is None or self._health_loop.done():
@@ -625,8 +627,10 @@ class LocalBackend:
                 job = asyncio.ensure_future(self._check(tid, h))
                 self._checks.add(job)
                 job.add_done_callback(self._checks.discard)
+            # wake for the next due check, and at least 4 times a second (a check that
+            # just finished may be due before the ones counted here)
             waits = [h.due for h in self._health.values() if not h.busy]
-            await asyncio.sleep(max(0.01, min(waits, default=now + 0.1) - loop.time()))
+            await asyncio.sleep(max(0.01, min([*waits, now + 0.25]) - loop.time()))
 
     async def _check(self, task_id: str, h: _Health) -> None:
         why = None
