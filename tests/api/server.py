@@ -36,7 +36,7 @@ class Server:
              *self.args],
             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
-        end = time.monotonic() + 30
+        end = time.monotonic() + 60  # only stops a hung test
         while time.monotonic() < end:
             text = log.read_text()
             m = re.search(r"serving on (http://[\d.:]+)", text)
@@ -52,14 +52,14 @@ class Server:
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
     def stop(self) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -44,11 +44,12 @@ def test_the_client_commands(tmp_path: Path) -> None:
         r = corral(s, viewer.strip(), "task", "list", "--env", env_id)
         assert "hello.greeter" in r.stdout and "RUNNING" in r.stdout
         task_id = f"{env_id}:0"
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # only stops a hung test
         while time.monotonic() < deadline:
             r = corral(s, viewer.strip(), "task", "logs", task_id)
             if r.stdout:
                 break
+            time.sleep(0.05)
         assert r.stdout == "from the cli\n"
         # a viewer may not control: exit 1 with the server's reason
         r = corral(s, viewer.strip(), "env", "control", env_id, "STOP_ACTIVITY")
@@ -67,7 +68,7 @@ def test_the_client_commands(tmp_path: Path) -> None:
         )  # fmt: skip
         try:
             corral(s, op_token, "env", "create", "hello")
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # only stops a hung test
             seen = ""
             assert proc.stdout is not None
             while seen.count("note=created") < 2 and time.monotonic() < deadline:

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -28,7 +30,7 @@ def start(*args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def corral(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def corral(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "corral", *args],
         capture_output=True,
@@ -115,6 +117,12 @@ def qc_counts(log: Path) -> list[int]:
     return [int(m) for m in re.findall(r"qc: messages=(\d+)", log.read_text())]
 
 
+def growing(counts: list[int]) -> bool:
+    """Data arrived, and more arrived after that: QC's totals grow while RUNNING."""
+    arrived = [c for c in counts if c > 0]
+    return len(arrived) >= 2 and arrived[-1] > arrived[0]
+
+
 def test_datataking_runs_data_flows_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc = start("run", "examples/datataking.yaml", "--data", str(data),
@@ -122,16 +130,16 @@ def test_datataking_runs_data_flows_and_ctrl_c_leaves_nothing(tmp_path: Path) ->
     out = Output(proc)
     env_id = ""
     try:
-        env_id = out.wait_for(r"environment (\w+) \(datataking\)", 30).group(1)
+        env_id = out.wait_for(r"environment (\w+) \(datataking\)", 60).group(1)
         run_number = int(out.wait_for(r"run number (\d+) is RUNNING", 60).group(1))
         assert run_number >= 1
         assert len(processes_of(env_id)) == 7  # the direct tasks; the hook task ended
         log = data / "logs" / env_id / "datataking.qc.log"
-        end = time.monotonic() + 20
-        while len(qc_counts(log)) < 3 and time.monotonic() < end:
+        end = time.monotonic() + 60  # only stops a hung test
+        while not growing(qc_counts(log)) and time.monotonic() < end:
             time.sleep(0.2)
         counts = qc_counts(log)
-        assert len(counts) >= 3 and counts[-1] > counts[0] > 0, log.read_text()
+        assert growing(counts) and counts == sorted(counts), log.read_text()
         hook_log = data / "logs" / env_id / "datataking.flp-localhost.log-run.log"
         assert "run started on localhost" in hook_log.read_text()
         proc.send_signal(signal.SIGINT)
@@ -151,7 +159,7 @@ def test_a_killed_critical_task_is_named_and_the_exit_is_non_zero(tmp_path: Path
     out = Output(proc)
     env_id = ""
     try:
-        env_id = out.wait_for(r"environment (\w+) \(datataking\)", 30).group(1)
+        env_id = out.wait_for(r"environment (\w+) \(datataking\)", 60).group(1)
         out.wait_for(r"is RUNNING", 60)
         os.kill(pid_of_task(env_id, "datataking.dist"), signal.SIGKILL)
         assert out.finish(60) == 1
@@ -203,7 +211,7 @@ def test_ctrl_c_during_a_slow_deploy_tears_down(tmp_path: Path) -> None:
     (tmp_path / "tasks" / "slow.yaml").write_text(
         "name: slow\ncontrol: {mode: direct}\n"
         f"command: {{value: '{sys.executable}', "
-        f"arguments: ['{program}', '{{{{ mode }}}}', '30']}}\n"
+        f"arguments: ['{program}', '{{{{ mode }}}}', '600']}}\n"
     )
     (tmp_path / "wf.yaml").write_text(
         "name: wf\ndefaults: {mode: good}\nroles:\n"
@@ -213,11 +221,11 @@ def test_ctrl_c_during_a_slow_deploy_tears_down(tmp_path: Path) -> None:
     proc = start("run", str(tmp_path / "wf.yaml"), "--data", str(tmp_path / "data"))
     out = Output(proc)
     try:
-        env_id = out.wait_for(r"environment (\w+) \(wf\)", 30).group(1)
-        out.wait_for(r"slow.*task wf\.slow on localhost: no hello after", 10)
+        env_id = out.wait_for(r"environment (\w+) \(wf\)", 60).group(1)
+        out.wait_for(r"slow.*task wf\.slow on localhost: no hello after", 60)
         assert len(processes_of(env_id)) == 2
         proc.send_signal(signal.SIGINT)
-        assert out.finish(30) == 0, out.text
+        assert out.finish(60) == 0, out.text
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -229,13 +237,14 @@ def test_ctrl_c_during_a_slow_deploy_tears_down(tmp_path: Path) -> None:
 def test_a_restart_marks_leftovers_lost_and_ends_their_processes(tmp_path: Path) -> None:
     """The control process dies: direct tasks end themselves when their control socket
     closes (the protocol); a basic task (hello's `sleep`) lives on until the next start
-    ends it, marked LOST, with its environment in ERROR."""
+    ends it, marked LOST, with its environment in ERROR; `corral run` then ends that
+    environment (DONE): a one-shot command takes nothing over."""
     data = str(tmp_path / "data")
     proc = start("run", "examples/hello.yaml", "--data", data)
     out = Output(proc)
     env_id = ""
     try:
-        env_id = out.wait_for(r"environment (\w+) \(hello\)", 30).group(1)
+        env_id = out.wait_for(r"environment (\w+) \(hello\)", 60).group(1)
         out.wait_for(r"is RUNNING", 60)
         proc.kill()  # the control process dies; the basic task (own session) lives on
         proc.wait()
@@ -244,7 +253,7 @@ def test_a_restart_marks_leftovers_lost_and_ends_their_processes(tmp_path: Path)
         assert r.returncode == 0, r.stderr
         assert f"environment {env_id} (hello) was RUNNING" in r.stderr
         assert "1 leftover processes ended" in r.stderr
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # only stops a hung test
         while processes_of(env_id) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert processes_of(env_id) == []
@@ -256,5 +265,82 @@ def test_a_restart_marks_leftovers_lost_and_ends_their_processes(tmp_path: Path)
             os.killpg(pid, signal.SIGKILL)
     r = corral("events", "--data", data, "--env", env_id, "-o", "json")
     events = [json.loads(line) for line in r.stdout.splitlines()]
-    assert events[-1]["state"] == "ERROR" and "restarted" in events[-1]["error"]
-    assert events[-2]["state"] == "LOST" and events[-2]["tasks"] == ["hello.greeter"]
+    assert events[-1]["state"] == "DONE" and "restarted" in events[-1]["note"]
+    assert events[-2]["state"] == "ERROR" and "restarted" in events[-2]["error"]
+    assert events[-3]["state"] == "LOST" and events[-3]["tasks"] == ["hello.greeter"]
+
+
+def env_events(data: Path, env_id: str) -> list[dict[str, object]]:
+    r = corral("events", "--data", str(data), "--env", env_id, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def env_states(events: list[dict[str, object]]) -> list[object]:
+    return [e["state"] for e in events if e["kind"] == "environment" and "transition" in e]
+
+
+@pytest.mark.parametrize("until", ["DEPLOYED", "CONFIGURED"])
+def test_until_stays_in_that_state_until_ctrl_c(tmp_path: Path, until: str) -> None:
+    """`--until CONFIGURED` (or DEPLOYED) is not a run that ended by itself: the
+    environment stays there, its task alive, until Ctrl-C."""
+    data = tmp_path / "data"
+    proc = start("run", "examples/hello.yaml", "--data", str(data), "--until", until)
+    out = Output(proc)
+    env_id = ""
+    try:
+        env_id = out.wait_for(r"environment (\w+) \(hello\)", 60).group(1)
+        out.wait_for(rf"environment {env_id} is {until}\b", 60)
+        out.wait_for(r"press Ctrl-C to stop", 60)
+        # Here the bug had already printed "the run stopped" and begun tearing down.
+        assert env_states(env_events(data, env_id))[-1] == until
+        assert len(processes_of(env_id)) == 1, out.text
+        out.text += out._read()
+        assert proc.poll() is None and "tearing down" not in out.text, out.text
+        proc.send_signal(signal.SIGINT)
+        assert out.finish(60) == 0, out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "the run stopped" not in out.text
+    assert "tearing down" in out.text and "DONE; 0 tasks alive" in out.text
+    assert processes_of(env_id) == []
+    states = env_states(env_events(data, env_id))
+    assert states[-2:] == [until, "DONE"], states  # from there straight to the teardown
+
+
+def test_until_configured_stays_until_the_end_of_for(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    r = corral("run", "examples/hello.yaml", "--data", str(data), "--until", "CONFIGURED",
+               "--for", "2")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    env_id = re.search(r"environment (\w+) is CONFIGURED", r.stdout)
+    assert env_id is not None, r.stdout + r.stderr
+    assert "press Ctrl-C to stop (or wait 2 s)" in r.stderr
+    assert "the run stopped" not in r.stderr, r.stderr
+    assert "DONE; 0 tasks alive" in r.stderr
+    events = env_events(data, env_id.group(1))
+    assert env_states(events) == ["DEPLOYED", "CONFIGURED", "DONE"]
+    assert not [e for e in events if e["kind"] == "run"], "no run was started"
+
+
+def test_a_run_that_ends_by_itself_is_noticed(tmp_path: Path) -> None:
+    """Driven to RUNNING, the environment whose tasks all report END_OF_STREAM stops its
+    run by itself; `corral run` says so and tears down, without Ctrl-C or --for."""
+    from tests.fake_tasks import write_program
+
+    program = write_program(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "eos.yaml").write_text(
+        "name: eos\ncontrol: {mode: direct}\n"
+        f"command: {{value: '{sys.executable}', arguments: ['{program}', 'eos']}}\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        "name: wf\nroles:\n  - name: a\n    task: {load: eos}\n  - name: b\n    task: {load: eos}\n"
+    )
+    r = corral("run", str(tmp_path / "wf.yaml"), "--data", str(tmp_path / "data"), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "run number 1 is RUNNING" in r.stdout
+    assert "the run stopped: every task reported END_OF_STREAM" in r.stderr, r.stderr
+    assert "DONE; 0 tasks alive" in r.stderr

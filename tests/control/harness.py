@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,10 @@ from corral.store.sqlite import SqliteStore
 from corral.templates import DictSources, expand
 from tests.conftest import dedent_files
 from tests.fake_tasks import write_program
+
+# How long a test waits for a condition before it gives up (only a hung test should
+# ever reach it). CORRAL_TEST_PATIENCE shortens it while developing.
+PATIENCE = float(os.environ.get("CORRAL_TEST_PATIENCE", "60"))
 
 TASK_CLASS = """
 name: fake
@@ -72,10 +77,12 @@ class Harness:
     def create(self, plan: Plan, **kw: Any) -> Environment:
         return self.plane.create(plan, **kw)
 
-    async def until(self, pred: Callable[[], bool], timeout: float = 5.0) -> float:
+    async def until(self, pred: Callable[[], bool], timeout: float = 60.0) -> float:
+        """Wait for a condition (polled): the timeout only ends a test that would hang,
+        so it is generous; it is never a performance bound."""
         t0 = time.monotonic()
         while not pred():
-            assert time.monotonic() - t0 < timeout, "condition not reached in time"
+            assert time.monotonic() - t0 < max(timeout, PATIENCE), "condition never reached"
             await asyncio.sleep(0.002)
         return time.monotonic() - t0
 

@@ -82,7 +82,7 @@ def test_two_creations_compete_for_the_same_node(tmp_path: Path) -> None:
     with Server(tmp_path / "data", "--backend", "sim", "--inventory", str(inv),
                 "--workflows", str(wf)) as s:  # fmt: skip
         results: list[tuple[int, dict[str, object]]] = []
-        barrier = threading.Barrier(2)
+        barrier = threading.Barrier(2, timeout=60)
 
         def create() -> None:
             with s.client(s.admin) as c:
@@ -94,7 +94,8 @@ def test_two_creations_compete_for_the_same_node(tmp_path: Path) -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(30)
+            t.join(60)  # only stops a hung test
+        assert not any(t.is_alive() for t in threads), "a creation never answered"
         codes = sorted(code for code, _ in results)
         assert codes == [201, 409], results
         loser = next(body for code, body in results if code == 409)

@@ -13,6 +13,7 @@ import pytest
 from corral.backends.sim import Fault, SimBackend
 from corral.control.environment import TransitionError
 from corral.control.plane import ControlPlane
+from corral.lifecycle import task as tasksm
 from corral.store.sqlite import SqliteStore
 from corral.templates import DictSources, expand
 
@@ -64,6 +65,14 @@ def run(tmp: Path, backend: SimBackend, body: Any) -> None:
     asyncio.run(main())
 
 
+async def until(pred: Any, timeout: float = 60.0) -> None:
+    """Wait for a condition (polled); the timeout only ends a test that would hang."""
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition never reached"
+        await asyncio.sleep(0.005)
+
+
 async def to_running(env: Any) -> None:
     for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
         await env.transition(event)
@@ -87,10 +96,7 @@ def test_a_task_dying_while_running_sends_the_environment_to_error(tmp_path: Pat
     async def body(plane: ControlPlane, events: list[dict[str, Any]]) -> None:
         env = plane.create(farm_plan())
         await to_running(env)
-        t0 = time.monotonic()
-        while env.state != "ERROR":
-            assert time.monotonic() - t0 < 2
-            await asyncio.sleep(0.005)
+        await until(lambda: env.state == "ERROR")
         assert "farm.flp on sim-000" in (env.error or "") and "SIGKILL" in (env.error or "")
         # the fault fired once: RECOVER relaunches it and a new run starts
         await env.transition("RECOVER")
@@ -108,13 +114,16 @@ def test_collections_honour_nmin(tmp_path: Path) -> None:
         env = plane.create(farm_plan(nmin=3))
         await to_running(env)
         backend.lose_node("sim-003")  # one member of four lost: 3 >= nmin, still RUNNING
-        await asyncio.sleep(0.05)
-        assert env.state == "RUNNING"
         lost = [t for t in env.tasks if t.node == "sim-003"]
-        assert all(t.state == "ERROR" and "node sim-003 lost" in (t.reason or "") for t in lost)
-        backend.kill(env.by_path["farm.sim-001.proc-2"].id)  # a second member: 2 < nmin
-        await asyncio.sleep(0.05)
-        assert env.state == "ERROR"
+        assert len(lost) == 5
+        # the loss was seen (the collection is checked as the tasks fail), and tolerated
+        await until(lambda: all(t.state in tasksm.FAILED for t in lost))
+        assert all("node sim-003 lost" in (t.reason or "") for t in lost)
+        assert env.state == "RUNNING"
+        killed = env.by_path["farm.sim-001.proc-2"]
+        backend.kill(killed.id)  # a second member: 2 < nmin
+        await until(lambda: env.state == "ERROR")
+        assert killed.state in tasksm.FAILED
         assert "fewer than nmin=3" in (env.error or "")
 
     run(tmp_path, backend, body)
@@ -168,10 +177,7 @@ def test_latencies_and_end_of_stream(tmp_path: Path) -> None:
         await to_running(env)
         for t in env.tasks:
             backend.emit(t.id, "end_of_stream")
-        t0 = time.monotonic()
-        while not (env.state == "CONFIGURED" and env.transitioning is None):
-            assert time.monotonic() - t0 < 2
-            await asyncio.sleep(0.01)
+        await until(lambda: env.state == "CONFIGURED" and env.transitioning is None)
         assert [e["status"] for e in events if e["kind"] == "run"] == ["STARTED", "STOPPED"]
 
     run(tmp_path, backend, body)

@@ -87,6 +87,7 @@ TASK_EXPECTED: dict[tuple[str, str], str] = {
     ("STANDBY", "EXIT"): "DONE",
     ("CONFIGURED", "EXIT"): "DONE",
     **{(s, "LAUNCH"): "LAUNCHING" for s in ENDED},
+    **{(s, "RELAUNCH"): "PENDING" for s in ENDED},
     **{(s, "FAIL"): "ERROR" for s in ALIVE},
     **{(s, "LOSE"): "LOST" for s in ALIVE},
     **{(s, "EXITED"): "DONE" for s in ALIVE},
@@ -97,7 +98,15 @@ TASK_EXPECTED: dict[tuple[str, str], str] = {
 @pytest.mark.parametrize("state", task.STATES)
 @pytest.mark.parametrize("event", [*task.TASK_EVENTS, "BOGUS"])
 def test_every_task_event_from_every_state(state: str, event: str) -> None:
-    assert task.task_step(state, event) == TASK_EXPECTED.get((state, event))
+    expected = TASK_EXPECTED.get((state, event))
+    assert task.task_step(state, event) == expected
+    if expected is None:
+        with pytest.raises(
+            task.IllegalTaskTransition, match=f"{event} is not allowed in state {state}"
+        ):
+            task.next_state(state, event)
+    else:
+        assert task.next_state(state, event) == expected
 
 
 def test_aggregation_rules() -> None:

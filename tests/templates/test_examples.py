@@ -60,7 +60,7 @@ def test_resolved_commands(example_defaults: dict[str, str]) -> None:
     assert logger.command.shell
     assert logger.command.value == 'echo "run started on flp1 for ITS"'
     proc = by["datataking.epn-localhost.proc-1"]
-    assert not proc.critical and proc.collection == "datataking.epn-{{ epn }}"
+    assert not proc.critical and proc.collection == "datataking.epn-*"
 
 
 def test_channel_endpoints(example_defaults: dict[str, str]) -> None:
@@ -114,7 +114,7 @@ def test_switches_and_collections(example_defaults: dict[str, str]) -> None:
     assert "datataking.qc" not in {t.path for t in plan.tasks}
     assert not any(c.name == "qc" for c in plan.connects)
     (coll,) = plan.collections
-    assert coll.nmin == 2
+    assert coll.nmin == 2 and coll.path == "datataking.epn-*"
     assert coll.members == (
         "datataking.epn-epn1",
         "datataking.epn-epn2",

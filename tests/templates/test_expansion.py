@@ -163,6 +163,7 @@ def test_range_iterator_and_nmin() -> None:
     assert [t.path for t in plan.tasks] == ["wf.w1", "wf.w2", "wf.w3"]
     (c,) = plan.collections
     assert c.nmin == 2 and len(c.members) == 3
+    assert c.path == "wf.w*"  # the instances' name pattern, never a raw template
     assert all(t.collection == c.path for t in plan.tasks)
     errs = errors_of(files, variables={"n": "1"})
     assert "nmin 2 is more than the 1 iterations" in errs[0]

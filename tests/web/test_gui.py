@@ -26,6 +26,11 @@ if not os.path.exists(CHROMIUM):  # pragma: no cover - scripts/setup installs it
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
+# How long an expectation or an action waits before it gives up (milliseconds): only a
+# hung test should ever reach it, so it is generous; it is never a performance bound.
+PATIENCE_MS = 60_000
+expect.set_options(timeout=PATIENCE_MS)
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
@@ -39,6 +44,13 @@ def browser() -> Iterator[Any]:
             yield b
         finally:
             b.close()
+
+
+def new_page(browser: Any, **kw: Any) -> Page:
+    page: Page = browser.new_page(**kw)
+    page.set_default_timeout(PATIENCE_MS)
+    page.set_default_navigation_timeout(PATIENCE_MS)
+    return page
 
 
 def shot(page: Page, name: str) -> None:
@@ -56,7 +68,7 @@ def login(page: Page, url: str, token: str) -> None:
 
 def test_an_operator_runs_the_example_from_the_browser(browser: Any, tmp_path: Path) -> None:
     with Server(tmp_path / "data") as s:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = new_page(browser, viewport={"width": 1400, "height": 1000})
         page.on("dialog", lambda d: d.accept())
         login(page, s.url, s.admin)
         expect(page.locator("#who")).to_have_text("admin (admin)")
@@ -73,7 +85,7 @@ def test_an_operator_runs_the_example_from_the_browser(browser: Any, tmp_path: P
         for event, expected in [("DEPLOY", "DEPLOYED"), ("CONFIGURE", "CONFIGURED"),
                                 ("START_ACTIVITY", "RUNNING")]:  # fmt: skip
             page.click(f"#controls button[data-event={event}]")
-            expect(state).to_have_attribute("data-state", expected, timeout=30_000)
+            expect(state).to_have_attribute("data-state", expected)
         # the task table follows live: every process RUNNING, the hook task DONE
         rows = page.locator("#tasks tbody tr")
         expect(rows).to_have_count(8)
@@ -87,13 +99,13 @@ def test_an_operator_runs_the_example_from_the_browser(browser: Any, tmp_path: P
         )
         # the QC task's log, tailed
         page.click("#tasks tbody tr[data-task='datataking.qc']")
-        expect(page.locator("#log")).to_contain_text("qc: messages=", timeout=10_000)
+        expect(page.locator("#log")).to_contain_text("qc: messages=")
         expect(page.locator("#events li").first).to_be_visible()
         shot(page, "2-running")
         page.click("#controls button[data-event=STOP_ACTIVITY]")
-        expect(state).to_have_attribute("data-state", "CONFIGURED", timeout=30_000)
+        expect(state).to_have_attribute("data-state", "CONFIGURED")
         page.click("#controls button[data-event=DESTROY]")
-        expect(state).to_have_attribute("data-state", "DONE", timeout=30_000)
+        expect(state).to_have_attribute("data-state", "DONE")
         expect(page.locator("#tasks tbody [data-state=DONE]")).to_have_count(8)
         shot(page, "3-destroyed")
         page.goto(s.url + "/#/")
@@ -106,10 +118,11 @@ def test_a_viewer_sees_no_controls_and_a_bad_token_is_refused(browser: Any, tmp_
     import httpx
 
     with Server(tmp_path / "data") as s:
-        with httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {s.admin}"}) as c:
+        auth = {"Authorization": f"Bearer {s.admin}"}
+        with httpx.Client(base_url=s.url, headers=auth, timeout=60) as c:
             viewer = c.post("/api/tokens", json={"role": "viewer", "name": "watcher"}).json()
             env = c.post("/api/environments", json={"workflow": "hello"}).json()
-        page = browser.new_page()
+        page = new_page(browser)
         page.goto(s.url)
         page.fill("#token", "crl_wrong")
         page.click("#login-form button[type=submit]")

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -24,7 +24,7 @@ class _States(Collector):
     def __init__(self, service: ControlService) -> None:
         self.service = service
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         envs = GaugeMetricFamily(
             "corral_environments", "Environments run by this server, by state", labels=["state"]
         )
@@ -44,6 +44,15 @@ class _States(Collector):
             tasks.add_metric([state], n)
         yield envs
         yield tasks
+        journal = self.service.plane.journal
+        waiting = GaugeMetricFamily(
+            "corral_store_writes_waiting", "Store writes waiting for the store to work again"
+        )
+        waiting.add_metric([], journal.behind)
+        yield waiting
+        errors = CounterMetricFamily("corral_store_errors", "Writes the store refused")
+        errors.add_metric([], journal.failures)
+        yield errors
 
 
 class Metrics:

@@ -21,6 +21,11 @@ Health checks of basic tasks run from one loop for the whole backend: it sleeps 
 the next check is due, then starts the due ones (a short-lived process each, in its own
 group, killed at its timeout). A task that fails as many checks in a row as it allows
 is reported as an ``error``.
+
+Every report names the process it is about (``pid``): a task relaunched by RECOVER is
+a new process under the same task id. Ending a task ends its process group, then
+every process that still carries its ``CORRAL_TASK_ID`` (``sweep``: a descendant
+that left the group), in one scan per batch, off the event loop.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from corral.backends import sweep
 from corral.backends.status import describe_status
 from corral.model.plan import HealthCheck
 from corral.ports.backend import (
@@ -93,6 +99,7 @@ class _Proc:
 class _Health:
     spec: HealthCheck
     due: float
+    pid: int  # the process this check watches
     fails: int = 0
     busy: bool = False
 
@@ -139,7 +146,7 @@ class LocalBackend:
         # ipc paths must stay under ~100 characters: keep them in a short directory
         self._run_dir = run_dir or tempfile.mkdtemp(prefix="corral-")
         self._ports: set[int] = set()
-        self._reapers: dict[str, asyncio.Future[None]] = {}
+        self._reapers: dict[int, asyncio.Future[None]] = {}  # by pid
         self._health: dict[str, _Health] = {}
         self._health_loop: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # health checks under way
@@ -186,7 +193,7 @@ class LocalBackend:
                 continue
             self._procs[spec.task_id] = proc
             if spec.health is not None and spec.control == "basic":
-                self._watch_health(spec.task_id, spec.health)
+                self._watch_health(spec.task_id, spec.health, proc.pid)
             if proc.sock is None:
                 b.set_now(pos, Outcome(spec.task_id, state="STANDBY", pid=proc.pid))
             else:
@@ -232,25 +239,30 @@ class LocalBackend:
         loop = self._bind_loop()
         waits: list[asyncio.Future[None]] = []
         alive: list[_Proc] = []
+        known: list[str] = []
         for tid in task_ids:
             proc = self._procs.get(tid)
-            if proc is None or proc.exited is not None:
+            if proc is None:
+                continue
+            known.append(tid)
+            if proc.exited is not None:
                 continue
             alive.append(proc)
-            fut = self._reapers.get(tid)
+            fut = self._reapers.get(proc.pid)
             if fut is None:
-                fut = self._reapers[tid] = loop.create_future()
+                fut = self._reapers[proc.pid] = loop.create_future()
             waits.append(fut)
             proc.ending = True
             _killpg(proc.pid, signal.SIGTERM)
-        if not waits:
-            return
-        _, pending = await asyncio.wait(waits, timeout=grace)
-        if pending:
-            for proc in alive:
-                if proc.exited is None:
-                    _killpg(proc.pid, signal.SIGKILL)
-            await asyncio.wait(pending, timeout=max(5.0, grace))
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            if pending:
+                for proc in alive:
+                    if proc.exited is None:
+                        _killpg(proc.pid, signal.SIGKILL)
+                await asyncio.wait(pending, timeout=max(5.0, grace))
+        if known:  # descendants that left the group still carry the task's id
+            await asyncio.to_thread(sweep.end, tasks=frozenset(known))
 
     async def release(self, node: str, env_id: str) -> None:
         shutil.rmtree(os.path.join(self._run_dir, env_id), ignore_errors=True)
@@ -264,35 +276,20 @@ class LocalBackend:
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await job
-        alive = [t for t, p in self._procs.items() if p.exited is None]
-        if alive:
-            await self.stop(NODE, alive, 2.0)
+        if self._procs:
+            await self.stop(NODE, list(self._procs), 2.0)
         for proc in self._procs.values():
             self._forget(proc)
         self._procs.clear()
         if self._own_run_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
-    async def end_leftovers(self, tasks: Sequence[tuple[str, int | None]]) -> int:
-        """SIGKILL the process groups of tasks a previous control process left behind.
-
-        A pid is trusted only if /proc says that process carries the task's
-        CORRAL_TASK_ID in its environment, so a reused pid is never killed.
-        """
-        ended = 0
-        for task_id, pid in tasks:
-            if pid is None:
-                continue
-            needle = f"CORRAL_TASK_ID={task_id}".encode()
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as fh:
-                    if needle not in fh.read().split(b"\0"):
-                        continue
-            except OSError:
-                continue
-            _killpg(pid, signal.SIGKILL)
-            ended += 1
-        return ended
+    async def end_leftovers(self, env_ids: Sequence[str]) -> int:
+        """SIGKILL what a previous control process left running for these environments:
+        every process that carries one of their ids (a reused pid never does)."""
+        if not env_ids:
+            return 0
+        return await asyncio.to_thread(sweep.end, environments=frozenset(env_ids))
 
     # -- introspection (tests, `corral run`) -------------------------------------------
 
@@ -338,7 +335,15 @@ class LocalBackend:
                 log.close()
             if theirs is not None:
                 theirs.close()
-        pidfd = os.pidfd_open(popen.pid)
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError:
+            # unwatched, it would run on unseen: end it (its group) before saying why
+            _killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            if ours is not None:
+                ours.close()
+            raise
         proc = _Proc(spec.task_id, spec.path, spec.control, popen, pidfd, ours)
         loop = self._bind_loop()
         loop.add_reader(pidfd, self._on_exit, proc)
@@ -403,9 +408,9 @@ class LocalBackend:
         for proc in self._pending_procs(b):
             if proc.waiting is None or proc.exited is not None:
                 continue
-            what = "hello" if proc.waiting[0] < 0 else f"an answer to {proc.waiting[1]}"
+            what = "hello" if proc.waiting[0] < 0 else f"answer to {proc.waiting[1]}"
             reason = f"no {what} after {after:.1f} s; process {proc.pid} is alive"
-            reports.append(Report(proc.task_id, "slow", reason))
+            reports.append(Report(proc.task_id, "slow", reason, pid=proc.pid))
         self._emit(reports)
 
     def _expire(self, b: _Batch, timeout: float) -> None:
@@ -503,10 +508,13 @@ class LocalBackend:
         event = msg.get("event")
         if event is not None:
             if event == "END_OF_STREAM":
-                self._emit([Report(proc.task_id, "end_of_stream", "END_OF_STREAM")])
+                self._emit([Report(proc.task_id, "end_of_stream", "END_OF_STREAM", pid=proc.pid)])
             elif event == "ERROR":
-                why = str(msg.get("error") or "no reason given")[:2000]
-                self._emit([Report(proc.task_id, "error", f"the task reported an error: {why}")])
+                why = (
+                    "the task reported an error: "
+                    + str(msg.get("error") or "no reason given")[:2000]
+                )
+                self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
             else:
                 self._broken(proc, f"protocol error: unknown event {str(event)[:80]!r}")
             return
@@ -549,7 +557,7 @@ class LocalBackend:
             resolve[0].resolve(proc.task_id, Outcome(proc.task_id, error=resolve[1]))
         elif waiting is not None:
             waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=why, pid=proc.pid))
-        self._emit([Report(proc.task_id, "error", why)])
+        self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
 
     def _closed(self, proc: _Proc, why: str) -> None:
         """EOF on the control connection: the process is ending, or broke off."""
@@ -586,11 +594,13 @@ class LocalBackend:
         if waiting is not None:
             what = "before its hello" if waiting[0] < 0 else f"during {waiting[1]}"
             waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=f"process {why} {what}"))
-        fut = self._reapers.pop(proc.task_id, None)
+        fut = self._reapers.pop(proc.pid, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
-        self._health.pop(proc.task_id, None)
-        self._emit([Report(proc.task_id, "exited", f"process {proc.pid} {why}", code)])
+        h = self._health.get(proc.task_id)
+        if h is not None and h.pid == proc.pid:
+            del self._health[proc.task_id]
+        self._emit([Report(proc.task_id, "exited", f"process {proc.pid} {why}", code, proc.pid)])
 
     def _forget(self, proc: _Proc) -> None:
         loop = self._loop
@@ -608,11 +618,11 @@ class LocalBackend:
 
     # -- health checks ----------------------------------------------------------------
 
-    def _watch_health(self, task_id: str, spec: HealthCheck) -> None:
+    def _watch_health(self, task_id: str, spec: HealthCheck, pid: int) -> None:
         if not spec.command:
             return
         loop = self._bind_loop()
-        self._health[task_id] = _Health(spec, loop.time() + spec.interval)
+        self._health[task_id] = _Health(spec, loop.time() + spec.interval, pid)
         if self._health_loop is None or self._health_loop.done():
             self._health_loop = asyncio.ensure_future(self._run_health())
 
@@ -660,8 +670,8 @@ class LocalBackend:
                 _killpg(proc.pid, signal.SIGKILL)
                 raise
         h.busy = False
-        if task_id not in self._health:
-            return  # the task ended meanwhile
+        if self._health.get(task_id) is not h:
+            return  # the task ended (or was relaunched) meanwhile
         if why is None:
             h.fails = 0
             return
@@ -669,7 +679,7 @@ class LocalBackend:
         if h.fails >= h.spec.failures:
             del self._health[task_id]
             reason = f"health check failed {h.fails} times in a row: {why}"
-            self._emit([Report(task_id, "error", reason)])
+            self._emit([Report(task_id, "error", reason, pid=h.pid)])
 
     # -- reports ----------------------------------------------------------------------
 

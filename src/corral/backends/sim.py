@@ -148,7 +148,7 @@ class SimBackend:
                 outs[i] = Outcome(spec.task_id, "STANDBY", pid=t.pid)
                 if spec.control == "hook":  # a hook task runs and ends at once
                     del self._tasks[spec.task_id]
-                    hooks_done.append(Report(spec.task_id, "exited", _died(0), 0))
+                    hooks_done.append(Report(spec.task_id, "exited", _died(0), 0, t.pid))
             else:
                 outs[i] = self._faulty(spec.task_id, t, fault, "its launch", reports, pending, i)
         result = await self._settle(outs, pending, reports, timeout, slow_after, "hello")
@@ -184,7 +184,7 @@ class SimBackend:
             outs[i] = Outcome(order.task_id, t.state)
             if name == "EXIT":
                 del self._tasks[order.task_id]
-                reports.append(Report(order.task_id, "exited", _died(0), 0))
+                reports.append(Report(order.task_id, "exited", _died(0), 0, t.pid))
             elif name == "START":
                 started.append(order.task_id)
         self._schedule_running_faults(started)
@@ -193,14 +193,15 @@ class SimBackend:
     async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
         reports = []
         for tid in task_ids:
-            if self._tasks.pop(tid, None) is not None:
-                reports.append(Report(tid, "exited", _died(-15), -15))
+            t = self._tasks.pop(tid, None)
+            if t is not None:
+                reports.append(Report(tid, "exited", _died(-15), -15, t.pid))
         self._emit(reports)
 
     async def release(self, node: str, env_id: str) -> None:
         return None
 
-    async def end_leftovers(self, tasks: Sequence[tuple[str, int | None]]) -> int:
+    async def end_leftovers(self, env_ids: Sequence[str]) -> int:
         return 0  # simulated tasks do not outlive their backend
 
     async def close(self) -> None:
@@ -213,21 +214,36 @@ class SimBackend:
 
     def kill(self, task_id: str, code: int = -9) -> None:
         """The task's process dies now."""
-        if self._tasks.pop(task_id, None) is not None:
-            self._emit([Report(task_id, "exited", _died(code), code)])
+        t = self._tasks.pop(task_id, None)
+        if t is not None:
+            self._emit([Report(task_id, "exited", _died(code), code, t.pid)])
+
+    def kill_many(self, task_ids: Sequence[str], code: int = -9) -> None:
+        """These tasks' processes die now, reported together (one batch)."""
+        reports = []
+        for tid in task_ids:
+            t = self._tasks.pop(tid, None)
+            if t is not None:
+                reports.append(Report(tid, "exited", _died(code), code, t.pid))
+        self._emit(reports)
 
     def emit(self, task_id: str, kind: str, reason: str = "") -> None:
         """The task sends news (``end_of_stream``, ``error``)."""
-        if task_id in self._tasks:
-            self._emit([Report(task_id, kind, reason or kind)])
+        t = self._tasks.get(task_id)
+        if t is not None:
+            self._emit([Report(task_id, kind, reason or kind, pid=t.pid)])
 
     def lose_node(self, node: str) -> None:
-        """The node is gone, with every task on it."""
+        """The node is gone, with every task on it: they are reported lost."""
         self._known.discard(node)
-        gone = [tid for tid, t in self._tasks.items() if t.node == node]
-        for tid in gone:
+        gone = [(tid, t.pid) for tid, t in self._tasks.items() if t.node == node]
+        for tid, _ in gone:
             del self._tasks[tid]
-        self._emit([Report(tid, "exited", f"node {node} lost") for tid in gone])
+        self._emit([Report(tid, "lost", f"node {node} lost", pid=pid) for tid, pid in gone])
+
+    def pid_of(self, task_id: str) -> int | None:
+        t = self._tasks.get(task_id)
+        return None if t is None else t.pid
 
     def task_state(self, task_id: str) -> str | None:
         t = self._tasks.get(task_id)
@@ -265,11 +281,11 @@ class SimBackend:
     ) -> Outcome | None:
         if fault.kind == "die":
             self._tasks.pop(task_id, None)
-            reports.append(Report(task_id, "exited", _died(-9), -9))
+            reports.append(Report(task_id, "exited", _died(-9), -9, t.pid))
             return Outcome(task_id, error=f"process {_died(-9)} during {what}")
         if fault.kind == "garbage":
             why = "protocol error: a message that is not JSON: 'garbage'"
-            reports.append(Report(task_id, "error", why))
+            reports.append(Report(task_id, "error", why, pid=t.pid))
             return Outcome(task_id, error=why)
         if fault.kind == "error":
             return Outcome(task_id, error=f"{what} failed: simulated error")
@@ -296,7 +312,12 @@ class SimBackend:
             if 0 < slow_after < wait:
                 await asyncio.sleep(slow_after)
                 slow = [
-                    Report(tid, "slow", f"no answer after {slow_after:.1f} s; process is alive")
+                    Report(
+                        tid,
+                        "slow",
+                        f"no answer after {slow_after:.1f} s; process is alive",
+                        pid=self._tasks[tid].pid if tid in self._tasks else None,
+                    )
                     for _, tid, f in pending
                     if f.kind == "hang" or f.after > slow_after
                 ]
@@ -336,13 +357,16 @@ class SimBackend:
         for tid, fault in items:
             if tid not in self._tasks:
                 continue
+            t = self._tasks[tid]
             if fault.kind == "die":
                 del self._tasks[tid]
-                reports.append(Report(tid, "exited", _died(-9), -9))
+                reports.append(Report(tid, "exited", _died(-9), -9, t.pid))
             elif fault.kind == "garbage":
-                reports.append(Report(tid, "error", "protocol error: a message that is not JSON"))
+                why = "protocol error: a message that is not JSON"
+                reports.append(Report(tid, "error", why, pid=t.pid))
             elif fault.kind == "error":
-                reports.append(Report(tid, "error", "the task reported an error: simulated"))
+                why = "the task reported an error: simulated"
+                reports.append(Report(tid, "error", why, pid=t.pid))
         self._emit(reports)
 
     def _emit(self, reports: list[Report]) -> None:

@@ -26,7 +26,9 @@ from corral.backends.local import LocalBackend
 from corral.calls import CallError, Registry
 from corral.cli.client import remote_events, server_options
 from corral.cli.template import builtin_defaults, parse_vars, report, var_option
+from corral.control import recipes
 from corral.control.environment import Environment, TransitionError
+from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
 from corral.lifecycle import task as tasksm
@@ -167,7 +169,8 @@ def run(
     env_id = new_environment_id()
     gdefaults = builtin_defaults(path)
     gdefaults["environment_id"] = env_id
-    plan, diags = check(path, DiskSources(), variables=user, global_defaults=gdefaults, seed=env_id)
+    sources = recipes.RecordingSources(DiskSources())
+    plan, diags = check(path, sources, variables=user, global_defaults=gdefaults, seed=env_id)
     if plan is None:
         report(diags)
         sys.exit(1)
@@ -194,6 +197,7 @@ def run(
             registry,
             nodes,
             classes,
+            recipes.make(path, sources.files, user, gdefaults, env_id),
         )
     )
     sys.exit(code)
@@ -210,6 +214,7 @@ async def _run(
     registry: Registry,
     nodes: list[Node] | None,
     classes: dict[str, int] | None = None,
+    recipe: str | None = None,
 ) -> int:
     install_child_watcher()
     loop = asyncio.get_running_loop()
@@ -219,11 +224,12 @@ async def _run(
     plane = ControlPlane(
         store, backend, calls=registry, log_dir=logs, inventory=nodes, priority_classes=classes
     )
-    for note in await plane.adopt_leftovers():
+    # what a `corral run` that died left here is ended (a server would take it over)
+    for note in await plane.adopt_leftovers(take_over=False):
         err.print(f"[yellow]note[/]: {note}")
     try:
-        env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts)
-    except (PlacementError, ValueError) as e:
+        env = plane.create(plan, env_id=env_id, source=source, timeouts=timeouts, recipe=recipe)
+    except (PlacementError, ValueError, StoreUnavailable) as e:
         err.print(f"[bold red]error[/]: the environment cannot be placed: {e}")
         await plane.close()
         store.close()
@@ -258,7 +264,7 @@ async def _run(
             else:
                 out.print(f"environment {env.id} is {env.state}")
             err.print("press Ctrl-C to stop" + (f" (or wait {duration:g} s)" if duration else ""))
-            code = await _watch(env, interrupted, duration)
+            code = await _watch(env, interrupted, duration, running=until == "RUNNING")
         except TransitionError as e:
             err.print(f"[bold red]error[/]: {e}")
             code = 1
@@ -311,8 +317,11 @@ async def _transition(env: Environment, event: str) -> None:
         job.result()
 
 
-async def _watch(env: Environment, interrupted: asyncio.Event, duration: float | None) -> int:
-    """Wait for Ctrl-C, the end of --for, a failure, or the run stopping by itself."""
+async def _watch(
+    env: Environment, interrupted: asyncio.Event, duration: float | None, *, running: bool
+) -> int:
+    """Wait for Ctrl-C, the end of --for, a failure, or (when driven to RUNNING) the run
+    stopping by itself; CONFIGURED with no run is where --until CONFIGURED stays."""
     loop = asyncio.get_running_loop()
     end = None if duration is None else loop.time() + duration
     while True:
@@ -321,7 +330,12 @@ async def _watch(env: Environment, interrupted: asyncio.Event, duration: float |
         if env.state == "ERROR":
             err.print(f"[bold red]error[/]: environment {env.id} is in ERROR: {env.error}")
             return 1
-        if env.state == "CONFIGURED" and env.transitioning is None and env.run_number is None:
+        if (
+            running
+            and env.state == "CONFIGURED"
+            and env.transitioning is None
+            and env.run_number is None
+        ):
             err.print("the run stopped: every task reported END_OF_STREAM")
             return 0
         if end is not None and loop.time() >= end:

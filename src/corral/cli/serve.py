@@ -1,10 +1,11 @@
 """``corral serve``: the control plane as a long-lived server with its HTTP API.
 
-It opens the store in ``--data``, picks the backend, ends what a previous server left
-unfinished (see docs/environments.md), prints the first admin token once (on the
-first start), and serves the API with uvicorn on the same event loop as the
-controller. SIGINT or SIGTERM stops it: environments are torn down (re-attaching to
-running tasks after a restart comes later), then the store is closed.
+It opens the store in ``--data``, picks the backend, deals with what a previous server
+left unfinished (its processes ended, its environments taken over in ERROR; see
+docs/environments.md), prints the first admin token once (on the first start), and
+serves the API with uvicorn on the same event loop as the controller. SIGINT or
+SIGTERM stops it: environments are torn down, then the store is closed. (A restart
+that leaves the running tasks alone needs node agents; they come next.)
 """
 
 from __future__ import annotations

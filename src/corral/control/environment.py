@@ -3,35 +3,45 @@
 How this runs. One ``Environment`` per environment, on the control plane's event loop.
 Transitions are serialized by one asyncio lock and each has a deadline. A transition
 is the slot list of ``lifecycle.hooks.schedule``: hook calls start and are awaited at
-their slots (one asyncio task per *call*, calls are few), and the TASKS slot carries
-out the commands of ``lifecycle.environment.step`` with one coroutine per *node*, each
-handing its node's whole batch to the backend. Outcomes are applied per node batch:
-one store transaction, then the events go out. Nothing here runs per task in time:
-no task, timer or poll per task.
+their slots (``control.hooks``), and the TASKS slot carries out the commands of
+``lifecycle.environment.step`` with one coroutine per *node*, each handing its node's
+whole batch to the backend. Outcomes are applied per node batch: one store write
+(through the journal), then the events go out. Nothing here runs per task in time: no
+task, timer or poll per task, and no decision walks every task (``control.tasks``
+keeps the counts decisions need).
 
-Unsolicited reports (exits, END_OF_STREAM, ERROR, slow) arrive in lists from the
-backend through the control plane. A critical failure sends the environment to ERROR
-at once when no transition runs; during a transition it fails that transition.
+Unsolicited reports (exits, END_OF_STREAM, ERROR, node loss, slow) arrive in lists
+from the backend through the control plane and are matched to each task's current
+process (``control.reports``). A critical failure sends the environment to ERROR at
+once when no transition runs; during a transition it fails that transition.
+
+Whatever goes wrong inside a transition (a backend or store error, a bug) fails that
+transition and leaves the environment in a state an operator can act on: never a
+transition left STARTED, never a process left running unwatched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from corral.calls import CallContext, CallError, Registry
-from corral.events.bus import EventBus
+from corral.calls import Registry
+from corral.control.hooks import Hooks, Running
+from corral.control.journal import Journal, StoreUnavailable
+from corral.control.reports import judge
+from corral.control.tasks import NO_PID, Change, RuntimeTask, TaskSet, by_node, task_event
 from corral.lifecycle import environment as envsm
 from corral.lifecycle import task as tasksm
-from corral.lifecycle.hooks import Slot, schedule
-from corral.model.plan import CallSpec, Plan, TaskSpec
-from corral.model.vocabulary import Trigger
+from corral.lifecycle.hooks import schedule
+from corral.model.plan import Plan
 from corral.ports.backend import Backend, ChannelRequest, Launch, Order, Outcome, Report
-from corral.store.sqlite import SqliteStore, TaskChange, TaskRow
+from corral.store.sqlite import SqliteStore, TaskRow
+
+log = logging.getLogger("corral.environment")
 
 DEFAULT_TIMEOUTS: dict[str, float] = {
     "DEPLOY": 120.0,
@@ -45,6 +55,15 @@ DEFAULT_TIMEOUTS: dict[str, float] = {
 }
 GRACE = 3.0  # seconds between SIGTERM and SIGKILL when ending processes
 
+# The task states each task transition is sent to.
+ORDER_FROM: dict[str, tuple[str, ...]] = {
+    "CONFIGURE": (tasksm.STANDBY,),
+    "START": (tasksm.CONFIGURED,),
+    "STOP": (tasksm.RUNNING,),
+    "RESET": (tasksm.CONFIGURED,),
+    "EXIT": (tasksm.STANDBY, tasksm.CONFIGURED),
+}
+
 
 class TransitionError(Exception):
     """A transition that was refused or failed; str() says why, for a person."""
@@ -52,45 +71,6 @@ class TransitionError(Exception):
     def __init__(self, message: str, *, state: str) -> None:
         super().__init__(message)
         self.state = state  # the environment's state afterwards
-
-
-@dataclass(slots=True, eq=False)
-class RuntimeTask:
-    """One task of a running environment: ~100 bytes, plus its shared spec."""
-
-    idx: int
-    id: str
-    spec: TaskSpec
-    node: str
-    state: str = tasksm.PENDING
-    pid: int | None = None
-    reason: str | None = None
-    eos: bool = False
-    member: str | None = None  # the collection member (role path) it belongs to
-
-    @property
-    def hook(self) -> bool:
-        return self.spec.trigger is not None
-
-
-@dataclass(frozen=True, slots=True)
-class _HookTask:
-    """A hook task as ``schedule`` sees it: started at its trigger like a call."""
-
-    task: RuntimeTask
-    trigger: Trigger
-    await_: Trigger
-
-    @property
-    def path(self) -> str:
-        return self.task.spec.path
-
-    @property
-    def critical(self) -> bool:
-        return self.task.spec.critical
-
-
-Hooked = CallSpec | _HookTask
 
 
 class Environment:
@@ -103,7 +83,7 @@ class Environment:
         *,
         backend: Backend,
         store: SqliteStore,
-        bus: EventBus,
+        journal: Journal,
         calls: Registry,
         source: str | None = None,
         timeouts: dict[str, float] | None = None,
@@ -118,7 +98,7 @@ class Environment:
         self.plan = plan
         self.backend = backend
         self.store = store
-        self.bus = bus
+        self.journal = journal
         self.calls = calls
         self.source = source
         self.timeouts = dict(DEFAULT_TIMEOUTS, **(timeouts or {}))
@@ -130,39 +110,20 @@ class Environment:
         self.lock = asyncio.Lock()
         self.transitioning: str | None = None
         self._failure: str | None = None  # a critical failure seen during a transition
-        self._ending: set[str] = set()  # task ids being ended on purpose
-        self._hook_waiters: dict[str, asyncio.Future[int | None]] = {}
+        self._ending: dict[str, int] = {}  # task id -> the pid being ended on purpose
         self._auto: asyncio.Task[None] | None = None
         self.variables = dict(plan.variables)
         self.actor: str | None = None  # who asked for the transition under way
         self.version = 0  # bumped by every change of a task's or the environment's state
         self.created_by: str | None = None
-
+        self.recipe: str | None = None  # how to expand the plan again (JSON), for restarts
         placed = list(nodes) if nodes is not None else [backend.nodes()[0].name] * len(plan.tasks)
-        members: dict[str, str] = {}
-        for coll in plan.collections:
-            for m in coll.members:
-                members[m] = coll.path
-        self.tasks: list[RuntimeTask] = []
-        self.by_id: dict[str, RuntimeTask] = {}
-        self.by_path: dict[str, RuntimeTask] = {}
-        for i, spec in enumerate(plan.tasks):
-            t = RuntimeTask(i, f"{env_id}:{i}", spec, placed[i])
-            if members:
-                t.member = _member_of(spec.path, members)
-            self.tasks.append(t)
-            self.by_id[t.id] = t
-            self.by_path[spec.path] = t
-        self.by_node: dict[str, list[RuntimeTask]] = {}
-        for t in self.tasks:
-            if not t.hook:
-                self.by_node.setdefault(t.node, []).append(t)
-        self.hooked: list[Hooked] = list(plan.calls)
-        for t in self.tasks:
-            if t.hook:
-                assert t.spec.trigger is not None
-                self.hooked.append(_HookTask(t, t.spec.trigger, t.spec.await_ or t.spec.trigger))
-        self.collections = {c.path: c for c in plan.collections}
+        self.taskset = TaskSet(env_id, plan, placed)
+        self.tasks = self.taskset.tasks
+        self.by_id = self.taskset.by_id
+        self.by_path = self.taskset.by_path
+        self.by_node = self.taskset.by_node
+        self.hooks = Hooks(self)
         self.ports = list(ports) if ports is not None else [()] * len(plan.tasks)
         self.addresses: dict[tuple[str, str], str] = {}
         self._args: dict[str, dict[str, str]] = {}
@@ -171,6 +132,7 @@ class Environment:
     # -- creation -----------------------------------------------------------------------
 
     def create(self) -> None:
+        """Store the new environment (raises StoreUnavailable if the store refuses)."""
         rows = [
             TaskRow(t.idx, t.spec.path, t.spec.task_class, t.node, t.state, t.spec.critical)
             for t in self.tasks
@@ -180,8 +142,8 @@ class Environment:
         ev["name"] = self.plan.name
         if self.created_by is not None:
             ev["actor"] = self.created_by
-        self._publish(
-            self.store.create_environment(
+        stored = self.journal.call(
+            lambda: self.store.create_environment(
                 self.id,
                 self.plan.name,
                 self.source,
@@ -190,8 +152,23 @@ class Environment:
                 self.clock(),
                 [ev],
                 created_by=self.created_by,
+                recipe=self.recipe,
             )
         )
+        self.journal.publish(stored)
+
+    def restore(self, row: dict[str, Any], tasks: Sequence[dict[str, Any]]) -> None:
+        """Take over an environment a previous control process left: its state and its
+        tasks' states as stored (none of them has a process any more)."""
+        if row["state"] not in envsm.STATES:
+            raise ValueError(f"environment {self.id}: unknown stored state {row['state']!r}")
+        self.state = row["state"]
+        self.error = row.get("error")
+        self.created_by = row.get("created_by")
+        for t, r in zip(self.tasks, tasks, strict=True):
+            self.taskset.restore(t, r["state"], r.get("reason"))
+        self._role_events()  # remember the roles' states: only changes are announced
+        self.version += 1
 
     # -- transitions ----------------------------------------------------------------------
 
@@ -220,196 +197,127 @@ class Environment:
         limit = timeout if timeout is not None else self.timeouts.get(event, 60.0)
         deadline = loop.time() + limit
         started = self.clock()
-        tid = self.store.begin_transition(self.id, event, src, started, self.actor)
+        try:
+            tid = self.journal.call(
+                lambda: self.store.begin_transition(self.id, event, src, started, self.actor)
+            )
+        except StoreUnavailable as e:
+            raise TransitionError(f"{event} refused: {e}", state=src) from None
         self.transitioning = event
         self._failure = None
-        self._events([self._transition_event(event, src, dst, "STARTED")])
-        slots = schedule(self.hooked, event, src, dst)
-        running: dict[int, asyncio.Task[tuple[bool, str | None]]] = {}
+        self.announce([self._transition_event(event, src, dst, "STARTED")])
+        running: Running = {}
         error: str | None = None
-        tasks_done = False
+        moved = False  # the tasks' part has begun: a failure now leaves them changed
         try:
-            for slot in slots:
+            for slot in schedule(self.hooks.items, event, src, dst):
                 t_slot = self.clock()
                 if slot.tasks:
                     error = self._failure
                     if error is None:
+                        moved = True
                         error = await self._core(event, commands, deadline)
-                        tasks_done = True
                 else:
-                    error = await self._run_slot(slot, event, running)
-                if error is None and (tasks_done or slot.tasks):
+                    error = await self.hooks.run_slot(slot, event, running)
+                if error is None and moved:
                     error = self._failure
-                self._events([self._step_event(event, slot.label, error, t_slot)])
+                self.announce([self._step_event(event, slot.label, error, t_slot)])
                 if error is not None:
                     break
         except asyncio.CancelledError:
-            error = f"{event} was interrupted"
-            await self._cancel_calls(running)
-            self._finish_failed(tid, event, src, dst, error, tasks_done)
+            await self._abandon(running, tid, event, src, dst, f"{event} was interrupted", moved)
             raise
-        await self._cancel_calls(running)
+        except Exception as e:  # a backend, store or controller fault: fail, never wedge
+            log.exception("environment %s: %s failed on an unexpected error", self.id, event)
+            error = f"{event} failed on an unexpected error: {type(e).__name__}: {e}"
+            await self._abandon(running, tid, event, src, dst, error, moved)
+            raise TransitionError(error, state=self.state) from None
+        await self.hooks.cancel(running)
         if error is not None:
-            if event == "EXIT":
-                await self._terminate(self.tasks)  # EXIT ends the processes, whatever failed
-            self._finish_failed(tid, event, src, dst, error, tasks_done)
+            if event == "EXIT":  # EXIT ends the processes, whatever failed
+                with contextlib.suppress(Exception):
+                    await self._terminate(self.tasks)
+            self._finish_failed(tid, event, src, dst, error, moved, started)
             raise TransitionError(f"{event} failed: {error}", state=self.state)
         self._set_state(dst, event=event)
-        self.store.end_transition(tid, "DONE", dst, None, self.clock())
+        now = self.clock()
+        self.journal.write(lambda: self._end_row(tid, "DONE", dst, None, now))
         ev = self._transition_event(event, src, dst, "DONE")
-        ev["duration"] = round(self.clock() - started, 6)
-        self._events([ev, *self._role_events()])
+        ev["duration"] = round(now - started, 6)
+        self.announce([ev, *self._role_events()])
         self.transitioning = None
-        if dst == envsm.RUNNING and self._all_eos():
+        if dst == envsm.RUNNING and self.taskset.all_end_of_stream():
             self._spawn_auto("STOP_ACTIVITY", "every task reported END_OF_STREAM")
         return dst
 
+    async def _abandon(
+        self, running: Running, tid: int, event: str, src: str, dst: str, error: str, moved: bool
+    ) -> None:
+        """A transition ends abnormally: its calls and hook tasks end with it, and it is
+        recorded FAILED (in ERROR when the tasks had begun to change)."""
+        try:
+            await self.hooks.cancel(running)
+        except Exception:  # pragma: no cover - hooks.cancel only awaits our own tasks
+            log.exception("environment %s: cancelling the calls of %s", self.id, event)
+        # a launch cut short leaves tasks nobody watches: end them, say they failed
+        launching = [t for t in self.tasks if t.state == tasksm.LAUNCHING and not t.hook]
+        for node, ts in by_node(launching).items():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._fail_batch(node, ts, error))
+        self._finish_failed(tid, event, src, dst, error, moved, None)
+
     def _finish_failed(
-        self, tid: int, event: str, src: str, dst: str, error: str, tasks_done: bool
+        self,
+        tid: int,
+        event: str,
+        src: str,
+        dst: str,
+        error: str,
+        moved: bool,
+        started: float | None,
     ) -> None:
         self.transitioning = None
         # Before the tasks moved, a failed call leaves the state as it was; after it,
         # or when a critical task failed meanwhile, the environment is in ERROR.
-        broken = tasks_done or self._failure is not None
-        if broken and self.state != envsm.ERROR and event != "EXIT":
-            self._set_state(envsm.ERROR, event=event, error=error)
-        elif event == "EXIT":
+        broken = moved or self._failure is not None
+        if event == "EXIT":
             self._set_state(envsm.DONE, event=event, error=error)
-        self.store.end_transition(tid, "FAILED", self.state, error, self.clock())
+        elif broken and self.state != envsm.ERROR:
+            self._set_state(envsm.ERROR, event=event, error=error)
+        now = self.clock()
+        state = self.state
+        self.journal.write(lambda: self._end_row(tid, "FAILED", state, error, now))
         ev = self._transition_event(event, src, dst, "FAILED")
         ev["error"] = error
-        self._events([ev, *self._role_events()])
+        if started is not None:
+            ev["duration"] = round(now - started, 6)
+        self.announce([ev, *self._role_events()])
 
-    async def _run_slot(
-        self,
-        slot: Slot[Hooked],
-        event: str,
-        running: dict[int, asyncio.Task[tuple[bool, str | None]]],
-    ) -> str | None:
-        for item in slot.start:
-            running[id(item)] = asyncio.ensure_future(self._run_hooked(item, event, slot.label))
-        first_error: str | None = None
-        for item in slot.wait:
-            fut = running.pop(id(item), None)
-            if fut is None:
-                continue
-            ok, why = await fut
-            if not ok and item.critical and first_error is None:
-                first_error = f"critical call {item.path} failed: {why}"
-        return first_error
-
-    async def _cancel_calls(
-        self, running: dict[int, asyncio.Task[tuple[bool, str | None]]]
-    ) -> None:
-        for fut in running.values():
-            fut.cancel()
-        for fut in running.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await fut
-        running.clear()
-
-    async def _run_hooked(self, item: Hooked, event: str, label: str) -> tuple[bool, str | None]:
-        """Run one call (or hook task) with its timeout; report it; never raise."""
-        if isinstance(item, _HookTask):
-            return await self._run_hook_task(item, event, label)
-        ctx = CallContext(
-            environment_id=self.id,
-            event=event,
-            trigger=str(item.trigger),
-            path=item.path,
-            func=item.func,
-            run_number=self.run_number,
-            variables=self.variables,
-        )
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        base: dict[str, Any] = {
-            "kind": "call",
-            "env": self.id,
-            "path": item.path,
-            "func": item.func,
-            "trigger": str(item.trigger),
-            "transition": event,
-            "critical": item.critical,
-        }
-        self._events([dict(base, status="STARTED")])
-        ok, why, result = True, None, None
-        try:
-            result = await asyncio.wait_for(self.calls.invoke(item.func, ctx), item.timeout)
-        except TimeoutError:
-            ok, why = False, f"timed out after {item.timeout:g} s (cancelled)"
-        except CallError as e:
-            ok, why = False, str(e)
-        except Exception as e:  # a plugin bug must not break the controller
-            ok, why = False, f"{type(e).__name__}: {e}"
-        status = "DONE" if ok else ("TIMEOUT" if "timed out" in str(why) else "FAILED")
-        ev = dict(base, status=status)
-        ev["duration"] = round(loop.time() - t0, 6)
-        if why:
-            ev["error"] = why
-        if result is not None:
-            ev["result"] = result[:2000]
-            if item.return_var:
-                self.variables[item.return_var] = result
-        self._events([ev])
-        return ok, why
-
-    async def _run_hook_task(
-        self, item: _HookTask, event: str, label: str
-    ) -> tuple[bool, str | None]:
-        t = item.task
-        spec = t.spec
-        timeout = spec.timeout or 30.0
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int | None] = loop.create_future()
-        self._hook_waiters[t.id] = fut
-        ok, why = True, None
-        try:
-            self._apply(t.node, [(t, tasksm.LAUNCHING, None, None)])
-            [out] = await self.backend.launch(t.node, [self._launch_of(t)], timeout, timeout)
-            if not out.ok:
-                ok, why = False, out.error
-            else:
-                t.pid = out.pid
-                try:
-                    code = await asyncio.wait_for(fut, timeout)
-                except TimeoutError:
-                    ok, why = False, f"did not end within {timeout:g} s (killed)"
-                    self._ending.add(t.id)
-                    await self.backend.stop(t.node, [t.id], 0.5)
-                else:
-                    if code != 0:
-                        ok, why = False, f"exited with status {code}"
-        finally:
-            self._hook_waiters.pop(t.id, None)
-        self._apply(t.node, [(t, tasksm.DONE if ok else tasksm.ERROR, None, why)])
-        return ok, why
+    def _end_row(
+        self, tid: int, status: str, dst: str | None, error: str | None, now: float
+    ) -> list[dict[str, Any]]:
+        self.store.end_transition(tid, status, dst, error, now)
+        return []
 
     # -- the core's own work -------------------------------------------------------------
 
     async def _core(
         self, event: str, commands: Sequence[envsm.Command], deadline: float
     ) -> str | None:
+        loop = asyncio.get_running_loop()
         for cmd in commands:
-            loop = asyncio.get_running_loop()
             left = max(0.05, deadline - loop.time())
+            error: str | None = None
             if isinstance(cmd, envsm.Launch):
                 error = await self._launch_all(left)
             elif isinstance(cmd, envsm.Transition):
                 error = await self._order_all(cmd.name, left)
             elif isinstance(cmd, envsm.OpenRun):
-                self.run_number, evs = self.store.open_run(
-                    self.id, self.clock(), [{"kind": "run", "env": self.id, "status": "STARTED"}]
-                )
-                self.variables["run_number"] = str(self.run_number)
-                self._publish(evs)
-                error = None
+                self._open_run()
             elif isinstance(cmd, envsm.CloseRun):
                 self._close_run()
-                error = None
             elif isinstance(cmd, envsm.Terminate):
                 await self._terminate(self.tasks)
-                error = None
             elif isinstance(cmd, envsm.Recover):
                 error = await self._recover(left)
             else:  # pragma: no cover - the table has no other commands
@@ -418,11 +326,20 @@ class Environment:
                 return error
         return None
 
+    def _open_run(self) -> None:
+        evs = [{"kind": "run", "env": self.id, "status": "STARTED"}]
+        now = self.clock()
+        self.run_number, stored = self.journal.call(lambda: self.store.open_run(self.id, now, evs))
+        self.variables["run_number"] = str(self.run_number)
+        self.journal.publish(stored)
+
     def _close_run(self) -> None:
         if self.run_number is None:
             return
-        ev = {"kind": "run", "env": self.id, "status": "STOPPED", "run_number": self.run_number}
-        self._publish(self.store.close_run(self.id, self.run_number, self.clock(), [ev]))
+        number = self.run_number
+        ev = {"kind": "run", "env": self.id, "status": "STOPPED", "run_number": number}
+        now = self.clock()
+        self.journal.write(lambda: self.store.close_run(self.id, number, now, [ev]))
         self.run_number = None
         self.variables.pop("run_number", None)
 
@@ -474,53 +391,43 @@ class Environment:
             a[pre + "transport"] = c.transport
         self._args = args
 
-    def _launch_of(self, t: RuntimeTask) -> Launch:
-        log = None
+    def launch_of(self, t: RuntimeTask) -> Launch:
+        log_path = None
         if self.log_dir is not None:
-            log = f"{self.log_dir}/{self.id}/{t.spec.path}.log"
+            log_path = f"{self.log_dir}/{self.id}/{t.spec.path}.log"
         env = (
             ("CORRAL_ENVIRONMENT_ID", self.id),
             ("CORRAL_TASK_ID", t.id),
             ("CORRAL_TASK_PATH", t.spec.path),
         )
-        control = "hook" if t.hook else ("direct" if t.spec.control == "direct" else "basic")
+        control = "hook" if t.hook else ("direct" if t.direct else "basic")
         health = t.spec.health if control == "basic" else None
-        return Launch(t.id, t.spec.path, t.spec.command, control, env, log, health)
+        return Launch(t.id, t.spec.path, t.spec.command, control, env, log_path, health)
 
     async def _launch_node(self, node: str, ts: list[RuntimeTask], timeout: float) -> str | None:
-        self._apply(node, [(t, tasksm.LAUNCHING, None, None) for t in ts])
+        self.apply(node, [(t, "LAUNCH", NO_PID, None) for t in ts])
         slow = min(2.0, timeout / 2)
-        outs = await self.backend.launch(node, [self._launch_of(t) for t in ts], timeout, slow)
-        return self._outcomes(node, ts, outs, "READY", "launch")
+        outs = await self.backend.launch(node, [self.launch_of(t) for t in ts], timeout, slow)
+        return self._outcomes(node, ts, outs, "READY")
 
     async def _order_all(self, name: str, timeout: float) -> str | None:
-        want = {
-            "CONFIGURE": (tasksm.STANDBY,),
-            "START": (tasksm.CONFIGURED,),
-            "STOP": (tasksm.RUNNING,),
-            "RESET": (tasksm.CONFIGURED,),
-            "EXIT": (tasksm.STANDBY, tasksm.CONFIGURED),
-        }[name]
+        want = ORDER_FROM[name]
         ts = [t for t in self.tasks if not t.hook and t.state in want]
         return await self._per_node(lambda node, b: self._order_node(node, b, name, timeout), ts)
 
     async def _order_node(
         self, node: str, ts: list[RuntimeTask], name: str, timeout: float
     ) -> str | None:
-        direct = [t for t in ts if t.spec.control == "direct"]
-        basic = [t for t in ts if t.spec.control != "direct"]
-        if basic:
-            nxt = tasksm.task_step(basic[0].state, name)
+        direct = [t for t in ts if t.direct]
+        basic = [t for t in ts if not t.direct]
+        if basic:  # a plain process follows the environment's states as it runs
             if name == "EXIT":
-                for t in basic:
-                    self._ending.add(t.id)
-                await self.backend.stop(node, [t.id for t in basic], GRACE)
-            self._apply(node, [(t, nxt or t.state, None, None) for t in basic if nxt])
+                await self.end_processes(basic, grace=GRACE)
+            self.apply(node, [(t, name, None, None) for t in basic if t.state in ORDER_FROM[name]])
         if not direct:
             return None
         if name == "EXIT":
-            for t in direct:
-                self._ending.add(t.id)
+            self._expect_end(direct)
         run = {"environment_id": self.id}
         if name == "START" and self.run_number is not None:
             run["run_number"] = str(self.run_number)
@@ -530,66 +437,92 @@ class Environment:
         ]
         slow = min(2.0, timeout / 2)
         outs = await self.backend.transition(node, orders, timeout, slow)
-        return self._outcomes(node, direct, outs, name, name)
+        return self._outcomes(node, direct, outs, name)
 
     def _outcomes(
-        self, node: str, ts: list[RuntimeTask], outs: list[Outcome], event: str, what: str
+        self, node: str, ts: list[RuntimeTask], outs: list[Outcome], event: str
     ) -> str | None:
-        """Apply one node's outcomes; return the first critical failure, if any."""
-        changes: list[tuple[RuntimeTask, str, int | None, str | None]] = []
+        """Apply one node's outcomes; return the first failure that fails the environment."""
+        changes: list[Change] = []
         first: str | None = None
-        failed: list[RuntimeTask] = []
         for t, out in zip(ts, outs, strict=True):
             if t.state in tasksm.FAILED or t.state == tasksm.DONE:
                 if t.state in tasksm.FAILED and t.spec.critical and first is None:
                     first = f"task {t.spec.path} on {node}: {t.reason}"
                 continue  # a report got there first
+            if out.pid is not None and self._ending.get(t.id) == out.pid:
+                del self._ending[t.id]  # a new process that got an old one's pid
             if out.ok:
-                nxt = tasksm.task_step(t.state, event) or t.state
-                changes.append((t, nxt, out.pid, None))
+                changes.append((t, event, out.pid, None))
             else:
-                changes.append((t, tasksm.ERROR, out.pid, out.error))
-                failed.append(t)
-                if t.spec.critical and first is None:
-                    first = f"task {t.spec.path} on {node}: {out.error}"
-        self._apply(node, changes)
-        for t in failed:
-            if not t.spec.critical:
-                why = self._collection_check(t)
-                if why and first is None:
-                    first = why
-        return first
+                changes.append((t, "FAIL", out.pid, out.error))
+        failed = self.apply(node, changes)
+        why = self._verdict(failed)
+        return first or why
 
     async def _per_node(
         self,
         fn: Callable[[str, list[RuntimeTask]], Any],
         ts: list[RuntimeTask],
     ) -> str | None:
-        groups: dict[str, list[RuntimeTask]] = {}
-        for t in ts:
-            groups.setdefault(t.node, []).append(t)
+        """Run ``fn`` for each node's batch at once; the first failure, if any. A batch
+        whose backend call raised fails its tasks (their processes ended), so that no
+        task is left in a state nobody watches."""
+
+        async def guarded(node: str, b: list[RuntimeTask]) -> Any:
+            try:
+                return await fn(node, b)
+            except Exception as e:
+                log.exception("environment %s: the backend failed on node %s", self.id, node)
+                why = f"the backend failed on node {node}: {type(e).__name__}: {e}"
+                await self._fail_batch(node, b, why)
+                return why
+
+        groups = by_node(ts)
         if not groups:
             return None
-        results = await asyncio.gather(*(fn(node, b) for node, b in groups.items()))
+        results = await asyncio.gather(*(guarded(node, b) for node, b in groups.items()))
         for r in results:
             if r is not None:
                 return str(r)
         return None
 
-    async def _terminate(self, ts: Sequence[RuntimeTask]) -> None:
-        """End these tasks' processes (all nodes at once) and mark them DONE."""
-        groups: dict[str, list[RuntimeTask]] = {}
+    async def _fail_batch(self, node: str, ts: Sequence[RuntimeTask], why: str) -> None:
+        """These tasks' state is unknown after a fault: end whatever process they have
+        and report them failed (never alive on a guess)."""
+        live = [t for t in ts if t.state in tasksm.ALIVE]
+        if not live:
+            return
+        try:
+            await self.end_processes(live, grace=0.5)
+        except Exception:
+            log.exception("environment %s: ending processes on node %s", self.id, node)
+        self.apply(node, [(t, "FAIL", None, why) for t in live if t.state in tasksm.ALIVE])
+
+    def _expect_end(self, ts: Sequence[RuntimeTask]) -> None:
+        """These tasks' current processes are being ended on purpose: their exits are
+        not failures (and will not be mistaken for a later process's)."""
         for t in ts:
-            if t.pid is not None or t.state in tasksm.ALIVE or t.state in tasksm.FAILED:
-                self._ending.add(t.id)
-                groups.setdefault(t.node, []).append(t)
+            if t.pid is not None:
+                self._ending[t.id] = t.pid
+
+    async def end_processes(self, ts: Sequence[RuntimeTask], *, grace: float = GRACE) -> None:
+        """End these tasks' processes, all nodes at once, and wait until they are gone."""
+        self._expect_end(ts)
+        groups = by_node(ts)
         await asyncio.gather(
-            *(self.backend.stop(n, [t.id for t in b], GRACE) for n, b in groups.items())
+            *(self.backend.stop(n, [t.id for t in b], grace) for n, b in groups.items())
         )
-        for node, b in groups.items():
-            self._apply(
-                node, [(t, tasksm.DONE, None, t.reason) for t in b if t.state != tasksm.DONE]
-            )
+
+    async def _terminate(self, ts: Sequence[RuntimeTask]) -> None:
+        """End these tasks' processes (all nodes at once); those alive end DONE, those
+        that failed keep their state and reason."""
+        live = [t for t in ts if t.pid is not None or t.state in tasksm.ALIVE]
+        if not live:
+            return
+        await self.end_processes(live)
+        for node, b in by_node(live).items():
+            self.apply(node, [(t, "EXITED", NO_PID, None) for t in b if t.state != tasksm.PENDING])
 
     async def _recover(self, timeout: float) -> str | None:
         """RECOVER: relaunch failed tasks; bring the others back to STANDBY."""
@@ -601,11 +534,8 @@ class Environment:
             if not t.hook and (t.state in tasksm.FAILED or t.state == tasksm.DONE)
         ]
         await self._terminate(broken)
-        for node, b in _by_node(broken).items():
-            self._apply(node, [(t, tasksm.PENDING, None, None) for t in b])
-        for t in broken:
-            t.eos = False
-            t.reason = None
+        for node, b in by_node(broken).items():
+            self.apply(node, [(t, "RELAUNCH", NO_PID, None) for t in b])
         for name in ("STOP", "RESET"):
             error = await self._order_all(name, max(0.05, deadline - loop.time()))
             if error is not None:
@@ -615,91 +545,70 @@ class Environment:
     # -- reports from the backend ---------------------------------------------------------
 
     def on_reports(self, reports: Sequence[Report]) -> None:
-        """Exits, END_OF_STREAM, ERROR and slow news, in one list; never raises."""
-        changes: dict[str, list[tuple[RuntimeTask, str, int | None, str | None]]] = {}
+        """Exits, END_OF_STREAM, ERROR, node loss and slow news, in one list; never
+        raises (a fault here is logged, and the environment failed, not ignored)."""
+        try:
+            self._on_reports(reports)
+        except Exception as e:
+            log.exception("environment %s: reports could not be applied", self.id)
+            self._fail(f"the controller could not apply task reports: {type(e).__name__}: {e}")
+
+    def _on_reports(self, reports: Sequence[Report]) -> None:
+        changes: dict[str, list[Change]] = {}
+        seen: set[str] = set()  # tasks already changed in this list
         events: list[dict[str, Any]] = []
-        critical_failure: str | None = None
-        noncritical_failed: list[RuntimeTask] = []
         for r in reports:
             t = self.by_id.get(r.task_id)
             if t is None:
                 continue
-            if r.kind == "exited":
-                waiter = self._hook_waiters.get(t.id)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(r.code)
-                    continue
-                t.pid = None
-                if t.id in self._ending or t.state == tasksm.DONE:
-                    self._ending.discard(t.id)
-                    if t.state != tasksm.DONE and t.state not in tasksm.FAILED:
-                        changes.setdefault(t.node, []).append((t, tasksm.DONE, None, None))
-                    continue
-                if t.spec.control != "direct" and r.code == 0:
-                    changes.setdefault(t.node, []).append((t, tasksm.DONE, None, "finished"))
-                    continue
-                why = r.reason or "process ended"
-                if t.state in tasksm.FAILED:
-                    continue
-                if t.state == tasksm.PENDING:
-                    continue
-                changes.setdefault(t.node, []).append((t, tasksm.ERROR, None, why))
-            elif r.kind == "error":
-                if t.state in tasksm.FAILED or t.state in (tasksm.DONE, tasksm.PENDING):
-                    continue
-                why = r.reason
-                changes.setdefault(t.node, []).append((t, tasksm.ERROR, None, why))
-            elif r.kind == "end_of_stream":
-                t.eos = True
-                events.append(self._task_event(t, t.state, status="END_OF_STREAM"))
+            if r.kind == "end_of_stream":
+                if r.pid is None or t.pid is None or r.pid == t.pid:
+                    self.taskset.end_of_stream(t)
+                    events.append(self._task_event(t, t.state, status="END_OF_STREAM"))
                 continue
-            elif r.kind == "slow":
+            if r.kind == "slow":
                 events.append(self._task_event(t, t.state, status="SLOW", reason=r.reason))
                 continue
-            else:
+            ending = self._ending.get(t.id)
+            hook_run = r.kind == "exited" and t.hook and r.pid != ending
+            if hook_run and self.hooks.exited(t.id, r.code):
+                continue  # a hook task's run ended: the run says what it means
+            v = judge(r, state=t.state, pid=t.pid, direct=t.direct, ending=ending)
+            if v.expected:
+                self._ending.pop(t.id, None)
+            if v.event is None or t.id in seen:
                 continue
-            if t.spec.critical:
-                if critical_failure is None:
-                    critical_failure = f"task {t.spec.path} on {t.node}: {why}"
-            else:
-                noncritical_failed.append(t)
+            seen.add(t.id)
+            changes.setdefault(t.node, []).append((t, v.event, v.pid, v.reason))
         if events:
-            self._events(events)
+            self.announce(events)
+        failed: list[RuntimeTask] = []
         for node, ch in changes.items():
-            self._apply(node, ch)
-        for t in noncritical_failed:
-            why2 = self._collection_check(t)
-            if why2 and critical_failure is None:
-                critical_failure = why2
-        if critical_failure is not None:
-            self._fail(critical_failure)
-        elif self.state == envsm.RUNNING and self.transitioning is None and self._all_eos():
+            failed.extend(self.apply(node, ch))
+        why = self._verdict(failed)
+        if why is not None:
+            self._fail(why)
+        elif (
+            self.state == envsm.RUNNING
+            and self.transitioning is None
+            and self.taskset.all_end_of_stream()
+        ):
             self._spawn_auto("STOP_ACTIVITY", "every task reported END_OF_STREAM")
 
-    def _collection_check(self, t: RuntimeTask) -> str | None:
-        """A non-critical task failed: does its collection still have nmin members?"""
-        if t.member is None:
-            return None
-        coll = None
-        for path, c in self.collections.items():
-            if t.member in c.members:
-                coll = (path, c)
-                break
-        if coll is None:
-            return None
-        path, c = coll
-        bad = {x.member for x in self.tasks if x.member in c.members and x.state in tasksm.FAILED}
-        healthy = len(c.members) - len(bad)
-        if healthy < c.nmin:
-            return (
-                f"collection {path} has {healthy} of {len(c.members)} members healthy, "
-                f"fewer than nmin={c.nmin} (last: task {t.spec.path} on {t.node}: {t.reason})"
-            )
+    def _verdict(self, failed: Sequence[RuntimeTask]) -> str | None:
+        """Do these newly failed tasks fail the environment? Why, or None. O(failures)."""
+        for t in failed:
+            if t.spec.critical and not t.hook:
+                return f"task {t.spec.path} on {t.node}: {t.reason}"
+        colls = self.taskset.collections
+        for t in failed:
+            if t.member is not None and t.spec.collection is not None:
+                why = colls.verdict(
+                    t.spec.collection, f"task {t.spec.path} on {t.node}: {t.reason}"
+                )
+                if why is not None:
+                    return why
         return None
-
-    def _all_eos(self) -> bool:
-        direct = [t for t in self.tasks if not t.hook and t.spec.control == "direct"]
-        return bool(direct) and all(t.eos for t in direct if t.state == tasksm.RUNNING)
 
     def _fail(self, why: str) -> None:
         """A critical failure: fail the running transition, or go to ERROR now."""
@@ -709,18 +618,21 @@ class Environment:
             return
         if self.state in (envsm.ERROR, envsm.DONE, envsm.STANDBY):
             return
-        # GO_ERROR at once: persisted and announced before anything else happens.
+        # GO_ERROR at once: announced after it is stored (the journal keeps the order).
         self.error = why
         now = self.clock()
-        tid = self.store.begin_transition(self.id, "GO_ERROR", self.state, now)
         src = self.state
+        self.journal.write(lambda: self._go_error_rows(src, why, now))
         self._set_state(envsm.ERROR, event="GO_ERROR", error=why)
-        self.store.end_transition(tid, "DONE", envsm.ERROR, why, self.clock())
         ev = self._transition_event("GO_ERROR", src, envsm.ERROR, "DONE")
         ev["error"] = why
-        self._events([ev, *self._role_events()])
+        self.announce([ev, *self._role_events()])
         if any(c.trigger.name == "GO_ERROR" for c in self.plan.calls):
             self._spawn_auto("GO_ERROR", why)
+
+    def _go_error_rows(self, src: str, why: str, now: float) -> list[dict[str, Any]]:
+        self.store.add_transition(self.id, "GO_ERROR", src, envsm.ERROR, why, now)
+        return []
 
     def _spawn_auto(self, event: str, why: str) -> None:
         if self._auto is not None and not self._auto.done():
@@ -731,26 +643,22 @@ class Environment:
                 if event == "GO_ERROR":
                     # state already ERROR; run the GO_ERROR hooks through the lock
                     async with self.lock:
-                        slots = schedule(self.hooked, "GO_ERROR", envsm.ERROR, envsm.ERROR)
-                        running: dict[int, asyncio.Task[tuple[bool, str | None]]] = {}
-                        for slot in slots:
-                            if not slot.tasks:
-                                await self._run_slot(slot, event, running)
-                        await self._cancel_calls(running)
+                        running: Running = {}
+                        try:
+                            slots = schedule(self.hooks.items, "GO_ERROR", envsm.ERROR, envsm.ERROR)
+                            for slot in slots:
+                                if not slot.tasks:
+                                    await self.hooks.run_slot(slot, event, running)
+                        finally:
+                            await self.hooks.cancel(running)
                 else:
-                    self._events(
-                        [
-                            {
-                                "kind": "environment",
-                                "env": self.id,
-                                "state": self.state,
-                                "note": f"automatic {event}: {why}",
-                            }
-                        ]
-                    )
+                    note = f"automatic {event}: {why}"
+                    self.announce([self._env_event(self.state, note=note)])
                     await self.transition(event)
             except TransitionError:
                 pass
+            except Exception:
+                log.exception("environment %s: automatic %s", self.id, event)
 
         self._auto = asyncio.ensure_future(run())
 
@@ -765,52 +673,43 @@ class Environment:
                 self._auto.cancel()
         async with self.lock:
             self.actor = actor
-            if self.state == envsm.RUNNING:
-                with contextlib.suppress(TransitionError):
-                    await self._transition("STOP_ACTIVITY", timeout)
-            if self.state in (envsm.CONFIGURED, envsm.DEPLOYED, envsm.STANDBY):
-                with contextlib.suppress(TransitionError):
-                    await self._transition("EXIT", timeout)
-            self._close_run()
-            await self._terminate(self.tasks)
-            never = [t for t in self.tasks if t.state == tasksm.PENDING]
-            for node, ts in _by_node(never).items():
-                self._apply(node, [(t, tasksm.DONE, None, "never started") for t in ts])
-            for node in {t.node for t in self.tasks}:
-                await self.backend.release(node, self.id)
-            if self.state != envsm.DONE:
-                self._set_state(envsm.DONE, event="DESTROY")
-            self._events([self._env_event(envsm.DONE, note="destroyed")])
-            self.actor = None
+            try:
+                if self.state == envsm.RUNNING:
+                    with contextlib.suppress(TransitionError):
+                        await self._transition("STOP_ACTIVITY", timeout)
+                if self.state in (envsm.CONFIGURED, envsm.DEPLOYED, envsm.STANDBY):
+                    with contextlib.suppress(TransitionError):
+                        await self._transition("EXIT", timeout)
+            finally:
+                # whatever failed above, nothing of this environment is left running
+                self._close_run()
+                await self._terminate(self.tasks)
+                never = [t for t in self.tasks if t.state == tasksm.PENDING]
+                for node, ts in by_node(never).items():
+                    self.apply(node, [(t, "EXITED", None, "never started") for t in ts])
+                for node in {t.node for t in self.tasks}:
+                    with contextlib.suppress(Exception):
+                        await self.backend.release(node, self.id)
+                if self.state != envsm.DONE:
+                    self._set_state(envsm.DONE, event="DESTROY")
+                self.announce([self._env_event(envsm.DONE, note="destroyed")])
+                self.actor = None
 
     # -- state, store, events ---------------------------------------------------------------
 
-    def _apply(
-        self, node: str, changes: Sequence[tuple[RuntimeTask, str, int | None, str | None]]
-    ) -> None:
-        """One node's task changes: one transaction, then their events."""
+    def apply(self, node: str, changes: Sequence[Change]) -> list[RuntimeTask]:
+        """One node's task changes: one store write, then their events. Returns the
+        tasks that just failed."""
         if not changes:
-            return
+            return []
+        stored, events, failed = self.taskset.apply(node, self.id, changes)
+        if not stored:
+            return failed
         self.version += 1
-        stored = []
-        groups: dict[str, list[str]] = {}
-        singles: list[dict[str, Any]] = []
-        for t, state, pid, reason in changes:
-            t.state = state
-            if pid is not None:
-                t.pid = pid
-            t.reason = reason
-            stored.append(TaskChange(t.idx, state, pid, reason))
-            if reason is not None:
-                singles.append(self._task_event(t, state, reason=reason))
-            else:
-                groups.setdefault(state, []).append(t.spec.path)
-        events: list[dict[str, Any]] = [
-            {"kind": "task", "env": self.id, "node": node, "state": s, "count": len(p), "tasks": p}
-            for s, p in groups.items()
-        ]
-        events.extend(singles)
-        self._publish(self.store.update_tasks(self.id, stored, self.clock(), events))
+        now = self.clock()
+        env_id = self.id
+        self.journal.write(lambda: self.store.update_tasks(env_id, stored, now, events))
+        return failed
 
     def _set_state(self, state: str, *, event: str, error: str | None = None) -> None:
         self.version += 1
@@ -822,24 +721,21 @@ class Environment:
         ev = self._env_event(state, transition=event)
         if error is not None:
             ev["error"] = error
-        self._publish(
-            self.store.set_environment(self.id, state, self.clock(), error=error, events=[ev])
+        now = self.clock()
+        env_id = self.id
+        self.journal.write(
+            lambda: self.store.set_environment(env_id, state, now, error=error, events=[ev])
         )
 
+    def announce(self, events: Sequence[dict[str, Any]]) -> None:
+        """Store these events, then announce them."""
+        if events:
+            now = self.clock()
+            evs = list(events)
+            self.journal.write(lambda: self.store.add_events(evs, now))
+
     def _task_event(self, t: RuntimeTask, state: str, **extra: Any) -> dict[str, Any]:
-        """The event of one task: what, where, which process, how critical."""
-        ev: dict[str, Any] = {
-            "kind": "task",
-            "env": self.id,
-            "node": t.node,
-            "task": t.spec.path,
-            "id": t.id,
-            "state": state,
-            "pid": t.pid,
-            "critical": t.spec.critical,
-        }
-        ev.update(extra)
-        return ev
+        return task_event(self.id, t, state, **extra)
 
     def _env_event(self, state: str, **extra: Any) -> dict[str, Any]:
         ev: dict[str, Any] = {"kind": "environment", "env": self.id, "state": state}
@@ -881,53 +777,19 @@ class Environment:
 
     def _role_events(self) -> list[dict[str, Any]]:
         """Aggregated states of the top-level roles that changed."""
-        per: dict[str, list[tuple[str, bool]]] = {}
-        for t in self.tasks:
-            if t.hook:
-                continue
-            parts = t.spec.path.split(".", 2)
-            role = ".".join(parts[:2])
-            per.setdefault(role, []).append((t.state, t.spec.critical))
         out = []
-        for role, states in per.items():
-            s = tasksm.aggregate(states)
+        for role in self.taskset.roles():
+            s = self.taskset.aggregate(role)
             if self._roles.get(role) != s:
                 self._roles[role] = s
                 out.append({"kind": "role", "env": self.id, "role": role, "state": s})
         return out
 
-    def _events(self, events: Sequence[dict[str, Any]]) -> None:
-        if events:
-            self._publish(self.store.add_events(events, self.clock()))
-
-    def _publish(self, stored: Sequence[dict[str, Any]]) -> None:
-        self.bus.publish(stored)
-
     # -- views ------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         """Tasks by state (hook tasks, which run only at their trigger, left out)."""
-        out: dict[str, int] = {}
-        for t in self.tasks:
-            if not t.hook:
-                out[t.state] = out.get(t.state, 0) + 1
-        return out
+        return dict(self.taskset.counts)
 
     def aggregate(self) -> str:
-        return tasksm.aggregate((t.state, t.spec.critical) for t in self.tasks if not t.hook)
-
-
-def _member_of(path: str, members: dict[str, str]) -> str | None:
-    p = path
-    while "." in p:
-        p = p.rsplit(".", 1)[0]
-        if p in members:
-            return p
-    return None
-
-
-def _by_node(ts: Sequence[RuntimeTask]) -> dict[str, list[RuntimeTask]]:
-    out: dict[str, list[RuntimeTask]] = {}
-    for t in ts:
-        out.setdefault(t.node, []).append(t)
-    return out
+        return self.taskset.aggregate()

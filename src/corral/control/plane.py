@@ -3,7 +3,13 @@
 How this runs. One ``ControlPlane`` per control process, on one asyncio loop. It owns
 the backend's report subscription and routes each list of reports to the
 environments they concern (task ids are ``<environment id>:<index>``), in one call
-per environment. It is the store's single writer, through its environments.
+per environment. It is the store's single writer, through one journal (``journal``)
+that keeps writes in order and retries them while the store fails.
+
+At start, ``adopt_leftovers`` deals with what a previous control process left: its
+processes are ended, its unfinished transitions closed, its environments' tasks
+marked LOST (once); then each such environment is either taken over (in ERROR, so
+that an operator can RECOVER or destroy it) or, for a one-shot ``corral run``, ended.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import sys
 import time
@@ -18,15 +25,21 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from corral.calls import Registry
+from corral.control import recipes
 from corral.control.environment import Environment
+from corral.control.journal import Journal
 from corral.control.ledger import Ledger, PlacementError, priority_of, strategy_of
 from corral.events.bus import EventBus
+from corral.lifecycle import environment as envsm
 from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.planning.placement import NoFit
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import Backend, Report
 from corral.store.sqlite import SqliteStore
+
+log = logging.getLogger("corral.plane")
+RESTARTED = "the control server restarted"
 
 
 def new_environment_id() -> str:
@@ -69,6 +82,9 @@ class ControlPlane:
         self.backend = backend
         self.calls = calls if calls is not None else Registry()
         self.bus = bus if bus is not None else EventBus()
+        self.journal = Journal(self.bus)
+        self.left: dict[str, str] = {}  # environments a previous process left, not run here: why
+        self._destroying: dict[str, asyncio.Future[None]] = {}
         self.log_dir = log_dir
         self.clock = clock
         self.environments: dict[str, Environment] = {}
@@ -88,20 +104,41 @@ class ControlPlane:
         source: str | None = None,
         timeouts: dict[str, float] | None = None,
         created_by: str | None = None,
+        recipe: str | None = None,
     ) -> Environment:
         """Place the plan's tasks (all or none: PlacementError says why not), then
-        create the environment in the store."""
+        create the environment in the store (StoreUnavailable if it refuses).
+        ``recipe`` (control.recipes) lets a later control process take it over."""
         env_id = env_id or new_environment_id()
+        env = self._placed(env_id, plan, source=source, timeouts=timeouts)
+        env.created_by = created_by
+        env.recipe = recipe
+        try:
+            env.create()
+        except BaseException:
+            self.ledger.release(env_id)
+            raise
+        self.environments[env.id] = env
+        return env
+
+    def _placed(
+        self,
+        env_id: str,
+        plan: Plan,
+        *,
+        source: str | None = None,
+        timeouts: dict[str, float] | None = None,
+    ) -> Environment:
         _, priority = priority_of(plan, self.priority_classes)
         reservation = self.ledger.reserve(
             env_id, plan, seed=env_id, strategy=strategy_of(plan), priority=priority
         )
-        env = Environment(
+        return Environment(
             env_id,
             plan,
             backend=self.backend,
             store=self.store,
-            bus=self.bus,
+            journal=self.journal,
             calls=self.calls,
             source=source,
             timeouts=timeouts,
@@ -110,14 +147,6 @@ class ControlPlane:
             nodes=reservation.nodes,
             ports=reservation.ports,
         )
-        env.created_by = created_by
-        try:
-            env.create()
-        except BaseException:
-            self.ledger.release(env_id)
-            raise
-        self.environments[env.id] = env
-        return env
 
     async def create_preempting(
         self,
@@ -146,12 +175,7 @@ class ControlPlane:
             return evict, None
         for victim in evict:
             note = f"preempted by {env_id} ({cls} priority)"
-            self.bus.publish(
-                self.store.add_events(
-                    [{"kind": "environment", "env": victim, "note": note, "actor": actor}],
-                    self.clock(),
-                )
-            )
+            self.record({"kind": "environment", "env": victim, "note": note, "actor": actor})
             if victim in self.environments:
                 await self.destroy(victim, actor=actor or f"preemption for {env_id}")
         return evict, self.create(plan, env_id=env_id, created_by=actor, **kw)
@@ -175,62 +199,135 @@ class ControlPlane:
         self.cordon(node, True)
         for victim in victims:
             note = f"evicted: node {node} is drained"
-            self.bus.publish(self.store.add_events(
-                [{"kind": "environment", "env": victim, "note": note, "actor": actor}],
-                self.clock(),
-            ))  # fmt: skip
+            self.record({"kind": "environment", "env": victim, "note": note, "actor": actor})
             if victim in self.environments:
                 await self.destroy(victim, actor=actor)
         return victims
 
+    def record(self, event: dict[str, Any]) -> None:
+        """Store an event (through the journal), then announce it."""
+        now = self.clock()
+        self.journal.write(lambda: self.store.add_events([event], now))
+
     async def destroy(self, env_id: str, *, actor: str | None = None) -> None:
+        """Destroy an environment run here; a second call while one runs waits for it."""
+        running = self._destroying.get(env_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return
         env = self.environments.get(env_id)
         if env is None:
             return
-        await env.destroy(actor=actor)
-        del self.environments[env_id]
-        self.ledger.release(env_id)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._destroying[env_id] = done
+        try:
+            await env.destroy(actor=actor)
+            self.environments.pop(env_id, None)
+            self.ledger.release(env_id)
+            done.set_result(None)
+        except BaseException as e:
+            done.set_exception(e)
+            done.exception()  # a waiter re-raises it; nobody else needs to see it
+            raise
+        finally:
+            self._destroying.pop(env_id, None)
 
-    async def adopt_leftovers(self) -> list[str]:
+    async def forget(self, env_id: str, *, actor: str | None = None) -> None:
+        """End an environment a previous control process left and this one does not run
+        (``left``): its processes are ended wherever they still run, and it is DONE."""
+        why = self.left.pop(env_id, None)
+        if why is None:
+            return
+        ended = await self.backend.end_leftovers([env_id])
+        note = f"destroyed after {RESTARTED}"
+        ev = {"kind": "environment", "env": env_id, "state": envsm.DONE, "note": note,
+              "transition": "DESTROY", "ended": ended}  # fmt: skip
+        if actor is not None:
+            ev["actor"] = actor
+        now = self.clock()
+        self.journal.write(lambda: self.store.forget(env_id, note, now, [ev]))
+
+    async def adopt_leftovers(self, *, take_over: bool = True) -> list[str]:
         """At start: what a previous control process left unfinished.
 
-        Re-attaching to running tasks comes later; until then their environments go to
-        ERROR, their tasks to LOST, and the processes still running are ended. Returns
-        one line per environment saying so.
+        Its processes still running are ended (every one that carries an unfinished
+        environment's id), its transitions left STARTED end FAILED, and the tasks it
+        reported alive are LOST, their environment in ERROR; this is done once, not
+        again at each restart. Then, with ``take_over``, each environment whose plan can
+        be expanded again (its recipe) and placed is run by this process, in ERROR:
+        RECOVER relaunches it, destroy ends it. Those that cannot be are ``left``
+        (destroying them ends them); without ``take_over`` (``corral run``), every one
+        is ended. Returns one line per environment saying what happened.
         """
+        now = self.clock()
+        self.store.end_interrupted(f"interrupted: {RESTARTED}", now)
+        unfinished = self.store.unfinished()
+        if not unfinished:
+            return []
+        ended = await self.backend.end_leftovers([e["id"] for e in unfinished])
         notes = []
-        for env in self.store.orphans():
-            env_id = env["id"]
-            pairs = [(f"{env_id}:{t['idx']}", t["pid"]) for t in env["tasks"]]
-            ended = await self.backend.end_leftovers(pairs)
-            reason = (
-                "the control server restarted: its tasks are no longer watched "
-                f"(re-attaching comes later); {ended} leftover processes ended"
-            )
-            ev = {
-                "kind": "environment",
-                "env": env_id,
-                "state": "ERROR",
-                "error": reason,
-                "transition": "GO_ERROR",
-            }
-            lost = {
-                "kind": "task",
-                "env": env_id,
-                "state": "LOST",
-                "count": len(pairs),
-                "tasks": [t["path"] for t in env["tasks"]],
-                "reason": reason,
-            }
-            self.bus.publish(self.store.mark_lost(env_id, reason, self.clock(), [lost, ev]))
-            notes.append(f"environment {env_id} ({env['name']}) was {env['state']}: {reason}")
+        for row in unfinished:
+            env_id = row["id"]
+            if row["alive"]:
+                self._mark_lost(row, ended)
+            what = f"environment {env_id} ({row['name']}) was {row['state']}"
+            if not take_over:
+                self.left[env_id] = RESTARTED
+                await self.forget(env_id)
+                notes.append(f"{what}; its control process died: it is ended")
+                continue
+            why = self._take_over(row)
+            if why is None:
+                notes.append(f"{what}: taken over in ERROR (RECOVER or destroy it)")
+            else:
+                self.left[env_id] = why
+                notes.append(f"{what}: not taken over ({why}); destroying it ends it")
+        if ended:
+            notes.append(f"{ended} leftover processes ended")
         return notes
+
+    def _mark_lost(self, row: dict[str, Any], ended: int) -> None:
+        env_id = row["id"]
+        reason = f"{RESTARTED}: its tasks are no longer watched; leftover processes ended"
+        ev = {"kind": "environment", "env": env_id, "state": envsm.ERROR, "error": reason,
+              "transition": "GO_ERROR"}  # fmt: skip
+        lost = {"kind": "task", "env": env_id, "state": "LOST", "count": len(row["alive"]),
+                "tasks": [t["path"] for t in row["alive"]], "reason": reason}  # fmt: skip
+        now = self.clock()
+        self.journal.write(lambda: self.store.mark_lost(env_id, reason, now, [lost, ev]))
+
+    def _take_over(self, row: dict[str, Any]) -> str | None:
+        """Run a left environment here, in ERROR; or say why it cannot be."""
+        env_id = row["id"]
+        if not row.get("recipe"):
+            return "it was created without a recipe"
+        plan, diags = recipes.replay(row["recipe"])
+        if plan is None:
+            text = diags if isinstance(diags, str) else "; ".join(str(d) for d in diags[:3])
+            return f"its plan does not expand again: {text}"
+        stored = self.store.tasks(env_id)
+        if [t.path for t in plan.tasks] != [t["path"] for t in stored]:
+            return "its plan expands to other tasks than it had"
+        try:
+            env = self._placed(env_id, plan, source=row["source"])
+        except (PlacementError, ValueError) as e:
+            return f"it does not fit any more: {e}"
+        fresh = self.store.environment(env_id) or row
+        env.restore(fresh, self.store.tasks(env_id))
+        env.recipe = row["recipe"]
+        self.store.set_nodes(env_id, [(t.idx, t.node) for t in env.tasks])
+        self.environments[env_id] = env
+        return None
 
     async def close(self) -> None:
         """Destroy every environment, then close the backend."""
         for env_id in list(self.environments):
-            await self.destroy(env_id)
+            try:
+                await self.destroy(env_id)
+            except Exception:
+                log.exception("destroying environment %s", env_id)
         await self.backend.close()
+        self.journal.close()
 
     def _on_reports(self, reports: Sequence[Report]) -> None:
         per: dict[str, list[Report]] = {}

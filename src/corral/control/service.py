@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import sys
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.calls import CallError
+from corral.control import recipes
 from corral.control.environment import Environment, TransitionError
+from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, new_environment_id
 from corral.model.plan import Plan
@@ -29,6 +32,7 @@ from corral.store.files import DiskSources
 from corral.templates import Diagnostic, check
 
 ROLES = ("viewer", "operator", "admin")
+log = logging.getLogger("corral.service")
 
 
 class ServiceError(Exception):
@@ -131,7 +135,14 @@ class ControlService:
         if take or drop:
             ev = {"kind": "lock", "actor": who.name, "taken": take, "released": drop,
                   "forced": force}  # fmt: skip
-            self.plane.bus.publish(self.store.set_locks(take, drop, who.name, self.clock(), [ev]))
+            now = self.clock()
+            try:
+                stored = self.plane.journal.call(
+                    lambda: self.store.set_locks(take, drop, who.name, now, [ev])
+                )
+            except StoreUnavailable as e:
+                raise ServiceError(503, "Store unavailable", str(e)) from None
+            self.plane.journal.publish(stored)
 
     def check_locks(self, detectors: list[str], who: Principal) -> None:
         held = self.store.locks()
@@ -168,37 +179,48 @@ class ControlService:
     def expand(
         self, name: str, variables: dict[str, str], *, env_id: str = ""
     ) -> tuple[Plan | None, list[Diagnostic], str]:
+        plan, diags, path, _ = self._expand(name, variables, env_id=env_id)
+        return plan, diags, path
+
+    def _expand(
+        self, name: str, variables: dict[str, str], *, env_id: str = ""
+    ) -> tuple[Plan | None, list[Diagnostic], str, str]:
+        """The plan, the errors, the workflow's path and the recipe to expand it again."""
         path = self.workflow_path(name)
         defaults = {"python": sys.executable, "workflow_dir": os.path.dirname(path)}
         if env_id:
             defaults["environment_id"] = env_id
-        plan, diags = check(
-            path, DiskSources(), variables=variables, global_defaults=defaults, seed=env_id or "0"
-        )
-        return plan, diags, path
+        seed = env_id or "0"
+        sources = recipes.RecordingSources(DiskSources())
+        plan, diags = check(path, sources, variables=variables, global_defaults=defaults, seed=seed)
+        recipe = recipes.make(path, sources.files, variables, defaults, seed)
+        return plan, diags, path, recipe
 
     # -- environments ----------------------------------------------------------------------------
 
     def create(self, name: str, variables: dict[str, str], who: Principal) -> Environment:
-        plan, env_id = self._checked_plan(name, variables, who)
+        plan, env_id, recipe = self._checked_plan(name, variables, who)
         return self._placed(plan, lambda: self.plane.create(
-            plan, env_id=env_id, source=self.workflow_path(name), created_by=who.name))  # fmt: skip
+            plan, env_id=env_id, source=self.workflow_path(name), created_by=who.name,
+            recipe=recipe))  # fmt: skip
 
     async def create_preempting(
         self, name: str, variables: dict[str, str], who: Principal, *, dry_run: bool
     ) -> tuple[list[str], Environment | None]:
         """Create, evicting lower-priority environments if needed (their holders' locks
         are not checked: priority decides); a dry run only says what would go."""
-        plan, env_id = self._checked_plan(name, variables, who)
+        plan, env_id, recipe = self._checked_plan(name, variables, who)
         try:
             return await self.plane.create_preempting(
                 plan, dry_run=dry_run, env_id=env_id, actor=who.name,
-                source=self.workflow_path(name),
+                source=self.workflow_path(name), recipe=recipe,
             )  # fmt: skip
         except ValueError as e:
             raise ServiceError(422, "Bad variable", str(e)) from None
         except PlacementError as e:
             raise _nofit(e, len(plan.tasks)) from None
+        except StoreUnavailable as e:
+            raise ServiceError(503, "Store unavailable", str(e)) from None
 
     def _placed(self, plan: Plan, make: Callable[[], Environment]) -> Environment:
         try:
@@ -207,12 +229,14 @@ class ControlService:
             raise ServiceError(422, "Bad variable", str(e)) from None
         except PlacementError as e:
             raise _nofit(e, len(plan.tasks)) from None
+        except StoreUnavailable as e:
+            raise ServiceError(503, "Store unavailable", str(e)) from None
 
     def _checked_plan(
         self, name: str, variables: dict[str, str], who: Principal
-    ) -> tuple[Plan, str]:
+    ) -> tuple[Plan, str, str]:
         env_id = new_environment_id()
-        plan, diags, _ = self.expand(name, variables, env_id=env_id)
+        plan, diags, _, recipe = self._expand(name, variables, env_id=env_id)
         if plan is None:
             raise ServiceError(
                 422, "Template errors", f"{len(diags)} errors in {name}",
@@ -227,15 +251,22 @@ class ControlService:
         if problems:
             raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
         self.check_locks(detectors_of(plan), who)
-        return plan, env_id
+        return plan, env_id, recipe
 
     def get(self, env_id: str) -> Environment:
         env = self.plane.environments.get(env_id)
         if env is None:
+            why = self.plane.left.get(env_id)
+            if why is not None:
+                raise ServiceError(
+                    409, "Not controlled", f"environment {env_id} was left by a previous "
+                    f"server and is not run by this one ({why}); destroy it (DELETE) and "
+                    "create it anew",
+                )  # fmt: skip
             if self.store.environment(env_id) is not None:
                 raise ServiceError(
                     409, "Not controlled", f"environment {env_id} is not run by this server "
-                    "(it ended, or a previous server left it)",
+                    "(it ended)",
                 )  # fmt: skip
             raise ServiceError(404, "No such environment", f"no environment {env_id!r}")
         return env
@@ -254,7 +285,7 @@ class ControlService:
             )
         task = asyncio.ensure_future(env.transition(event.upper(), actor=who.name))
         # a failure is in the environment's state and events; nobody awaits a started job
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.add_done_callback(_consumed)
         self._jobs[env_id] = task
         if not wait:
             await asyncio.sleep(0)
@@ -270,6 +301,9 @@ class ControlService:
                 env.run_number}  # fmt: skip
 
     async def destroy(self, env_id: str, who: Principal) -> None:
+        if env_id in self.plane.left:  # a previous server's: end what it left, and it
+            await self.plane.forget(env_id, actor=who.name)
+            return
         env = self.get(env_id)
         self.check_locks(detectors_of(env.plan), who)
         job = self._jobs.pop(env_id, None)
@@ -277,7 +311,14 @@ class ControlService:
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError, TransitionError):
                 await job
-        await self.plane.destroy(env_id, actor=who.name)
+        try:
+            await self.plane.destroy(env_id, actor=who.name)
+        except Exception as e:
+            log.exception("destroying environment %s", env_id)
+            raise ServiceError(
+                503, "Destroy incomplete", f"destroying {env_id} failed ({type(e).__name__}: "
+                f"{e}); it is still run by this server: try again",
+            ) from None  # fmt: skip
 
     async def close(self) -> None:
         for job in self._jobs.values():
@@ -291,7 +332,17 @@ class ControlService:
     def _record(self, event: dict[str, Any], actor: str | None) -> None:
         if actor is not None:
             event["actor"] = actor
-        self.plane.bus.publish(self.store.add_events([event], self.clock()))
+        self.plane.record(event)
+
+
+def _consumed(job: asyncio.Task[str]) -> None:
+    """A transition nobody waits for ended: its failure is in the environment's state
+    and events; anything else is a bug, and is logged, never dropped silently."""
+    if job.cancelled():
+        return
+    exc = job.exception()
+    if exc is not None and not isinstance(exc, TransitionError):
+        log.error("a transition ended on an unexpected error", exc_info=exc)
 
 
 def detectors_of(plan: Plan) -> list[str]:

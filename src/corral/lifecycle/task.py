@@ -5,6 +5,10 @@ says it is ready (a direct task's first message) or is spawned (basic), then
 follows the environment: STANDBY, CONFIGURED, RUNNING. ERROR is a task that
 failed (answered an error, broke the protocol, died while it should live); LOST
 is a task whose node is gone; DONE is a task that ended as asked.
+
+Every change of a task's state goes through ``next_state``, which raises
+``IllegalTaskTransition`` for a pair the table does not have: a controller bug shows
+up as an exception in the tests, not as a task in a state it cannot be in.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ STATES: tuple[str, ...] = (PENDING, LAUNCHING, STANDBY, CONFIGURED, RUNNING, ERR
 # Events a task's state reacts to: the controller's LAUNCH, the task's answers to the
 # task transitions (by the transition's name), and what happens to it: READY (it
 # answered its launch), FAIL (error, protocol break, unexpected exit), LOSE (node
-# gone), EXITED (its process ended cleanly when asked or a basic task finished).
+# gone), EXITED (its process ended when asked, or a basic task finished; a task that
+# never started ends DONE too), and RELAUNCH (RECOVER queues an ended task again).
 TASK_EVENTS: tuple[str, ...] = (
     "LAUNCH",
     "READY",
@@ -38,6 +43,7 @@ TASK_EVENTS: tuple[str, ...] = (
     "FAIL",
     "LOSE",
     "EXITED",
+    "RELAUNCH",
 )
 
 TRANSITIONS: dict[tuple[str, str], str] = {
@@ -53,6 +59,10 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (ERROR, "LAUNCH"): LAUNCHING,
     (LOST, "LAUNCH"): LAUNCHING,
     (DONE, "LAUNCH"): LAUNCHING,
+    # RECOVER puts a failed, lost or finished task back in the queue
+    (ERROR, "RELAUNCH"): PENDING,
+    (LOST, "RELAUNCH"): PENDING,
+    (DONE, "RELAUNCH"): PENDING,
 }
 for _s in (PENDING, LAUNCHING, STANDBY, CONFIGURED, RUNNING):
     TRANSITIONS[(_s, "FAIL")] = ERROR
@@ -68,9 +78,26 @@ ALIVE: frozenset[str] = frozenset((LAUNCHING, STANDBY, CONFIGURED, RUNNING))
 FAILED: frozenset[str] = frozenset((ERROR, LOST))
 
 
+class IllegalTaskTransition(ValueError):
+    """A task event that its state does not accept (a bug of the caller)."""
+
+    def __init__(self, state: str, event: str) -> None:
+        super().__init__(f"task event {event} is not allowed in state {state}")
+        self.state = state
+        self.event = event
+
+
 def task_step(state: str, event: str) -> str | None:
     """The task's next state, or None when ``event`` makes no sense in ``state``."""
     return TRANSITIONS.get((state, event))
+
+
+def next_state(state: str, event: str) -> str:
+    """The task's next state; raises IllegalTaskTransition when the table has none."""
+    nxt = TRANSITIONS.get((state, event))
+    if nxt is None:
+        raise IllegalTaskTransition(state, event)
+    return nxt
 
 
 def aggregate(states: Iterable[tuple[str, bool]]) -> str:

@@ -97,13 +97,20 @@ class Report:
                          long, EOF while alive), or failed its health check as many
                          times in a row as it allows; ``reason`` says which;
       ``slow``           the task has not answered a launch or transition yet, while
-                         its process is alive; ``reason`` says for how long.
+                         its process is alive; ``reason`` says for how long;
+      ``lost``           the task's node is gone (or cut off): its process is taken
+                         for dead, and ``reason`` says why.
+
+    ``pid`` names the process the news is about, when there is one: a task relaunched
+    by RECOVER is a new process with the same task id, and news of its previous
+    process must not be taken for news of the new one.
     """
 
     task_id: str
     kind: str
     reason: str = ""
     code: int | None = None
+    pid: int | None = None
 
 
 ReportSink = Callable[[list[Report]], None]
@@ -143,7 +150,9 @@ class Backend(Protocol):
     async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
         """End these tasks' process groups: SIGTERM, then SIGKILL after ``grace``.
 
-        Returns once every one of them is reaped. Unknown or ended tasks are skipped.
+        Returns once every one of them is reaped, and every process that carries one
+        of these task ids (a descendant that left the group) is ended too. Unknown or
+        ended tasks are skipped.
         """
         ...
 
@@ -151,11 +160,12 @@ class Backend(Protocol):
         """Forget an environment on this node: remove its ipc paths and leftovers."""
         ...
 
-    async def end_leftovers(self, tasks: Sequence[tuple[str, int | None]]) -> int:
-        """End processes a previous control process left running: (task id, pid) pairs.
+    async def end_leftovers(self, env_ids: Sequence[str]) -> int:
+        """End every process a previous control process left running for these
+        environments, wherever it runs.
 
-        Only a process that provably is that task is ended (never a reused pid);
-        returns how many were ended.
+        Only a process that provably belongs to one of them is ended (it carries the
+        environment's id), never a reused pid; returns how many were ended.
         """
         ...
 

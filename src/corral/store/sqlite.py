@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS environments(
     id TEXT PRIMARY KEY, name TEXT NOT NULL, source TEXT, state TEXT NOT NULL,
     variables TEXT NOT NULL, run_number INTEGER, error TEXT,
-    created REAL NOT NULL, updated REAL NOT NULL, created_by TEXT);
+    created REAL NOT NULL, updated REAL NOT NULL, created_by TEXT, recipe TEXT);
 CREATE TABLE IF NOT EXISTS tasks(
     env TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, class TEXT NOT NULL,
     node TEXT NOT NULL, state TEXT NOT NULL, critical INTEGER NOT NULL,
@@ -58,7 +58,7 @@ class TaskRow:
 
 @dataclass(frozen=True, slots=True)
 class TaskChange:
-    """A task's new state (and pid or reason, when they change)."""
+    """A task's new state and reason; its pid when that changes (0: no process now)."""
 
     idx: int
     state: str
@@ -92,7 +92,7 @@ class SqliteStore:
     def _migrate(self) -> None:
         """Add the columns later versions introduced to a store an older one created."""
         added = {
-            "environments": [("created_by", "TEXT")],
+            "environments": [("created_by", "TEXT"), ("recipe", "TEXT")],
             "transitions": [("actor", "TEXT")],
             "tasks": [("since", "REAL")],
         }
@@ -117,13 +117,17 @@ class SqliteStore:
         now: float,
         events: Sequence[Event] = (),
         created_by: str | None = None,
+        recipe: str | None = None,
     ) -> list[Event]:
+        """``recipe``: how to expand the plan again (JSON), so that a later control
+        process can take the environment over."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO environments(id, name, source, state, variables, created, updated,"
-                " created_by) VALUES (?, ?, ?, 'STANDBY', ?, ?, ?, ?)",
-                (env_id, name, source, json.dumps(variables, sort_keys=True), now, now, created_by),
-            )
+                " created_by, recipe) VALUES (?, ?, ?, 'STANDBY', ?, ?, ?, ?, ?)",
+                (env_id, name, source, json.dumps(variables, sort_keys=True), now, now,
+                 created_by, recipe),
+            )  # fmt: skip
             db.executemany(
                 "INSERT INTO tasks(env, idx, path, class, node, state, critical, since)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -161,16 +165,18 @@ class SqliteStore:
                 if c.pid is None and c.reason is None:
                     plain.setdefault(c.state, []).append(c.idx)
                 else:
-                    detailed.append((c.state, c.pid, c.reason, now, env_id, c.idx))
+                    detailed.append((c.state, c.pid, c.pid, c.pid, c.reason, now, env_id, c.idx))
             for state, idxs in plain.items():
                 db.executemany(
-                    "UPDATE tasks SET state=?, since=? WHERE env=? AND idx BETWEEN ? AND ?",
+                    "UPDATE tasks SET state=?, reason=NULL, since=? "
+                    "WHERE env=? AND idx BETWEEN ? AND ?",
                     ((state, now, env_id, lo, hi) for lo, hi in _runs(idxs)),
                 )
             if detailed:
                 db.executemany(
-                    "UPDATE tasks SET state=?, pid=COALESCE(?, pid), reason=?, since=? "
-                    "WHERE env=? AND idx=?",
+                    "UPDATE tasks SET state=?, "
+                    "pid=CASE WHEN ? IS NULL THEN pid WHEN ?=0 THEN NULL ELSE ? END, "
+                    "reason=?, since=? WHERE env=? AND idx=?",
                     detailed,
                 )
             return self._put_events(db, events, now)
@@ -216,6 +222,17 @@ class SqliteStore:
                 (env_id, event, src, now, actor),
             )
             return int(cur.lastrowid or 0)
+
+    def add_transition(
+        self, env_id: str, event: str, src: str, dst: str, error: str | None, now: float
+    ) -> None:
+        """A transition that happened at once (GO_ERROR on a failure): one row, DONE."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO transitions(env, event, src, dst, status, started, ended, error) "
+                "VALUES (?, ?, ?, ?, 'DONE', ?, ?, ?)",
+                (env_id, event, src, dst, now, now, error),
+            )
 
     def end_transition(
         self, tid: int, status: str, dst: str | None, error: str | None, now: float
@@ -422,38 +439,76 @@ class SqliteStore:
 
     # -- a restart ---------------------------------------------------------------------------
 
-    def orphans(self) -> list[dict[str, Any]]:
-        """Environments a previous control process left unfinished, with live task pids."""
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Environments a previous control process left (not DONE), each with its
+        ``recipe`` and the tasks it reported alive (``alive``: index, path, state)."""
         out = []
         for env in self.environments():
             if env["state"] == "DONE":
                 continue
+            env["recipe"] = self._db.execute(
+                "SELECT recipe FROM environments WHERE id=?", (env["id"],)
+            ).fetchone()[0]
             cur = self._db.execute(
-                "SELECT idx, pid, state, path FROM tasks WHERE env=? AND state NOT IN "
-                "('DONE', 'PENDING', 'LOST')",
+                "SELECT idx, path, state FROM tasks WHERE env=? AND state IN "
+                "('LAUNCHING', 'STANDBY', 'CONFIGURED', 'RUNNING')",
                 (env["id"],),
             )
-            env["tasks"] = [{"idx": i, "pid": p, "state": st, "path": pa} for i, p, st, pa in cur]
+            env["alive"] = [{"idx": i, "path": pa, "state": st} for i, pa, st in cur]
             out.append(env)
         return out
 
     def mark_lost(
         self, env_id: str, reason: str, now: float, events: Sequence[Event]
     ) -> list[Event]:
-        """A previous control process's environment: its tasks LOST, itself in ERROR."""
+        """A previous control process's environment: the tasks it reported alive are
+        LOST, and it is in ERROR (an error it already had is kept)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE tasks SET state='LOST', reason=? WHERE env=? AND state NOT IN "
-                "('DONE', 'PENDING', 'LOST')",
-                (reason, env_id),
+                "UPDATE tasks SET state='LOST', reason=?, pid=NULL, since=? WHERE env=? AND "
+                "state IN ('LAUNCHING', 'STANDBY', 'CONFIGURED', 'RUNNING')",
+                (reason, now, env_id),
             )
             db.execute(
-                "UPDATE environments SET state='ERROR', error=?, updated=?, run_number=NULL "
-                "WHERE id=?",
+                "UPDATE environments SET error=CASE WHEN state='ERROR' AND error IS NOT NULL "
+                "THEN error ELSE ? END, state='ERROR', updated=?, run_number=NULL WHERE id=?",
                 (reason, now, env_id),
             )
             db.execute("UPDATE runs SET stopped=? WHERE env=? AND stopped IS NULL", (now, env_id))
             return self._put_events(db, events, now)
+
+    def end_interrupted(self, reason: str, now: float) -> int:
+        """Transitions a previous control process left STARTED end FAILED; how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE transitions SET status='FAILED', error=?, ended=? WHERE status='STARTED'",
+                (reason, now),
+            )
+            return cur.rowcount
+
+    def forget(self, env_id: str, reason: str, now: float, events: Sequence[Event]) -> list[Event]:
+        """An environment no control process runs any more ends DONE: its tasks that
+        were not done or failed end DONE (``reason``), its run is closed."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET state='DONE', reason=?, pid=NULL, since=? WHERE env=? AND "
+                "state NOT IN ('DONE', 'ERROR', 'LOST')",
+                (reason, now, env_id),
+            )
+            db.execute(
+                "UPDATE environments SET state='DONE', updated=?, run_number=NULL WHERE id=?",
+                (now, env_id),
+            )
+            db.execute("UPDATE runs SET stopped=? WHERE env=? AND stopped IS NULL", (now, env_id))
+            return self._put_events(db, events, now)
+
+    def set_nodes(self, env_id: str, nodes: Sequence[tuple[int, str]]) -> None:
+        """Tasks placed anew (an environment taken over after a restart)."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE tasks SET node=? WHERE env=? AND idx=?",
+                ((node, env_id, idx) for idx, node in nodes),
+            )
 
 
 class _Tx:

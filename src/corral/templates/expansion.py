@@ -72,6 +72,7 @@ MAX_ITERATIONS = 1_000_000
 MAX_INCLUDE_DEPTH = 64
 
 _ROLE_NAME = re.compile(r"^[^\s.:/]+$")
+_HOLE = re.compile(r"\{\{.*?\}\}", re.S)
 _FUNC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\(.*\)$", re.S)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -502,7 +503,8 @@ class _Expander:
             if nmin > len(items):
                 self.fail(it.nmin.loc, f"nmin {nmin} is more than the {len(items)} iterations", pre)
             base = parent.pos.path + "." if parent.pos.path else ""
-            collection = base + r.name.raw
+            # named after the instances' pattern: "epn-{{ host }}" gives "epn-*"
+            collection = base + _HOLE.sub("*", r.name.raw)
         members: list[str] = []
         for item in items:
             try:
