@@ -36,15 +36,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.backends.local import LocalBackend
 from corral.control.environment import Environment, TransitionError
 from corral.control.plane import ControlPlane, install_child_watcher
-from corral.control.tasks import RuntimeTask
 from corral.model.plan import Plan
 from corral.store.sqlite import SqliteStore
 from corral.templates import DictSources, expand
+
+if TYPE_CHECKING:  # (annotations only: the script also runs against older versions)
+    from corral.control.tasks import RuntimeTask
 
 # A direct task, written from docs/protocol.md: hello, answer orders, exit 0 on EXIT,
 # on EOF and on SIGTERM.

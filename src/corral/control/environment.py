@@ -405,7 +405,7 @@ class Environment:
         return Launch(t.id, t.spec.path, t.spec.command, control, env, log_path, health)
 
     async def _launch_node(self, node: str, ts: list[RuntimeTask], timeout: float) -> str | None:
-        self.apply(node, [(t, "LAUNCH", NO_PID, None) for t in ts])
+        self.apply(node, [(t, "LAUNCH", None, None) for t in ts])  # PENDING: no pid
         slow = min(2.0, timeout / 2)
         outs = await self.backend.launch(node, [self.launch_of(t) for t in ts], timeout, slow)
         return self._outcomes(node, ts, outs, "READY")

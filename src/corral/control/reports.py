@@ -34,6 +34,8 @@ class Verdict:
 
 
 IGNORE = Verdict(None)
+ENDED = Verdict("EXITED", NO_PID, None, expected=True)  # its current process, as asked
+ENDED_BEFORE = Verdict(None, expected=True)  # a process it had before, as asked
 
 
 def judge(r: Report, *, state: str, pid: int | None, direct: bool, ending: int | None) -> Verdict:
@@ -42,8 +44,8 @@ def judge(r: Report, *, state: str, pid: int | None, direct: bool, ending: int |
     purpose (None: none)."""
     if r.kind == "exited" and r.pid is not None and r.pid == ending:
         if pid == r.pid and state != tasksm.PENDING:
-            return Verdict("EXITED", NO_PID, None, expected=True)
-        return Verdict(None, expected=True)
+            return ENDED
+        return ENDED_BEFORE
     if r.pid is not None and pid is not None and r.pid != pid:
         return IGNORE  # about a process this task had before
     alive = state in tasksm.ALIVE

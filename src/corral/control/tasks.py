@@ -33,19 +33,14 @@ class RuntimeTask:
     spec: TaskSpec
     node: str
     role: str  # the top-level role it belongs to (its path's first two parts)
+    hook: bool  # run at a trigger (spec.trigger is set)
+    direct: bool  # speaks the control protocol (spec.control == "direct")
+    critical: bool
     state: str = tasksm.PENDING
     pid: int | None = None
     reason: str | None = None
     eos: bool = False
     member: str | None = None  # the collection member (role path) it belongs to
-
-    @property
-    def hook(self) -> bool:
-        return self.spec.trigger is not None
-
-    @property
-    def direct(self) -> bool:
-        return self.spec.control == "direct"
 
 
 # One change: the task, its event, its pid (None: unchanged, NO_PID: none any more),
@@ -68,9 +63,13 @@ class TaskSet:
         self.running_direct = 0  # direct tasks RUNNING
         self.running_no_eos = 0  # ... of which have not reported END_OF_STREAM
         roles: dict[str, str] = {}
+        start: dict[tuple[str, str, bool], int] = {}
         for i, spec in enumerate(plan.tasks):
             role = ".".join(spec.path.split(".", 2)[:2])
-            t = RuntimeTask(i, f"{env_id}:{i}", spec, nodes[i], roles.setdefault(role, role))
+            t = RuntimeTask(
+                i, f"{env_id}:{i}", spec, nodes[i], roles.setdefault(role, role),
+                spec.trigger is not None, spec.control == "direct", spec.critical,
+            )  # fmt: skip
             self.tasks.append(t)
             self.by_id[t.id] = t
             self.by_path[spec.path] = t
@@ -78,7 +77,9 @@ class TaskSet:
                 continue
             t.member = self.collections.member_of(spec.collection, spec.path)
             self.by_node.setdefault(t.node, []).append(t)
-            self._count(t, t.state, +1)
+            k = (t.role, t.state, t.critical)
+            start[k] = start.get(k, 0) + 1
+        self._add(start)
 
     # -- changes --------------------------------------------------------------------------
 
@@ -89,8 +90,11 @@ class TaskSet:
         just failed (went to ERROR or LOST). Raises IllegalTaskTransition on a change
         the task table does not allow (nothing of the batch is applied then)."""
         planned = []
+        steps: dict[tuple[str, str], str] = {}  # (state, event) -> next: a batch has few
         for t, event, pid, reason in changes:
-            new = tasksm.next_state(t.state, event)
+            new = steps.get((t.state, event))
+            if new is None:
+                new = steps[(t.state, event)] = tasksm.next_state(t.state, event)
             if new == t.state and (pid is None or pid == (t.pid or NO_PID)):
                 continue  # news that changes nothing
             planned.append((t, new, pid, reason))
@@ -98,10 +102,18 @@ class TaskSet:
         groups: dict[str, list[str]] = {}
         singles: list[dict[str, Any]] = []
         failed: list[RuntimeTask] = []
+        delta: dict[tuple[str, str, bool], int] = {}  # (role, state, critical) -> count
         for t, new, pid, reason in planned:
             old = t.state
             if new != old:
-                self._move(t, old, new)
+                if not t.hook:
+                    k = (t.role, old, t.critical)
+                    delta[k] = delta.get(k, 0) - 1
+                    k = (t.role, new, t.critical)
+                    delta[k] = delta.get(k, 0) + 1
+                    self._move(t, old, new)
+                else:
+                    t.state = new
                 t.reason = reason
                 if new in tasksm.FAILED:
                     failed.append(t)
@@ -114,6 +126,7 @@ class TaskSet:
                 singles.append(task_event(env_id, t, new, reason=t.reason))
             else:
                 groups.setdefault(new, []).append(t.spec.path)
+        self._add(delta)
         events: list[dict[str, Any]] = [
             {"kind": "task", "env": env_id, "node": node, "state": s, "count": len(p), "tasks": p}
             for s, p in groups.items()
@@ -126,7 +139,11 @@ class TaskSet:
         not a transition, so the table is not consulted; the counts follow."""
         if state not in tasksm.STATES:
             raise ValueError(f"task {t.spec.path}: unknown stored state {state!r}")
-        self._move(t, t.state, state)
+        if t.hook:
+            t.state = state
+        else:
+            self._add({(t.role, t.state, t.critical): -1, (t.role, state, t.critical): 1})
+            self._move(t, t.state, state)
         t.reason = reason
 
     def end_of_stream(self, t: RuntimeTask) -> None:
@@ -141,34 +158,40 @@ class TaskSet:
         return self.running_direct > 0 and self.running_no_eos == 0
 
     def _move(self, t: RuntimeTask, old: str, new: str) -> None:
-        if t.hook:
-            t.state = new
-            return
-        self._count(t, old, -1)
+        """A task that is not a hook task changes state (the caller counts it by role)."""
+        if t.direct:
+            if old == tasksm.RUNNING:
+                self.running_direct -= 1
+                if not t.eos:
+                    self.running_no_eos -= 1
+            if new == tasksm.RUNNING:
+                self.running_direct += 1
+                if not t.eos:
+                    self.running_no_eos += 1
         if old == tasksm.RUNNING or new == tasksm.PENDING:
             t.eos = False  # a new run, or a new process, starts its stream anew
         t.state = new
-        self._count(t, new, +1)
         if t.member is not None and (old in tasksm.FAILED) != (new in tasksm.FAILED):
             assert t.spec.collection is not None
             self.collections.changed(
                 t.spec.collection, t.member, old in tasksm.FAILED, new in tasksm.FAILED
             )
 
-    def _count(self, t: RuntimeTask, state: str, n: int) -> None:
-        self.counts[state] = self.counts.get(state, 0) + n
-        if not self.counts[state]:
-            del self.counts[state]
-        key = (state, t.spec.critical)
-        for scope in ("", t.role):
-            pairs = self.pairs.setdefault(scope, {})
-            pairs[key] = pairs.get(key, 0) + n
-            if not pairs[key]:
-                del pairs[key]
-        if t.direct and state == tasksm.RUNNING:
-            self.running_direct += n
-            if not t.eos:
-                self.running_no_eos += n
+    def _add(self, delta: dict[tuple[str, str, bool], int]) -> None:
+        """Apply counted changes: tasks by state, (state, critical) pairs by role."""
+        counts = self.counts
+        whole = self.pairs[""]
+        for (role, state, critical), n in delta.items():
+            if not n:
+                continue
+            counts[state] = counts.get(state, 0) + n
+            if not counts[state]:
+                del counts[state]
+            key = (state, critical)
+            for pairs in (whole, self.pairs.setdefault(role, {})):
+                pairs[key] = pairs.get(key, 0) + n
+                if not pairs[key]:
+                    del pairs[key]
 
     # -- views ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,9 +56,9 @@ class TaskRow:
     critical: bool
 
 
-@dataclass(frozen=True, slots=True)
-class TaskChange:
-    """A task's new state and reason; its pid when that changes (0: no process now)."""
+class TaskChange(NamedTuple):
+    """A task's new state and reason; its pid when that changes (0: no process now).
+    (A named tuple: a batch makes one per task, and these are the cheapest to make.)"""
 
     idx: int
     state: str
