@@ -266,8 +266,12 @@ def test_a_restart_marks_leftovers_lost_and_ends_their_processes(tmp_path: Path)
     r = corral("events", "--data", data, "--env", env_id, "-o", "json")
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert events[-1]["state"] == "DONE" and "restarted" in events[-1]["note"]
-    assert events[-2]["state"] == "ERROR" and "restarted" in events[-2]["error"]
-    assert events[-3]["state"] == "LOST" and events[-3]["tasks"] == ["hello.greeter"]
+    [lost] = [e for e in events if e["kind"] == "task" and e["state"] == "LOST"]
+    assert lost["tasks"] == ["hello.greeter"] and "restarted" in lost["reason"]
+    [error] = [e for e in events if e["kind"] == "environment" and e["state"] == "ERROR"]
+    assert "restarted" in error["error"] and events.index(lost) < events.index(error)
+    [stopped] = [e for e in events if e["kind"] == "run" and e["status"] == "STOPPED"]
+    assert events.index(stopped) < events.index(error)  # its run ends in the events too
 
 
 def env_events(data: Path, env_id: str) -> list[dict[str, object]]:

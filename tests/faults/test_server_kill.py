@@ -82,8 +82,24 @@ def check_after_restart(c: httpx.Client, env_id: str, when: str) -> dict[str, An
     tasks = c.get("/api/tasks", params={"env": env_id, "limit": 1000}).json()
     alive = [t for t in tasks if t["state"] in ("LAUNCHING", "STANDBY", "CONFIGURED", "RUNNING")]
     assert not alive, f"{when}: tasks shown alive after the restart: {alive[:3]}"
-    seqs = [e["seq"] for e in c.get("/api/events", params={"limit": 10_000}).json()]
+    events = c.get("/api/events", params={"limit": 10_000}).json()
+    seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1)), f"{when}: the events have gaps"
+    # what the store says, the events say too: every transition and run that began ended
+    mine = [e for e in events if e.get("env") == env_id]
+    begun = [e["transition"] for e in mine if e["kind"] == "transition"
+             and e.get("status") == "STARTED" and "step" not in e]  # fmt: skip
+    ended = [e["transition"] for e in mine if e["kind"] == "transition"
+             and e.get("status") in ("DONE", "FAILED") and "step" not in e
+             and e["transition"] != "GO_ERROR"]  # fmt: skip
+    assert sorted(begun) == sorted(ended), f"{when}: transitions never ended: {begun}, {ended}"
+    runs = [e for e in mine if e["kind"] == "run"]
+    assert sum(e["status"] == "STARTED" for e in runs) == sum(
+        e["status"] == "STOPPED" for e in runs
+    ), f"{when}: a run never stopped in the events: {runs}"
+    if env["state"] == "ERROR":
+        roles = {e["role"]: e["state"] for e in mine if e["kind"] == "role"}
+        assert roles and "ERROR" in roles.values(), f"{when}: roles never said ERROR: {roles}"
     return env
 
 

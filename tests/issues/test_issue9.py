@@ -459,3 +459,37 @@ def test_9_5_a_failing_store_shows_in_the_metrics_and_catches_up(tmp_path: Path)
         await rig.check(env, "a refused write")
 
     rig_run(tmp_path, body)
+
+
+def test_9_3_a_second_control_process_on_the_same_data_is_refused(tmp_path: Path) -> None:
+    """Found by a new user: a second `corral run` (or `corral serve`) on a data directory
+    in use took the first one's environment for a dead process's leftovers and ended it."""
+    import subprocess
+
+    from tests.cli.test_run_cli import Output, corral, start
+    from tests.faults.processes import of_environment
+
+    data = str(tmp_path / "data")
+    first = start("run", "examples/hello.yaml", "--data", data)
+    out = Output(first)
+    try:
+        env_id = out.wait_for(r"environment (\w+) \(hello\)", 60).group(1)
+        out.wait_for(r"is RUNNING", 60)
+        alive = of_environment(env_id)
+        r = corral("run", "examples/hello.yaml", "--data", data, "--for", "0")
+        assert r.returncode == 1, r.stderr
+        assert "is in use by another control process" in r.stderr
+        assert f"pid {first.pid}" in r.stderr
+        r = corral("serve", "--data", data, "--listen", "127.0.0.1:0")
+        assert r.returncode == 1 and "in use by another control process" in r.stderr
+        assert of_environment(env_id) == alive, "the first one's tasks were touched"
+        assert first.poll() is None
+        r = corral("events", "--data", data)  # a reader needs no lock
+        assert r.returncode == 0 and env_id in r.stdout
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.wait(60)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait()

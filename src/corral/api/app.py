@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.api.metrics import Metrics
+from corral.control.journal import StoreUnavailable
 from corral.control.service import ControlService, Principal, ServiceError
 from corral.web import STATIC
 
@@ -167,6 +168,10 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return problem(exc.status, exc.title, exc.detail, **exc.extra)
 
+    @app.exception_handler(StoreUnavailable)
+    async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return problem(503, "Store unavailable", f"{exc}; nothing was changed: try again")
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -300,14 +305,13 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
         offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     ) -> list[dict[str, Any]]:
-        return service.store.find_tasks(env=env, state=state, node=node, limit=limit,
-                                        offset=offset)  # fmt: skip
+        return service.find_tasks(env=env, state=state, node=node, limit=limit, offset=offset)
 
     def one_task(task_id: str) -> dict[str, Any]:
         env, _, idx = task_id.partition(":")
         if not idx.isdigit() or len(idx) > 12:
             raise ServiceError(422, "Bad task id", f"{task_id!r}: expected ENVIRONMENT:INDEX")
-        found = service.store.find_tasks(env=env, limit=1, offset=int(idx))
+        found = service.find_tasks(env=env, limit=1, offset=int(idx))
         if not found or found[0]["id"] != task_id:
             raise ServiceError(404, "No such task", f"no task {task_id!r}")
         return found[0]

@@ -191,6 +191,10 @@ class LocalBackend:
             except OSError as e:
                 b.set_now(pos, Outcome(spec.task_id, error=self._spawn_error(spec, e)))
                 continue
+            except (ValueError, KeyError, TypeError) as e:  # a NUL byte, an unknown user
+                why = f"cannot start {argv_of(spec)[0]!r}: {type(e).__name__}: {e}"
+                b.set_now(pos, Outcome(spec.task_id, error=why[:2000]))
+                continue
             self._procs[spec.task_id] = proc
             if spec.health is not None and spec.control == "basic":
                 self._watch_health(spec.task_id, spec.health, proc.pid)
@@ -265,10 +269,14 @@ class LocalBackend:
             await asyncio.to_thread(sweep.end, tasks=frozenset(known))
 
     async def release(self, node: str, env_id: str) -> None:
+        """Forget the environment here: its ipc paths, its ended processes, and any
+        process still carrying its id (a task's or a call's that escaped)."""
         shutil.rmtree(os.path.join(self._run_dir, env_id), ignore_errors=True)
         prefix = f"{env_id}:"
-        for tid in [t for t, p in self._procs.items() if t.startswith(prefix) and p.exited]:
+        done = [t for t, p in self._procs.items() if t.startswith(prefix) and p.exited is not None]
+        for tid in done:
             del self._procs[tid]
+        await asyncio.to_thread(sweep.end, environments=frozenset((env_id,)))
 
     async def close(self) -> None:
         self._health.clear()
@@ -498,7 +506,7 @@ class LocalBackend:
     def _on_message(self, proc: _Proc, line: bytes) -> None:
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             shown = line[:80].decode("utf-8", "replace")
             self._broken(proc, f"protocol error: a message that is not JSON: {shown!r}")
             return
@@ -514,6 +522,9 @@ class LocalBackend:
                     "the task reported an error: "
                     + str(msg.get("error") or "no reason given")[:2000]
                 )
+                waiting, proc.waiting = proc.waiting, None
+                if waiting is not None:  # what it owes us fails now, not at the deadline
+                    waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=why, pid=proc.pid))
                 self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
             else:
                 self._broken(proc, f"protocol error: unknown event {str(event)[:80]!r}")

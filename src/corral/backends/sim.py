@@ -21,6 +21,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from corral.backends import sweep
 from corral.backends.status import describe_status
 from corral.ports.backend import (
     TASK_TRANSITIONS,
@@ -202,7 +203,11 @@ class SimBackend:
         return None
 
     async def end_leftovers(self, env_ids: Sequence[str]) -> int:
-        return 0  # simulated tasks do not outlive their backend
+        """Simulated tasks do not outlive their backend, but a data directory that a
+        local backend used before may have left real processes on this machine."""
+        if not env_ids:
+            return 0
+        return await asyncio.to_thread(sweep.end, environments=frozenset(env_ids))
 
     async def close(self) -> None:
         for h in self._timers:

@@ -35,6 +35,7 @@ from corral.lifecycle import task as tasksm
 from corral.model.inventory import Node
 from corral.store.files import DiskSources
 from corral.store.inventory import InventoryError, load_inventory
+from corral.store.lock import DataDirInUse, DataLock
 from corral.store.sqlite import SqliteStore
 from corral.templates import check
 
@@ -184,6 +185,11 @@ def run(
     if problems:
         for p in problems:
             err.print(f"[bold red]error[/]: {p}")
+        sys.exit(1)
+    try:  # one control process per data directory, for as long as this one runs
+        DataLock(data, f"corral run {path}").acquire()
+    except DataDirInUse as e:
+        err.print(f"[bold red]error[/]: {e}")
         sys.exit(1)
     code = asyncio.run(
         _run(

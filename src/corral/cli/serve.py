@@ -32,9 +32,10 @@ from corral.cli.run import (
     read_inventory,
 )
 from corral.control.plane import ControlPlane, install_child_watcher
-from corral.control.service import ControlService
+from corral.control.service import ControlService, ServiceError
 from corral.model.inventory import Node
 from corral.ports.backend import Backend
+from corral.store.lock import DataDirInUse, DataLock
 from corral.store.sqlite import SqliteStore
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -81,6 +82,11 @@ def serve(
     host, port = parse_listen(listen)
     nodes = read_inventory(inventory)
     classes = parse_priorities(priority_classes)
+    try:  # one control process per data directory, for as long as this one runs
+        DataLock(data, f"corral serve --listen {listen}").acquire()
+    except DataDirInUse as e:
+        err.print(f"[bold red]error[/]: {e}")
+        sys.exit(1)
     sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows, nodes, classes)))
 
 
@@ -116,7 +122,11 @@ async def _serve(
     try:
         for note in await plane.adopt_leftovers():
             err.print(f"[yellow]note[/]: {note}")
-        token = service.first_admin_token()
+        try:
+            token = service.first_admin_token()
+        except ServiceError as e:
+            err.print(f"[bold red]error[/]: cannot create the first admin token: {e}")
+            return 1
         if token is not None:
             print(f"admin token (shown once, keep it): {token}", flush=True)
         app = create_app(service, log_dir=log_dir)

@@ -118,7 +118,7 @@ class Environment:
         self.created_by: str | None = None
         self.recipe: str | None = None  # how to expand the plan again (JSON), for restarts
         placed = list(nodes) if nodes is not None else [backend.nodes()[0].name] * len(plan.tasks)
-        self.taskset = TaskSet(env_id, plan, placed)
+        self.taskset = TaskSet(env_id, plan, placed, self.clock())
         self.tasks = self.taskset.tasks
         self.by_id = self.taskset.by_id
         self.by_path = self.taskset.by_path
@@ -134,7 +134,7 @@ class Environment:
     def create(self) -> None:
         """Store the new environment (raises StoreUnavailable if the store refuses)."""
         rows = [
-            TaskRow(t.idx, t.spec.path, t.spec.task_class, t.node, t.state, t.spec.critical)
+            TaskRow(t.idx, t.spec.path, t.spec.task_class, t.node, t.state, t.critical, t.hook)
             for t in self.tasks
         ]
         ev = self._env_event(envsm.STANDBY, note="created")
@@ -449,6 +449,8 @@ class Environment:
             if t.state in tasksm.FAILED or t.state == tasksm.DONE:
                 if t.state in tasksm.FAILED and t.spec.critical and first is None:
                     first = f"task {t.spec.path} on {node}: {t.reason}"
+                if out.pid is not None and t.pid is None:
+                    changes.append((t, "FAIL", out.pid, None))  # its process: to be ended
                 continue  # a report got there first
             if out.pid is not None and self._ending.get(t.id) == out.pid:
                 del self._ending[t.id]  # a new process that got an old one's pid
@@ -493,11 +495,12 @@ class Environment:
         live = [t for t in ts if t.state in tasksm.ALIVE]
         if not live:
             return
+        # failed first: their exits, when they come, are then the end of failed tasks
+        self.apply(node, [(t, "FAIL", None, why) for t in live])
         try:
             await self.end_processes(live, grace=0.5)
         except Exception:
             log.exception("environment %s: ending processes on node %s", self.id, node)
-        self.apply(node, [(t, "FAIL", None, why) for t in live if t.state in tasksm.ALIVE])
 
     def _expect_end(self, ts: Sequence[RuntimeTask]) -> None:
         """These tasks' current processes are being ended on purpose: their exits are
@@ -516,13 +519,15 @@ class Environment:
 
     async def _terminate(self, ts: Sequence[RuntimeTask]) -> None:
         """End these tasks' processes (all nodes at once); those alive end DONE, those
-        that failed keep their state and reason."""
-        live = [t for t in ts if t.pid is not None or t.state in tasksm.ALIVE]
-        if not live:
+        that failed keep their state and reason. Tasks that ended already are asked
+        for too: a descendant of theirs that escaped their group may live on."""
+        launched = [t for t in ts if t.state != tasksm.PENDING]
+        if not launched:
             return
-        await self.end_processes(live)
+        await self.end_processes(launched)
+        live = [t for t in launched if t.pid is not None or t.state in tasksm.ALIVE]
         for node, b in by_node(live).items():
-            self.apply(node, [(t, "EXITED", NO_PID, None) for t in b if t.state != tasksm.PENDING])
+            self.apply(node, [(t, "EXITED", NO_PID, None) for t in b])
 
     async def _recover(self, timeout: float) -> str | None:
         """RECOVER: relaunch failed tasks; bring the others back to STANDBY."""
@@ -627,7 +632,7 @@ class Environment:
         ev = self._transition_event("GO_ERROR", src, envsm.ERROR, "DONE")
         ev["error"] = why
         self.announce([ev, *self._role_events()])
-        if any(c.trigger.name == "GO_ERROR" for c in self.plan.calls):
+        if any(item.trigger.name == "GO_ERROR" for item in self.hooks.items):
             self._spawn_auto("GO_ERROR", why)
 
     def _go_error_rows(self, src: str, why: str, now: float) -> list[dict[str, Any]]:
@@ -665,7 +670,11 @@ class Environment:
     # -- destroy --------------------------------------------------------------------------
 
     async def destroy(self, *, timeout: float = 30.0, actor: str | None = None) -> None:
-        """Stop, exit, kill, clean up; the environment ends DONE, whatever its state."""
+        """Stop, exit, kill, clean up; the environment ends DONE, whatever its state.
+
+        Calls and hook tasks with a DESTROY trigger run around the teardown (the
+        teardown is the core's work of a DESTROY "transition"); their failures are
+        reported, and never keep the environment from ending."""
         if self._auto is not None and not self._auto.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._auto), timeout)
@@ -673,27 +682,44 @@ class Environment:
                 self._auto.cancel()
         async with self.lock:
             self.actor = actor
+            running: Running = {}
+            torn_down = False
             try:
-                if self.state == envsm.RUNNING:
-                    with contextlib.suppress(TransitionError):
-                        await self._transition("STOP_ACTIVITY", timeout)
-                if self.state in (envsm.CONFIGURED, envsm.DEPLOYED, envsm.STANDBY):
-                    with contextlib.suppress(TransitionError):
-                        await self._transition("EXIT", timeout)
+                # only DESTROY's own moments: leave_/enter_ fire in the STOP and EXIT within
+                for slot in schedule(self.hooks.items, "DESTROY", "", ""):
+                    if slot.tasks:
+                        torn_down = True
+                        await self._teardown(timeout)
+                    else:
+                        await self.hooks.run_slot(slot, "DESTROY", running)
             finally:
-                # whatever failed above, nothing of this environment is left running
-                self._close_run()
-                await self._terminate(self.tasks)
-                never = [t for t in self.tasks if t.state == tasksm.PENDING]
-                for node, ts in by_node(never).items():
-                    self.apply(node, [(t, "EXITED", None, "never started") for t in ts])
-                for node in {t.node for t in self.tasks}:
-                    with contextlib.suppress(Exception):
-                        await self.backend.release(node, self.id)
-                if self.state != envsm.DONE:
-                    self._set_state(envsm.DONE, event="DESTROY")
+                with contextlib.suppress(Exception):
+                    await self.hooks.cancel(running)
+                if not torn_down:
+                    await self._teardown(timeout)
                 self.announce([self._env_event(envsm.DONE, note="destroyed")])
                 self.actor = None
+
+    async def _teardown(self, timeout: float) -> None:
+        try:
+            if self.state == envsm.RUNNING:
+                with contextlib.suppress(TransitionError):
+                    await self._transition("STOP_ACTIVITY", timeout)
+            if self.state in (envsm.CONFIGURED, envsm.DEPLOYED, envsm.STANDBY):
+                with contextlib.suppress(TransitionError):
+                    await self._transition("EXIT", timeout)
+        finally:
+            # whatever failed above, nothing of this environment is left running
+            self._close_run()
+            await self._terminate(self.tasks)
+            never = [t for t in self.tasks if t.state == tasksm.PENDING]
+            for node, ts in by_node(never).items():
+                self.apply(node, [(t, "EXITED", None, "never started") for t in ts])
+            for node in {t.node for t in self.tasks}:
+                with contextlib.suppress(Exception):
+                    await self.backend.release(node, self.id)
+            if self.state != envsm.DONE:
+                self._set_state(envsm.DONE, event="DESTROY")
 
     # -- state, store, events ---------------------------------------------------------------
 
@@ -702,11 +728,11 @@ class Environment:
         tasks that just failed."""
         if not changes:
             return []
-        stored, events, failed = self.taskset.apply(node, self.id, changes)
+        now = self.clock()
+        stored, events, failed = self.taskset.apply(node, self.id, changes, now)
         if not stored:
             return failed
         self.version += 1
-        now = self.clock()
         env_id = self.id
         self.journal.write(lambda: self.store.update_tasks(env_id, stored, now, events))
         return failed

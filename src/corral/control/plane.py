@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from corral.calls import Registry
@@ -31,6 +31,7 @@ from corral.control.journal import Journal
 from corral.control.ledger import Ledger, PlacementError, priority_of, strategy_of
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
+from corral.lifecycle import task as tasksm
 from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.planning.placement import NoFit
@@ -39,7 +40,7 @@ from corral.ports.backend import Backend, Report
 from corral.store.sqlite import SqliteStore
 
 log = logging.getLogger("corral.plane")
-RESTARTED = "the control server restarted"
+RESTARTED = "the control process restarted after a crash"
 
 
 def new_environment_id() -> str:
@@ -181,10 +182,15 @@ class ControlPlane:
         return evict, self.create(plan, env_id=env_id, created_by=actor, **kw)
 
     def cordon(self, node: str, on: bool = True) -> None:
-        """Cordon (or uncordon) a node, and remember it across restarts."""
+        """Cordon (or uncordon) a node, and remember it across restarts: stored first
+        (StoreUnavailable if the store refuses; then nothing changes), then applied."""
+        names = {n.name for n in self.ledger.nodes if n.cordoned}
+        if node not in {n.name for n in self.ledger.nodes}:
+            raise KeyError(node)
+        names = (names | {node}) if on else (names - {node})
+        text = json.dumps(sorted(names))
+        self.journal.call(lambda: self.store.set_meta("cordoned", text))
         self.ledger.cordon(node, on)
-        names = sorted(n.name for n in self.ledger.nodes if n.cordoned)
-        self.store.set_meta("cordoned", json.dumps(names))
 
     async def drain(
         self, node: str, *, dry_run: bool = False, actor: str | None = None
@@ -209,21 +215,20 @@ class ControlPlane:
         now = self.clock()
         self.journal.write(lambda: self.store.add_events([event], now))
 
-    async def destroy(self, env_id: str, *, actor: str | None = None) -> None:
-        """Destroy an environment run here; a second call while one runs waits for it."""
+    def destroying(self, env_id: str) -> bool:
+        """A destroy (or the end of a left environment) of it is under way."""
+        return env_id in self._destroying
+
+    async def _once(self, env_id: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` for this environment, or, when it already runs, wait for it."""
         running = self._destroying.get(env_id)
         if running is not None:
             await asyncio.shield(running)
             return
-        env = self.environments.get(env_id)
-        if env is None:
-            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._destroying[env_id] = done
         try:
-            await env.destroy(actor=actor)
-            self.environments.pop(env_id, None)
-            self.ledger.release(env_id)
+            await work()
             done.set_result(None)
         except BaseException as e:
             done.set_exception(e)
@@ -232,20 +237,39 @@ class ControlPlane:
         finally:
             self._destroying.pop(env_id, None)
 
+    async def destroy(self, env_id: str, *, actor: str | None = None) -> None:
+        """Destroy an environment run here; a second call while one runs waits for it."""
+        env = self.environments.get(env_id)
+        if env is None and env_id not in self._destroying:
+            return
+
+        async def work() -> None:
+            assert env is not None
+            await env.destroy(actor=actor)
+            self.environments.pop(env_id, None)
+            self.ledger.release(env_id)
+
+        await self._once(env_id, work)
+
     async def forget(self, env_id: str, *, actor: str | None = None) -> None:
         """End an environment a previous control process left and this one does not run
-        (``left``): its processes are ended wherever they still run, and it is DONE."""
-        why = self.left.pop(env_id, None)
-        if why is None:
+        (``left``): its processes are ended wherever they still run, and it is DONE.
+        A second call while one runs waits for it."""
+        if env_id not in self.left and env_id not in self._destroying:
             return
-        ended = await self.backend.end_leftovers([env_id])
-        note = f"destroyed after {RESTARTED}"
-        ev = {"kind": "environment", "env": env_id, "state": envsm.DONE, "note": note,
-              "transition": "DESTROY", "ended": ended}  # fmt: skip
-        if actor is not None:
-            ev["actor"] = actor
-        now = self.clock()
-        self.journal.write(lambda: self.store.forget(env_id, note, now, [ev]))
+
+        async def work() -> None:
+            ended = await self.backend.end_leftovers([env_id])
+            note = f"destroyed after {RESTARTED}"
+            ev = {"kind": "environment", "env": env_id, "state": envsm.DONE, "note": note,
+                  "transition": "DESTROY", "ended": ended}  # fmt: skip
+            if actor is not None:
+                ev["actor"] = actor
+            now = self.clock()
+            self.journal.write(lambda: self.store.forget(env_id, note, now, [ev]))
+            self.left.pop(env_id, None)
+
+        await self._once(env_id, work)
 
     async def adopt_leftovers(self, *, take_over: bool = True) -> list[str]:
         """At start: what a previous control process left unfinished.
@@ -260,7 +284,14 @@ class ControlPlane:
         is ended. Returns one line per environment saying what happened.
         """
         now = self.clock()
-        self.store.end_interrupted(f"interrupted: {RESTARTED}", now)
+        cut = self.store.interrupted()
+        if cut:
+            text = f"interrupted: {RESTARTED}"
+            evs = [{"kind": "transition", "env": t["env"], "transition": t["event"],
+                    "src": t["src"], "status": "FAILED", "error": text,
+                    "duration": round(now - t["started"], 6)} for t in cut]  # fmt: skip
+            ids = [t["id"] for t in cut]
+            self.journal.write(lambda: self.store.end_interrupted(ids, text, now, evs))
         unfinished = self.store.unfinished()
         if not unfinished:
             return []
@@ -269,7 +300,7 @@ class ControlPlane:
         for row in unfinished:
             env_id = row["id"]
             if row["alive"]:
-                self._mark_lost(row, ended)
+                self._mark_lost(row)
             what = f"environment {env_id} ({row['name']}) was {row['state']}"
             if not take_over:
                 self.left[env_id] = RESTARTED
@@ -286,15 +317,34 @@ class ControlPlane:
             notes.append(f"{ended} leftover processes ended")
         return notes
 
-    def _mark_lost(self, row: dict[str, Any], ended: int) -> None:
+    def _mark_lost(self, row: dict[str, Any]) -> None:
+        """Once: the tasks it had alive LOST, the environment ERROR, its run stopped;
+        each said by its event (the roles' new states too)."""
         env_id = row["id"]
-        reason = f"{RESTARTED}: its tasks are no longer watched; leftover processes ended"
-        ev = {"kind": "environment", "env": env_id, "state": envsm.ERROR, "error": reason,
-              "transition": "GO_ERROR"}  # fmt: skip
+        reason = f"{RESTARTED}: its tasks are no longer watched"  # (as _take_over says)
         lost = {"kind": "task", "env": env_id, "state": "LOST", "count": len(row["alive"]),
                 "tasks": [t["path"] for t in row["alive"]], "reason": reason}  # fmt: skip
+        events: list[dict[str, Any]] = [lost]
+        if row["run_number"] is not None:
+            events.append({"kind": "run", "env": env_id, "status": "STOPPED",
+                           "run_number": row["run_number"]})  # fmt: skip
+        events.append({"kind": "transition", "env": env_id, "transition": "GO_ERROR",
+                       "src": row["state"], "dst": envsm.ERROR, "status": "DONE",
+                       "error": reason})  # fmt: skip
+        events.append({"kind": "environment", "env": env_id, "state": envsm.ERROR,
+                       "error": reason, "transition": "GO_ERROR"})  # fmt: skip
+        alive = {t["idx"] for t in row["alive"]}
+        roles: dict[str, list[tuple[str, bool]]] = {}
+        for t in self.store.tasks(env_id):
+            if t["hook"]:
+                continue  # hook tasks run at triggers: not part of the roles' states
+            role = ".".join(t["path"].split(".", 2)[:2])
+            state = "LOST" if t["idx"] in alive else t["state"]
+            roles.setdefault(role, []).append((state, bool(t["critical"])))
+        events += [{"kind": "role", "env": env_id, "role": r, "state": tasksm.aggregate(s)}
+                   for r, s in roles.items()]  # fmt: skip
         now = self.clock()
-        self.journal.write(lambda: self.store.mark_lost(env_id, reason, now, [lost, ev]))
+        self.journal.write(lambda: self.store.mark_lost(env_id, reason, now, events))
 
     def _take_over(self, row: dict[str, Any]) -> str | None:
         """Run a left environment here, in ERROR; or say why it cannot be."""
@@ -312,12 +362,26 @@ class ControlPlane:
             env = self._placed(env_id, plan, source=row["source"])
         except (PlacementError, ValueError) as e:
             return f"it does not fit any more: {e}"
-        fresh = self.store.environment(env_id) or row
-        env.restore(fresh, self.store.tasks(env_id))
+        # as marked by _mark_lost, whether or not the store has taken that in yet
+        alive = {t["idx"] for t in row["alive"]}
+        reason = f"{RESTARTED}: its tasks are no longer watched"
+        for t in stored:
+            if t["idx"] in alive:
+                t["state"], t["reason"] = tasksm.LOST, reason
+        state = dict(row)
+        if alive:
+            state["error"] = row["error"] if row["state"] == envsm.ERROR else reason
+            state["state"] = envsm.ERROR
+        env.restore(state, stored)
         env.recipe = row["recipe"]
-        self.store.set_nodes(env_id, [(t.idx, t.node) for t in env.tasks])
+        nodes = [(t.idx, t.node) for t in env.tasks]
+        self.journal.write(lambda: self._set_nodes(env_id, nodes))
         self.environments[env_id] = env
         return None
+
+    def _set_nodes(self, env_id: str, nodes: list[tuple[int, str]]) -> list[dict[str, Any]]:
+        self.store.set_nodes(env_id, nodes)
+        return []
 
     async def close(self) -> None:
         """Destroy every environment, then close the backend."""

@@ -58,6 +58,7 @@ def judge(r: Report, *, state: str, pid: int | None, direct: bool, ending: int |
         return Verdict("FAIL", NO_PID, r.reason or "process ended")
     if r.kind == "lost":
         return Verdict("LOSE", NO_PID, r.reason or "lost") if alive else IGNORE
-    if r.kind == "error":
-        return Verdict("FAIL", None, r.reason or "error") if alive else IGNORE
+    if r.kind == "error":  # its process may live on: keep it known, to be ended
+        known = r.pid if pid is None else None
+        return Verdict("FAIL", known, r.reason or "error") if alive else IGNORE
     return IGNORE

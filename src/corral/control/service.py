@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
+import itertools
 import logging
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,13 +93,24 @@ class ControlService:
             )
         token = "crl_" + secrets.token_urlsafe(24)
         token_id = secrets.token_hex(4)
-        self.store.add_token(token_id, name, role, digest(token), self.clock(), by)
+        now = self.clock()
+        try:
+            self.plane.journal.call(
+                lambda: self.store.add_token(token_id, name, role, digest(token), now, by)
+            )
+        except StoreUnavailable as e:
+            raise ServiceError(503, "Store unavailable", str(e)) from None
         self._record({"kind": "token", "status": "CREATED", "token": token_id, "role": role,
                       "name": name}, by)  # fmt: skip
         return token_id, token
 
     def revoke_token(self, token_id: str, *, by: str) -> None:
-        if not self.store.revoke_token(token_id, self.clock()):
+        now = self.clock()
+        try:
+            revoked = self.plane.journal.call(lambda: self.store.revoke_token(token_id, now))
+        except StoreUnavailable as e:
+            raise ServiceError(503, "Store unavailable", str(e)) from None
+        if not revoked:
             raise ServiceError(404, "No such token", f"no active token {token_id!r}")
         self._record({"kind": "token", "status": "REVOKED", "token": token_id}, by)
 
@@ -271,6 +284,40 @@ class ControlService:
             raise ServiceError(404, "No such environment", f"no environment {env_id!r}")
         return env
 
+    def find_tasks(
+        self,
+        *,
+        env: str | None = None,
+        state: str | None = None,
+        node: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Tasks in (environment, index) order, a page at a time. Those of environments
+        run here are as the controller knows them now, never older (while the store
+        refuses writes, it lags); the others are as stored."""
+        live = self.plane.environments
+
+        def mine(e: Environment) -> Iterator[dict[str, Any]]:
+            for t in e.tasks:
+                if (state is None or t.state == state) and (node is None or t.node == node):
+                    yield t.row(e.id)
+
+        if env is not None:
+            e = live.get(env)
+            if e is None:
+                return self.store.find_tasks(
+                    env=env, state=state, node=node, limit=limit, offset=offset
+                )
+            return list(itertools.islice(mine(e), offset, offset + limit))
+        stored = self.store.find_tasks(
+            state=state, node=node, limit=offset + limit, exclude=sorted(live)
+        )
+        merged = heapq.merge(
+            stored, *(mine(live[k]) for k in sorted(live)), key=lambda r: (r["env"], r["idx"])
+        )
+        return list(itertools.islice(merged, offset, offset + limit))
+
     async def transition(
         self, env_id: str, event: str, who: Principal, *, wait: bool
     ) -> dict[str, Any]:
@@ -293,8 +340,14 @@ class ControlService:
                 exc = task.exception()
                 raise ServiceError(409, "Transition refused", str(exc), state=env.state)
             return {"id": env_id, "state": env.state, "transition": event.upper(), "started": True}
+        await asyncio.wait([task])  # (a destroy may cancel the job: that is an answer)
+        if task.cancelled():
+            raise ServiceError(
+                409, "Transition interrupted", f"{event.upper()} was interrupted: the "
+                f"environment was destroyed meanwhile", state=env.state,
+            )  # fmt: skip
         try:
-            state = await task
+            state = task.result()
         except TransitionError as e:
             raise ServiceError(409, "Transition failed", str(e), state=e.state) from None
         return {"id": env_id, "state": state, "transition": event.upper(), "run_number":
@@ -303,6 +356,9 @@ class ControlService:
     async def destroy(self, env_id: str, who: Principal) -> None:
         if env_id in self.plane.left:  # a previous server's: end what it left, and it
             await self.plane.forget(env_id, actor=who.name)
+            return
+        if self.plane.destroying(env_id):  # a second destroy at once: the same one
+            await self.plane.destroy(env_id, actor=who.name)
             return
         env = self.get(env_id)
         self.check_locks(detectors_of(env.plan), who)

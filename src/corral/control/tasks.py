@@ -41,6 +41,16 @@ class RuntimeTask:
     reason: str | None = None
     eos: bool = False
     member: str | None = None  # the collection member (role path) it belongs to
+    since: float = 0.0  # when it entered its state
+
+    def row(self, env_id: str) -> dict[str, Any]:
+        """As the store's ``find_tasks`` gives it."""
+        return {
+            "env": env_id, "idx": self.idx, "path": self.spec.path,
+            "class": self.spec.task_class, "node": self.node, "state": self.state,
+            "critical": self.critical, "pid": self.pid, "reason": self.reason,
+            "since": self.since, "id": self.id,
+        }  # fmt: skip
 
 
 # One change: the task, its event, its pid (None: unchanged, NO_PID: none any more),
@@ -51,7 +61,7 @@ Change = tuple[RuntimeTask, str, int | None, str | None]
 class TaskSet:
     """The tasks of one environment, by index, id, path and node, with their counts."""
 
-    def __init__(self, env_id: str, plan: Plan, nodes: Sequence[str]) -> None:
+    def __init__(self, env_id: str, plan: Plan, nodes: Sequence[str], now: float = 0.0) -> None:
         self.collections = Collections(plan.collections)
         self.tasks: list[RuntimeTask] = []
         self.by_id: dict[str, RuntimeTask] = {}
@@ -68,7 +78,7 @@ class TaskSet:
             role = ".".join(spec.path.split(".", 2)[:2])
             t = RuntimeTask(
                 i, f"{env_id}:{i}", spec, nodes[i], roles.setdefault(role, role),
-                spec.trigger is not None, spec.control == "direct", spec.critical,
+                spec.trigger is not None, spec.control == "direct", spec.critical, since=now,
             )  # fmt: skip
             self.tasks.append(t)
             self.by_id[t.id] = t
@@ -84,7 +94,7 @@ class TaskSet:
     # -- changes --------------------------------------------------------------------------
 
     def apply(
-        self, node: str, env_id: str, changes: Iterable[Change]
+        self, node: str, env_id: str, changes: Iterable[Change], now: float = 0.0
     ) -> tuple[list[TaskChange], list[dict[str, Any]], list[RuntimeTask]]:
         """Apply task events; return the store rows, the events, and the tasks that
         just failed (went to ERROR or LOST). Raises IllegalTaskTransition on a change
@@ -115,6 +125,7 @@ class TaskSet:
                 else:
                     t.state = new
                 t.reason = reason
+                t.since = now
                 if new in tasksm.FAILED:
                     failed.append(t)
             if pid is not None:

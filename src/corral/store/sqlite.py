@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS environments(
 CREATE TABLE IF NOT EXISTS tasks(
     env TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, class TEXT NOT NULL,
     node TEXT NOT NULL, state TEXT NOT NULL, critical INTEGER NOT NULL,
-    pid INTEGER, reason TEXT, since REAL, PRIMARY KEY(env, idx)) WITHOUT ROWID;
+    pid INTEGER, reason TEXT, since REAL, hook INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(env, idx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs(
     number INTEGER PRIMARY KEY, env TEXT NOT NULL, started REAL NOT NULL, stopped REAL);
 CREATE TABLE IF NOT EXISTS transitions(
@@ -54,6 +55,7 @@ class TaskRow:
     node: str
     state: str
     critical: bool
+    hook: bool = False  # runs at a trigger of a transition, not with the environment
 
 
 class TaskChange(NamedTuple):
@@ -94,7 +96,7 @@ class SqliteStore:
         added = {
             "environments": [("created_by", "TEXT"), ("recipe", "TEXT")],
             "transitions": [("actor", "TEXT")],
-            "tasks": [("since", "REAL")],
+            "tasks": [("since", "REAL"), ("hook", "INTEGER NOT NULL DEFAULT 0")],
         }
         for table, cols in added.items():
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
@@ -129,10 +131,20 @@ class SqliteStore:
                  created_by, recipe),
             )  # fmt: skip
             db.executemany(
-                "INSERT INTO tasks(env, idx, path, class, node, state, critical, since)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks(env, idx, path, class, node, state, critical, since, hook)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (env_id, t.idx, t.path, t.task_class, t.node, t.state, int(t.critical), now)
+                    (
+                        env_id,
+                        t.idx,
+                        t.path,
+                        t.task_class,
+                        t.node,
+                        t.state,
+                        int(t.critical),
+                        now,
+                        int(t.hook),
+                    )
                     for t in tasks
                 ),
             )
@@ -311,11 +323,11 @@ class SqliteStore:
 
     def tasks(self, env_id: str) -> list[dict[str, Any]]:
         cur = self._db.execute(
-            "SELECT idx, path, class, node, state, critical, pid, reason FROM tasks "
+            "SELECT idx, path, class, node, state, critical, pid, reason, hook FROM tasks "
             "WHERE env=? ORDER BY idx",
             (env_id,),
         )
-        keys = ("idx", "path", "class", "node", "state", "critical", "pid", "reason")
+        keys = ("idx", "path", "class", "node", "state", "critical", "pid", "reason", "hook")
         return [dict(zip(keys, r, strict=True)) for r in cur]
 
     def find_tasks(
@@ -326,8 +338,10 @@ class SqliteStore:
         node: str | None = None,
         limit: int = 1000,
         offset: int = 0,
+        exclude: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
-        """Tasks by environment, state and node, in order, a page at a time."""
+        """Tasks by environment, state and node, in order, a page at a time; none of
+        the environments in ``exclude``."""
         sql = "SELECT env, idx, path, class, node, state, critical, pid, reason, since FROM tasks"
         where: list[str] = []
         args: list[Any] = []
@@ -335,6 +349,9 @@ class SqliteStore:
             if value is not None:
                 where.append(f"{col}=?")
                 args.append(value)
+        if exclude:
+            where.append(f"env NOT IN ({','.join('?' * len(exclude))})")
+            args.extend(exclude)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY env, idx LIMIT ? OFFSET ?"
@@ -462,8 +479,15 @@ class SqliteStore:
         self, env_id: str, reason: str, now: float, events: Sequence[Event]
     ) -> list[Event]:
         """A previous control process's environment: the tasks it reported alive are
-        LOST, and it is in ERROR (an error it already had is kept)."""
+        LOST, and it is in ERROR (an error it already had is kept), through a GO_ERROR
+        transition; its run, if one was open, is stopped."""
         with self._tx() as db:
+            db.execute(
+                "INSERT INTO transitions(env, event, src, dst, status, started, ended, error) "
+                "SELECT id, 'GO_ERROR', state, 'ERROR', 'DONE', ?, ?, ? FROM environments "
+                "WHERE id=?",
+                (now, now, reason, env_id),
+            )
             db.execute(
                 "UPDATE tasks SET state='LOST', reason=?, pid=NULL, since=? WHERE env=? AND "
                 "state IN ('LAUNCHING', 'STANDBY', 'CONFIGURED', 'RUNNING')",
@@ -477,14 +501,23 @@ class SqliteStore:
             db.execute("UPDATE runs SET stopped=? WHERE env=? AND stopped IS NULL", (now, env_id))
             return self._put_events(db, events, now)
 
-    def end_interrupted(self, reason: str, now: float) -> int:
-        """Transitions a previous control process left STARTED end FAILED; how many."""
+    def interrupted(self) -> list[dict[str, Any]]:
+        """Transitions a previous control process left STARTED."""
+        cur = self._db.execute(
+            "SELECT id, env, event, src, started FROM transitions WHERE status='STARTED'"
+        )
+        return [dict(zip(("id", "env", "event", "src", "started"), r, strict=True)) for r in cur]
+
+    def end_interrupted(
+        self, ids: Sequence[int], reason: str, now: float, events: Sequence[Event]
+    ) -> list[Event]:
+        """These transitions (left STARTED) end FAILED, with their events."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE transitions SET status='FAILED', error=?, ended=? WHERE status='STARTED'",
-                (reason, now),
+            db.executemany(
+                "UPDATE transitions SET status='FAILED', error=?, ended=? WHERE id=?",
+                ((reason, now, i) for i in ids),
             )
-            return cur.rowcount
+            return self._put_events(db, events, now)
 
     def forget(self, env_id: str, reason: str, now: float, events: Sequence[Event]) -> list[Event]:
         """An environment no control process runs any more ends DONE: its tasks that
