@@ -17,9 +17,12 @@ from tests.conftest import ROOT
 
 
 class Server:
-    def __init__(self, data: Path, *args: str) -> None:
+    def __init__(self, data: Path, *args: str, keep_agent: bool = False) -> None:
+        """``keep_agent``: leave the node agent (and the tasks) running at the end, for
+        a test that starts the next server on the same data."""
         self.data = data
         self.args = args
+        self.keep_agent = keep_agent
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.admin = ""
@@ -66,8 +69,35 @@ class Server:
         self.output = self.log.read_text()
         return self.proc.returncode
 
+    def agent_pid(self) -> int | None:
+        """The node agent the server started for its data directory (from its lock
+        file), if it runs."""
+        try:
+            text = (self.data / "agent.lock").read_text()
+        except FileNotFoundError:
+            return None
+        m = re.match(r"pid (\d+)", text)
+        if m is None or not Path(f"/proc/{m.group(1)}").exists():
+            return None
+        return int(m.group(1))
+
+    def stop_agent(self) -> None:
+        """End the node agent (SIGTERM: it ends its tasks first) and wait for it."""
+        pid = self.agent_pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < end:
+            stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}").exists() else ""
+            if ") Z " in stat:
+                break  # ended; reaped by its parent (init) soon
+            time.sleep(0.02)
+
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+        if not self.keep_agent:
+            self.stop_agent()
         self.fh.close()

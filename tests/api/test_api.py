@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -254,9 +256,11 @@ def test_metrics(server: Server) -> None:
         assert family in text, family
 
 
-def test_task_logs_and_a_restart_keeps_every_record(tmp_path: Path) -> None:
+def test_task_logs_and_a_restart_keeps_every_record_and_every_task(tmp_path: Path) -> None:
+    """A clean stop leaves the environment to the node agent; the next server takes it
+    over as it is: RUNNING, the same process, the same run, every record kept."""
     data = tmp_path / "data"
-    with Server(data) as s:
+    with Server(data, keep_agent=True) as s:
         with s.client(s.admin) as c:
             env = c.post(
                 "/api/environments", json={"workflow": "hello", "vars": {"greeting": "hi there"}}
@@ -271,23 +275,40 @@ def test_task_logs_and_a_restart_keeps_every_record(tmp_path: Path) -> None:
                     break
                 time.sleep(0.05)
             assert log["lines"] == ["hi there"]
+            run = c.get(f"/api/environments/{env['id']}").json()["run_number"]
             before = c.get("/api/events", params={"limit": 10_000}).json()
         admin = s.admin
-    assert "tearing environments down" in s.output
+    assert "keep running under the node agent" in s.output
+    assert Path(f"/proc/{task['pid']}").exists(), "the task outlived the server"
     with Server(data) as s2:
         assert s2.admin == "", "the first admin token is printed only once"
+        assert "re-attached to its 1 running tasks, RUNNING" in s2.log.read_text()
         with s2.client(admin) as c:
             envs = c.get("/api/environments").json()
-            assert [e["state"] for e in envs] == ["DONE"] and envs[0]["id"] == env["id"]
+            assert [e["state"] for e in envs] == ["RUNNING"] and envs[0]["id"] == env["id"]
+            assert envs[0]["run_number"] == run and envs[0]["controlled"]
+            [again] = c.get("/api/tasks", params={"env": env["id"]}).json()
+            assert again["pid"] == task["pid"] and again["state"] == "RUNNING"
             after = c.get("/api/events", params={"limit": 10_000}).json()
             assert after[: len(before)] == before
+            seqs = [e["seq"] for e in after]
+            assert seqs == list(range(1, len(seqs) + 1))
+            for event in ("STOP_ACTIVITY", "START_ACTIVITY"):  # it is driven as before
+                r = c.post(f"/api/environments/{env['id']}/transitions", json={"event": event})
+                assert r.status_code == 200, r.text
+            assert r.json()["run_number"] == run + 1
+            assert c.delete(f"/api/environments/{env['id']}").status_code == 200
+    assert not Path(f"/proc/{task['pid']}").exists()
 
 
-def test_after_a_crash_the_restarted_server_says_what_it_lost_and_takes_over(
+def test_after_a_crash_of_the_server_and_its_agent_the_restart_says_what_it_lost(
     tmp_path: Path,
 ) -> None:
+    """kill -9 of the server re-attaches (the agent kept the task); kill -9 of the agent
+    too takes the task with it: the restart finds it LOST, takes the environment over
+    in ERROR, and RECOVER brings it back."""
     data = tmp_path / "data"
-    s = Server(data)
+    s = Server(data, keep_agent=True)
     with s:
         with s.client(s.admin) as c:
             env = c.post("/api/environments", json={"workflow": "hello"}).json()
@@ -297,7 +318,13 @@ def test_after_a_crash_the_restarted_server_says_what_it_lost_and_takes_over(
         assert s.proc is not None
         s.proc.kill()  # a crash: no teardown
         s.proc.wait()
-        assert Path(f"/proc/{pid}").exists(), "the basic task outlived the server"
+        agent = s.agent_pid()
+        assert agent is not None and Path(f"/proc/{pid}").exists(), "the agent keeps the task"
+        os.kill(agent, signal.SIGKILL)  # the node agent dies too: its task with it
+    deadline = time.monotonic() + 60  # only stops a hung test
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "a task outlived its agent"
     with Server(data) as s2:
         assert "was RUNNING" in s2.log.read_text()
         with s2.client(s.admin) as c:
@@ -307,10 +334,6 @@ def test_after_a_crash_the_restarted_server_says_what_it_lost_and_takes_over(
             [task] = c.get("/api/tasks", params={"env": env["id"], "node": "localhost"}).json()
             assert task["state"] == "LOST"
             assert c.get("/api/tasks", params={"node": "elsewhere"}).json() == []
-            deadline = time.monotonic() + 60  # only stops a hung test
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not Path(f"/proc/{pid}").exists(), "the leftover process was not ended"
             # taken over: RECOVER brings it back, with a new process
             r = c.post(f"/api/environments/{env['id']}/transitions", json={"event": "RECOVER"})
             assert r.status_code == 200 and r.json()["state"] == "DEPLOYED", r.text

@@ -5,6 +5,7 @@ critical) or carries on (it is not), and RECOVER brings it back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -145,14 +146,18 @@ def test_kill_9_during_every_transition(tmp_path: Path, event: str, state: str, 
             pid = victim.pid if order != "HELLO" else _pid_of(victim.id)
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            with pytest.raises(TransitionError):
-                await job
             when = f"kill -9 during {ev} (generation {generation})"
-            assert victim.state == "ERROR", f"{when}: the victim is {victim.state}"
             if ev == "EXIT":
-                assert env.state == "DONE"
+                # asked to end, it died: whether EXIT counts that a failure depends on
+                # which news came first (the answer or the exit); either way it is over
+                with contextlib.suppress(TransitionError):
+                    await job
+                assert env.state == "DONE" and victim.state in ("DONE", "ERROR")
                 await rig.check_destroyed(env)
                 return
+            with pytest.raises(TransitionError):
+                await job
+            assert victim.state == "ERROR", f"{when}: the victim is {victim.state}"
             assert env.state == "ERROR", f"{when}: {env.state}"
             await rig.check(env, when)
         await rig.plane.destroy(env.id)

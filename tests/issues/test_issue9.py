@@ -336,24 +336,35 @@ roles:
 
 def test_9_3_a_server_crash_during_deploy_leaves_no_orphans(tmp_path: Path) -> None:
     """99 basic tasks and one direct task that never says hello: kill -9 of the server
-    while DEPLOY waits for it; the restart ends all 100 processes."""
+    while DEPLOY waits for it. The node agent keeps the 100 processes; the restart
+    re-attaches them (the one never ready is ERROR, its process known), and after
+    destroy none is left. If the agent dies too, its tasks die with it."""
     from tests.api.server import Server
     from tests.faults.processes import of_environment
     from tests.faults.test_server_kill import transition, wait_for, workflows
 
     wf = workflows(tmp_path, CRASH_DEPLOY)
     data = tmp_path / "data"
-    with Server(data, "--workflows", str(wf)) as s1, s1.client(s1.admin) as c:
-        env_id = c.post("/api/environments", json={"workflow": "crash"}).json()["id"]
-        assert transition(c, env_id, "DEPLOY", wait=False).status_code == 200
-        wait_for(lambda: len(of_environment(env_id)) == 100, "all 100 processes started")
-        assert s1.proc is not None
-        s1.proc.kill()
-        s1.proc.wait()
-    assert len(of_environment(env_id)) >= 99, "the basic tasks outlive a killed server"
-    with Server(data, "--workflows", str(wf)) as s2:
-        wait_for(lambda: not of_environment(env_id), "the restart ended every process")
-        assert "100 leftover processes ended" in s2.log.read_text(), s2.log.read_text()
+    with Server(data, "--workflows", str(wf), keep_agent=True) as s1:
+        token = s1.admin
+        with s1.client(token) as c:
+            env_id = c.post("/api/environments", json={"workflow": "crash"}).json()["id"]
+            assert transition(c, env_id, "DEPLOY", wait=False).status_code == 200
+            wait_for(lambda: len(of_environment(env_id)) == 100, "all 100 processes started")
+            assert s1.proc is not None
+            s1.proc.kill()
+            s1.proc.wait()
+    running = set(of_environment(env_id))
+    assert len(running) == 100, "the node agent keeps them"
+    with Server(data, "--workflows", str(wf)) as s2, s2.client(token) as c:
+        assert "re-attached to its 100 running tasks, ERROR" in s2.log.read_text()
+        tasks = c.get("/api/tasks", params={"env": env_id}).json()
+        assert {t["pid"] for t in tasks} == running, "every process is owned by its task"
+        assert {t["state"] for t in tasks if t["path"] != "crash.slow"} == {"STANDBY"}
+        [slow] = [t for t in tasks if t["path"] == "crash.slow"]
+        assert slow["state"] == "ERROR" and "before it was ready" in slow["reason"]
+        assert c.delete(f"/api/environments/{env_id}").status_code == 200
+        wait_for(lambda: not of_environment(env_id), "destroy ended every process")
 
 
 DEAD_SERVER = r"""

@@ -89,6 +89,7 @@ class _Proc:
     exited: int | None = None
     broken: bool = False  # protocol broken: we no longer listen to it
     ending: bool = False  # asked to end (EXIT answered, or stopped): EOF is expected
+    state: str | None = None  # the last state a direct task confirmed (hello, answers)
 
     @property
     def pid(self) -> int:
@@ -135,8 +136,14 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, *, run_dir: str | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, *, run_dir: str | None = None, host: str = "127.0.0.1", die_with_me: bool = False
+    ) -> None:
+        """``die_with_me``: each task is killed by the kernel when this process dies, even
+        by SIGKILL (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` before the task
+        execs): what a node agent that outlives its controller needs."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._setpriv = shutil.which("setpriv") if die_with_me else None
         self._procs: dict[str, _Proc] = {}
         self._sink: ReportSink | None = None
         self._queue: list[Report] = []
@@ -181,11 +188,19 @@ class LocalBackend:
         loop = self._bind_loop()
         b = _Batch(len(batch), "launch", loop)
         base_env = dict(os.environ)
+        missing: dict[str, str | None] = {}  # (behind setpriv, a missing program is told here)
         for pos, spec in enumerate(batch):
             old = self._procs.get(spec.task_id)
             if old is not None and old.exited is None:
                 b.set_now(pos, Outcome(spec.task_id, error="already running", pid=old.pid))
                 continue
+            if self._setpriv is not None and not spec.command.shell:
+                why = missing.get(spec.command.value, "")
+                if why == "":
+                    why = missing[spec.command.value] = _not_runnable(spec)
+                if why is not None:
+                    b.set_now(pos, Outcome(spec.task_id, error=why))
+                    continue
             try:
                 proc = self._spawn(spec, base_env)
             except OSError as e:
@@ -292,12 +307,25 @@ class LocalBackend:
         if self._own_run_dir:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
+    async def resume(self) -> None:
+        return None  # in-process: no report ever waits for a controller
+
     async def end_leftovers(self, env_ids: Sequence[str]) -> int:
         """SIGKILL what a previous control process left running for these environments:
         every process that carries one of their ids (a reused pid never does)."""
         if not env_ids:
             return 0
         return await asyncio.to_thread(sweep.end, environments=frozenset(env_ids))
+
+    async def inventory(self) -> list[tuple[str, int, str | None]]:
+        """The processes this backend runs now: (task id, pid, the state a direct task
+        last confirmed, LAUNCHING before its hello, or None for a plain process). For
+        reconcile and re-attach."""
+        return [
+            (tid, p.pid, (p.state or "LAUNCHING") if p.control == "direct" else None)
+            for tid, p in self._procs.items()
+            if p.exited is None
+        ]
 
     # -- introspection (tests, `corral run`) -------------------------------------------
 
@@ -323,8 +351,11 @@ class LocalBackend:
             if spec.log_path:
                 os.makedirs(os.path.dirname(spec.log_path), exist_ok=True)
                 log = open(spec.log_path, "ab")  # noqa: SIM115 - handed to the child
+            argv = argv_of(spec)
+            if self._setpriv is not None:
+                argv = [self._setpriv, "--pdeathsig", "KILL", "--", *argv]
             popen = subprocess.Popen(
-                argv_of(spec),
+                argv,
                 env=env,
                 cwd=spec.command.cwd or None,
                 stdin=subprocess.DEVNULL,
@@ -533,6 +564,7 @@ class LocalBackend:
         if "id" not in msg:
             if waiting is not None and waiting[0] < 0 and msg.get("state") == "STANDBY":
                 proc.waiting = None
+                proc.state = "STANDBY"
                 waiting[2].resolve(proc.task_id, Outcome(proc.task_id, "STANDBY", pid=proc.pid))
                 return
             self._broken(proc, f"protocol error: unexpected message {line[:80]!r}")
@@ -551,6 +583,7 @@ class LocalBackend:
             b.resolve(proc.task_id, Outcome(proc.task_id, error=f"{transition} failed: {why}"))
         elif msg.get("state") == expected:
             proc.ending = transition == "EXIT"
+            proc.state = expected
             b.resolve(proc.task_id, Outcome(proc.task_id, expected))
         else:
             got = str(msg.get("state"))[:40]
@@ -707,6 +740,21 @@ class LocalBackend:
         reports, self._queue = self._queue, []
         if self._sink is not None and reports:
             self._sink(reports)
+
+
+def _not_runnable(spec: Launch) -> str | None:
+    """Why the task's program cannot be started, or None (it can, as far as we see)."""
+    value = spec.command.value
+    if "/" not in value:
+        found = shutil.which(value)
+        return None if found else f"cannot start {value!r}: not found on PATH"
+    path = value if os.path.isabs(value) else os.path.join(spec.command.cwd or ".", value)
+    if not os.path.exists(path):
+        where = f" in {spec.command.cwd}" if spec.command.cwd else ""
+        return f"cannot start {value!r}: no such file or directory{where}"
+    if not os.access(path, os.X_OK):
+        return f"cannot start {value!r}: permission denied"
+    return None
 
 
 def _memory_mb() -> int:

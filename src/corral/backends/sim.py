@@ -202,6 +202,12 @@ class SimBackend:
     async def release(self, node: str, env_id: str) -> None:
         return None
 
+    async def resume(self) -> None:
+        return None
+
+    async def inventory(self) -> list[tuple[str, int, str | None]]:
+        return [(tid, t.pid, t.state) for tid, t in self._tasks.items()]
+
     async def end_leftovers(self, env_ids: Sequence[str]) -> int:
         """Simulated tasks do not outlive their backend, but a data directory that a
         local backend used before may have left real processes on this machine."""

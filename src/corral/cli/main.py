@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from corral import __version__
+from corral.cli.agent import agent
 from corral.cli.client import env, lock, node, task, token_group
 from corral.cli.run import events, run
 from corral.cli.serve import serve
@@ -25,6 +26,7 @@ cli.add_command(template)
 cli.add_command(run)
 cli.add_command(events)
 cli.add_command(serve)
+cli.add_command(agent)
 for group in (env, task, token_group, lock, node):
     cli.add_command(group)
 

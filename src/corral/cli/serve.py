@@ -22,7 +22,8 @@ import uvicorn
 from rich.console import Console
 
 from corral.api.app import create_app
-from corral.backends.local import LocalBackend
+from corral.backends.agent import DEFAULT_LEASE, socket_path
+from corral.backends.remote import AgentBackend, AgentUnavailable, start_agent
 from corral.backends.sim import SimBackend
 from corral.cli.run import (
     data_option,
@@ -67,6 +68,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     type=click.Path(file_okay=False, exists=True),
     help="Directory of the workflow templates environments are created from.",
 )  # fmt: skip
+@click.option(
+    "--agent-lease", type=click.FloatRange(min=1), default=DEFAULT_LEASE, show_default=True,
+    metavar="SECONDS", help="How long the node agent keeps the tasks running without a "
+    "server (a restart within it takes them over; after it they are ended).",
+)  # fmt: skip
+@click.option(
+    "--reconcile", "reconcile_every", type=click.FloatRange(min=0), default=10.0,
+    show_default=True, metavar="SECONDS",
+    help="Compare what runs with what the store says this often (0: never).",
+)  # fmt: skip
 @inventory_option
 @priority_option
 def serve(
@@ -75,6 +86,8 @@ def serve(
     backend: str,
     sim_nodes: int,
     workflows: str,
+    agent_lease: float,
+    reconcile_every: float,
     inventory: str | None,
     priority_classes: tuple[str, ...],
 ) -> None:
@@ -87,7 +100,10 @@ def serve(
     except DataDirInUse as e:
         err.print(f"[bold red]error[/]: {e}")
         sys.exit(1)
-    sys.exit(asyncio.run(_serve(data, host, port, backend, sim_nodes, workflows, nodes, classes)))
+    sys.exit(asyncio.run(_serve(
+        data, host, port, backend, sim_nodes, workflows, nodes, classes, agent_lease,
+        reconcile_every,
+    )))  # fmt: skip
 
 
 class _Server(uvicorn.Server):
@@ -108,20 +124,35 @@ async def _serve(
     workflows: str,
     nodes: list[Node] | None,
     classes: dict[str, int] | None = None,
+    lease: float = DEFAULT_LEASE,
+    reconcile_every: float = 10.0,
 ) -> int:
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
     log_dir = os.path.join(os.path.abspath(data), "logs")
     backend: Backend
-    if backend_name == "local":
-        backend = LocalBackend()
+    agent: AgentBackend | None = None
+    if backend_name == "local":  # the tasks belong to a node agent that outlives us
+        agent = AgentBackend(socket_path(data), start=start_agent(data, lease=lease))
+        try:
+            await agent.connect()
+        except AgentUnavailable as e:
+            err.print(f"[bold red]error[/]: {e} (see {os.path.join(data, 'agent.log')})")
+            store.close()
+            return 1
+        backend = agent
     else:  # a simulated farm of the inventory's nodes, or of --sim-nodes generated ones
         backend = SimBackend([n.name for n in nodes] if nodes else sim_nodes)
     plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
     service = ControlService(plane, workflows=workflows)
+    keep = False  # at the end: leave the environments to the agent, or tear them down
     try:
         for note in await plane.adopt_leftovers():
             err.print(f"[yellow]note[/]: {note}")
+        if agent is not None:
+            agent.on_reconnect = plane.after_reconnect
+        if reconcile_every > 0:
+            plane.start_reconcile(reconcile_every)
         try:
             token = service.first_admin_token()
         except ServiceError as e:
@@ -154,8 +185,18 @@ async def _serve(
         print(f"corral serving on http://{bound[0]}:{bound[1]} ({backend_name} backend, "
               f"data in {data})", flush=True)  # fmt: skip
         await job
-        err.print("stopping: tearing environments down ...")
+        live = [e for e in plane.environments.values() if e.state != "DONE"]
+        keep = agent is not None and bool(live)
+        if keep:
+            err.print(f"stopping: {len(live)} environments keep running under the node agent "
+                      f"(pid {agent.agent_pid if agent else '?'}); a server started on {data} "
+                      f"within {lease:g} s takes them over, else the agent ends them")  # fmt: skip
+        else:
+            err.print("stopping: tearing environments down ...")
         return 0
     finally:
-        await service.close()
+        if keep:
+            await service.detach()
+        else:
+            await service.close()
         store.close()

@@ -39,7 +39,7 @@ from corral.lifecycle import task as tasksm
 from corral.lifecycle.hooks import schedule
 from corral.model.plan import Plan
 from corral.ports.backend import Backend, ChannelRequest, Launch, Order, Outcome, Report
-from corral.store.sqlite import SqliteStore, TaskRow
+from corral.store.sqlite import SqliteStore, TaskChange, TaskRow
 
 log = logging.getLogger("corral.environment")
 
@@ -134,9 +134,10 @@ class Environment:
     def create(self) -> None:
         """Store the new environment (raises StoreUnavailable if the store refuses)."""
         rows = [
-            TaskRow(t.idx, t.spec.path, t.spec.task_class, t.node, t.state, t.critical, t.hook)
+            TaskRow(t.idx, t.spec.path, t.spec.task_class, t.node, t.state, t.critical, t.hook,
+                    ",".join(map(str, self.ports[t.idx])) or None)
             for t in self.tasks
-        ]
+        ]  # fmt: skip
         ev = self._env_event(envsm.STANDBY, note="created")
         ev["tasks"] = len(self.tasks)
         ev["name"] = self.plan.name
@@ -158,17 +159,57 @@ class Environment:
         self.journal.publish(stored)
 
     def restore(self, row: dict[str, Any], tasks: Sequence[dict[str, Any]]) -> None:
-        """Take over an environment a previous control process left: its state and its
-        tasks' states as stored (none of them has a process any more)."""
+        """Take over an environment a previous control process left: its state, its run
+        and its tasks' states and processes (``pid``: None when it has none)."""
         if row["state"] not in envsm.STATES:
             raise ValueError(f"environment {self.id}: unknown stored state {row['state']!r}")
         self.state = row["state"]
         self.error = row.get("error")
         self.created_by = row.get("created_by")
+        if self.state == envsm.RUNNING and row.get("run_number") is not None:
+            self.run_number = int(row["run_number"])
+            self.variables["run_number"] = str(self.run_number)
         for t, r in zip(self.tasks, tasks, strict=True):
             self.taskset.restore(t, r["state"], r.get("reason"))
+            t.pid = r.get("pid")
         self._role_events()  # remember the roles' states: only changes are announced
         self.version += 1
+
+    def record_restored(self, was: str, stored: dict[int, tuple[str, int | None]]) -> None:
+        """After a re-attach: store and announce what differs from the stored record
+        (tasks found gone, states the tasks confirmed, the environment's state)."""
+        changes: list[TaskChange] = []
+        events: list[dict[str, Any]] = []
+        for t in self.tasks:
+            old_state, old_pid = stored[t.idx]
+            if (t.state, t.pid) == (old_state, old_pid):
+                continue
+            changes.append(TaskChange(t.idx, t.state, t.pid or 0, t.reason))
+            if t.state != old_state:
+                events.append(self._task_event(t, t.state, reason=t.reason or "re-attached"))
+        if changes:
+            now = self.clock()
+            self.journal.write(lambda: self.store.update_tasks(self.id, changes, now, events))
+        if self.state != was:
+            self._set_state(self.state, event="RE-ATTACH", error=self.error)
+        if changes or self.state != was:
+            self._roles = {}
+            self.announce(self._role_events())
+        self.version += 1
+
+    def close_stored_run(self, number: int) -> None:
+        """A run the store has open, which a re-attached environment no longer runs."""
+        self.run_number = number
+        self._close_run()
+
+    def fail(self, why: str) -> None:
+        """A failure found outside a report (a re-attach): the rules of ``_fail``."""
+        self._fail(why)
+
+    def judge_restored(self) -> str | None:
+        """After a take-over: do the tasks found failed fail the environment? Why."""
+        failed = [t for t in self.tasks if t.state in tasksm.FAILED and not t.hook]
+        return self._verdict(failed)
 
     # -- transitions ----------------------------------------------------------------------
 

@@ -112,6 +112,32 @@ class Ledger:
         )
         return True
 
+    def hold(
+        self,
+        key: str,
+        plan: Plan,
+        nodes: Sequence[str],
+        ports: Sequence[tuple[int, ...]],
+        *,
+        priority: int = 0,
+    ) -> Reservation:
+        """Book what an environment already holds, where it is (a take-over of running
+        tasks): no placement, and nothing refused; an overcommit shows in the table."""
+        request = Request(demands_of(plan), "spread")
+        usage = dict(self.usage)
+        for node, p, d in zip(nodes, ports, request.demands, strict=True):
+            u = usage.get(node, Usage())
+            usage[node] = Usage(
+                cpu=round(u.cpu + d.wants.cpu, 9), memory=u.memory + d.wants.memory,
+                gpu=u.gpu + d.wants.gpu, tasks=u.tasks + 1, ports=u.ports | frozenset(p),
+            )  # fmt: skip
+        self.usage = usage
+        self.version += 1
+        self._order += 1
+        self._held[key] = Holder(key, priority, tuple(nodes), tuple(ports),
+                                 tuple(request.demands), order=self._order)  # fmt: skip
+        return self._held[key]
+
     def release(self, key: str) -> None:
         r = self._held.pop(key, None)
         if r is None:

@@ -85,6 +85,8 @@ class ControlPlane:
         self.bus = bus if bus is not None else EventBus()
         self.journal = Journal(self.bus)
         self.left: dict[str, str] = {}  # environments a previous process left, not run here: why
+        self._reconciling: asyncio.Task[None] | None = None
+        self._jobs: set[asyncio.Future[None]] = set()
         self._destroying: dict[str, asyncio.Future[None]] = {}
         self.log_dir = log_dir
         self.clock = clock
@@ -274,14 +276,17 @@ class ControlPlane:
     async def adopt_leftovers(self, *, take_over: bool = True) -> list[str]:
         """At start: what a previous control process left unfinished.
 
-        Its processes still running are ended (every one that carries an unfinished
-        environment's id), its transitions left STARTED end FAILED, and the tasks it
-        reported alive are LOST, their environment in ERROR; this is done once, not
-        again at each restart. Then, with ``take_over``, each environment whose plan can
-        be expanded again (its recipe) and placed is run by this process, in ERROR:
-        RECOVER relaunches it, destroy ends it. Those that cannot be are ``left``
-        (destroying them ends them); without ``take_over`` (``corral run``), every one
-        is ended. Returns one line per environment saying what happened.
+        Its transitions left STARTED end FAILED. An environment whose tasks still run
+        (held by a node agent that outlived that process) is re-attached, with ``take_over``:
+        run by this process, in the state its tasks say (see ``_reattach``). For every
+        other one, its processes still running are ended, and the tasks it reported
+        alive are LOST, the environment in ERROR (once: not again at each restart); then
+        with ``take_over`` it is taken over in ERROR if its plan can be expanded again
+        (its recipe) and placed: RECOVER relaunches it, destroy ends it. Those that
+        cannot be are ``left`` (destroying them ends them); without ``take_over``
+        (``corral run``) every one is ended. A process of no unfinished environment
+        that an agent still runs is ended. Returns a line per environment saying what
+        happened.
         """
         now = self.clock()
         cut = self.store.interrupted()
@@ -292,12 +297,35 @@ class ControlPlane:
                     "duration": round(now - t["started"], 6)} for t in cut]  # fmt: skip
             ids = [t["id"] for t in cut]
             self.journal.write(lambda: self.store.end_interrupted(ids, text, now, evs))
+        cut_of = {t["env"]: t["event"] for t in cut}
         unfinished = self.store.unfinished()
-        if not unfinished:
-            return []
-        ended = await self.backend.end_leftovers([e["id"] for e in unfinished])
-        notes = []
+        running: dict[str, dict[int, tuple[int, str | None]]] = {}
+        for tid, pid, state in await self.backend.inventory():
+            env_id, _, idx = tid.partition(":")
+            if idx.isdigit():
+                running.setdefault(env_id, {})[int(idx)] = (pid, state)
+        notes: list[str] = []
+        rest = []
         for row in unfinished:
+            env_id = row["id"]
+            what = f"environment {env_id} ({row['name']}) was {row['state']}"
+            live = running.get(env_id)
+            if take_over and live:
+                why = self._reattach(row, live, cut_of.get(env_id))
+                if why is None:
+                    env = self.environments[env_id]
+                    notes.append(f"{what}: re-attached to its {len(live)} running tasks, "
+                                 f"{env.state}")  # fmt: skip
+                    del running[env_id]
+                    continue
+                notes.append(f"{what}: cannot re-attach ({why}): its processes are ended")
+            rest.append(row)
+        strangers = [f"{e}:{i}" for e, tasks in running.items() for i in tasks]
+        if strangers:  # an agent runs them for nobody: end them
+            await self.backend.stop(self.ledger.nodes[0].name, strangers, 3.0)
+            notes.append(f"{len(strangers)} processes of no unfinished environment ended")
+        ended = await self.backend.end_leftovers([r["id"] for r in rest]) if rest else 0
+        for row in rest:
             env_id = row["id"]
             if row["alive"]:
                 self._mark_lost(row)
@@ -315,7 +343,87 @@ class ControlPlane:
                 notes.append(f"{what}: not taken over ({why}); destroying it ends it")
         if ended:
             notes.append(f"{ended} leftover processes ended")
+        await self.backend.resume()
         return notes
+
+    def _replayed(self, row: dict[str, Any]) -> tuple[Plan, list[dict[str, Any]]] | str:
+        """The environment's plan again (from its recipe) and its stored tasks; or why not."""
+        if not row.get("recipe"):
+            return "it was created without a recipe"
+        plan, diags = recipes.replay(row["recipe"])
+        if plan is None:
+            text = diags if isinstance(diags, str) else "; ".join(str(d) for d in diags[:3])
+            return f"its plan does not expand again: {text}"
+        stored = self.store.tasks(row["id"])
+        if [t.path for t in plan.tasks] != [t["path"] for t in stored]:
+            return "its plan expands to other tasks than it had"
+        return plan, stored
+
+    def _reattach(
+        self, row: dict[str, Any], live: dict[int, tuple[int, str | None]], cut: str | None
+    ) -> str | None:
+        """Run an environment whose tasks still run, here; or say why it cannot be.
+
+        Each task that runs is adopted with its process, in the state it last confirmed
+        (a direct task) or was recorded in (a plain process); one recorded alive whose
+        process is gone is LOST. The environment keeps its recorded state and run, unless
+        a transition was under way at the crash: then it goes where its tasks agree
+        (all STANDBY: DEPLOYED, all CONFIGURED, all RUNNING), else to ERROR. The failure
+        rules then apply to what was lost.
+        """
+        got = self._replayed(row)
+        if isinstance(got, str):
+            return got
+        plan, stored = got
+        env_id = row["id"]
+        _, priority = priority_of(plan, self.priority_classes)
+        ports = [tuple(int(p) for p in (t.get("ports") or "").split(",") if p) for t in stored]
+        self.ledger.hold(env_id, plan, [t["node"] for t in stored], ports, priority=priority)
+        env = Environment(
+            env_id, plan, backend=self.backend, store=self.store, journal=self.journal,
+            calls=self.calls, source=row["source"], log_dir=self.log_dir, clock=self.clock,
+            nodes=[t["node"] for t in stored], ports=ports,
+        )  # fmt: skip
+        gone = f"{RESTARTED}: its process ended while no control process watched it"
+        confirmed: set[str] = set()
+        was = {t["idx"]: (t["state"], t["pid"]) for t in stored}
+        for t in stored:
+            proc = live.get(t["idx"])
+            t["pid"] = None
+            if proc is not None:
+                t["pid"], said = proc
+                if t["state"] in (tasksm.ERROR, tasksm.LOST, tasksm.DONE):
+                    pass  # failed or ended as recorded: its process is ended at RECOVER
+                elif said == tasksm.LAUNCHING:  # no hello yet, and nobody waits for one now
+                    t["state"] = tasksm.ERROR
+                    t["reason"] = f"{RESTARTED} before it was ready (RECOVER relaunches it)"
+                elif said is not None:
+                    t["state"] = said
+                    confirmed.add(said)
+                elif t["state"] in (tasksm.PENDING, tasksm.LAUNCHING):
+                    t["state"] = tasksm.STANDBY  # a plain process is ready once it runs
+            elif t["state"] in tasksm.ALIVE:
+                t["state"], t["reason"] = tasksm.LOST, gone
+        state = dict(row)
+        if cut is not None:
+            after = {tasksm.STANDBY: envsm.DEPLOYED, tasksm.CONFIGURED: envsm.CONFIGURED,
+                     tasksm.RUNNING: envsm.RUNNING}  # fmt: skip
+            agreed = after.get(next(iter(confirmed))) if len(confirmed) == 1 else None
+            if agreed is None:
+                state["state"] = envsm.ERROR
+                state["error"] = f"{cut} was under way when {RESTARTED}; its tasks disagree"
+            else:
+                state["state"] = agreed
+        env.recipe = row["recipe"]
+        env.restore(state, stored)
+        self.environments[env_id] = env
+        if state["state"] != envsm.RUNNING and row["run_number"] is not None:
+            env.close_stored_run(int(row["run_number"]))
+        env.record_restored(row["state"], was)
+        why = env.judge_restored()
+        if why is not None:
+            env.fail(why)
+        return None
 
     def _mark_lost(self, row: dict[str, Any]) -> None:
         """Once: the tasks it had alive LOST, the environment ERROR, its run stopped;
@@ -349,15 +457,10 @@ class ControlPlane:
     def _take_over(self, row: dict[str, Any]) -> str | None:
         """Run a left environment here, in ERROR; or say why it cannot be."""
         env_id = row["id"]
-        if not row.get("recipe"):
-            return "it was created without a recipe"
-        plan, diags = recipes.replay(row["recipe"])
-        if plan is None:
-            text = diags if isinstance(diags, str) else "; ".join(str(d) for d in diags[:3])
-            return f"its plan does not expand again: {text}"
-        stored = self.store.tasks(env_id)
-        if [t.path for t in plan.tasks] != [t["path"] for t in stored]:
-            return "its plan expands to other tasks than it had"
+        got = self._replayed(row)
+        if isinstance(got, str):
+            return got
+        plan, stored = got
         try:
             env = self._placed(env_id, plan, source=row["source"])
         except (PlacementError, ValueError) as e:
@@ -383,8 +486,84 @@ class ControlPlane:
         self.store.set_nodes(env_id, nodes)
         return []
 
+    # -- reconcile ------------------------------------------------------------------------
+
+    async def reconcile(self, why: str | None = None) -> int:
+        """Compare what runs (the backend's inventory: one batch per node) with what the
+        controller believes, and repair it: a task believed alive whose process is gone
+        failed (its report was lost), and a process no environment here owns is ended.
+        Environments in a transition are left for the next pass. Returns the repairs."""
+        inv = await self.backend.inventory()
+        running = {tid: pid for tid, pid, _ in inv}
+        repaired = 0
+        for env in list(self.environments.values()):
+            if env.transitioning is not None or env.lock.locked():
+                continue
+            lost = [
+                Report(t.id, "lost", why, None, t.pid) if why else
+                Report(t.id, "exited", "its process is gone (found by reconcile: a report "
+                       "was lost)", None, t.pid)
+                for t in env.tasks
+                if t.state in tasksm.ALIVE and t.pid is not None and running.get(t.id) != t.pid
+            ]  # fmt: skip
+            if lost:
+                repaired += len(lost)
+                env.on_reports(lost)
+        strangers = [
+            tid for tid in running
+            if tid.partition(":")[0] not in self.environments
+            and tid.partition(":")[0] not in self._destroying
+        ]  # fmt: skip
+        if strangers:
+            await self.backend.stop(self.ledger.nodes[0].name, strangers, 3.0)
+            repaired += len(strangers)
+        if repaired:
+            log.warning("reconcile repaired %d tasks", repaired)
+        return repaired
+
+    def start_reconcile(self, period: float) -> None:
+        """Reconcile every ``period`` seconds (level-triggered, whatever reports say)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await self.reconcile()
+                except Exception:
+                    log.exception("reconcile failed; trying again in %g s", period)
+
+        self._reconciling = asyncio.ensure_future(loop())
+
+    def after_reconnect(self, new_agent: bool) -> None:
+        """The connection to an agent came back: what it reported may have been lost
+        meanwhile, so reconcile, then let it deliver what it held. A new agent means the
+        old one died, and its tasks with it."""
+        why = "its node agent died, and the task with it" if new_agent else None
+
+        async def repair() -> None:
+            try:
+                await self.reconcile(why)
+                await self.backend.resume()
+            except Exception:
+                log.exception("reconciling after a reconnect")
+
+        job = asyncio.ensure_future(repair())
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def detach(self) -> None:
+        """Stop controlling, leaving the environments to their agents (a restart)."""
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+        detach = getattr(self.backend, "detach", None)
+        if detach is not None:
+            await detach()
+        self.journal.close()
+
     async def close(self) -> None:
         """Destroy every environment, then close the backend."""
+        if self._reconciling is not None:
+            self._reconciling.cancel()
         for env_id in list(self.environments):
             try:
                 await self.destroy(env_id)

@@ -381,6 +381,12 @@ class ControlService:
             job.cancel()
         await self.plane.close()
 
+    async def detach(self) -> None:
+        """Stop without ending the environments: their agents run them on."""
+        for job in self._jobs.values():
+            job.cancel()
+        await self.plane.detach()
+
     def record(self, event: dict[str, Any], actor: str | None) -> None:
         """Store and announce an event about an action (who did what)."""
         self._record(event, actor)

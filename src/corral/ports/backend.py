@@ -160,6 +160,16 @@ class Backend(Protocol):
         """Forget an environment on this node: remove its ipc paths and leftovers."""
         ...
 
+    async def inventory(self) -> list[tuple[str, int, str | None]]:
+        """The tasks whose processes run now, on every node: (task id, pid, the state a
+        direct task last confirmed, or None). What reconcile compares with the store."""
+        ...
+
+    async def resume(self) -> None:
+        """Deliver the reports held while no controller listened (an agent that outlived
+        its controller); called once the control plane knows its environments again."""
+        ...
+
     async def end_leftovers(self, env_ids: Sequence[str]) -> int:
         """End every process a previous control process left running for these
         environments, wherever it runs.

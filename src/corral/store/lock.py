@@ -19,8 +19,10 @@ class DataDirInUse(Exception):
 
 
 class DataLock:
-    def __init__(self, data_dir: str, what: str) -> None:
-        self.path = os.path.join(data_dir, "corral.lock")
+    def __init__(self, data_dir: str, what: str, *, name: str = "corral.lock") -> None:
+        """``name``: the lock file; the node agent of a directory holds its own."""
+        self.path = os.path.join(data_dir, name)
+        self.role = "control" if name == "corral.lock" else "node agent"
         self.what = what
         self._fd: int | None = None
 
@@ -34,7 +36,7 @@ class DataLock:
             os.close(fd)
             raise DataDirInUse(
                 f"the data directory {os.path.dirname(self.path)} is in use by another "
-                f"control process ({holder}); stop it, or use another --data"
+                f"{self.role} process ({holder}); stop it, or use another --data"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {self.what}\n".encode(), 0)

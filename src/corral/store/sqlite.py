@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS environments(
 CREATE TABLE IF NOT EXISTS tasks(
     env TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, class TEXT NOT NULL,
     node TEXT NOT NULL, state TEXT NOT NULL, critical INTEGER NOT NULL,
-    pid INTEGER, reason TEXT, since REAL, hook INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER, reason TEXT, since REAL, hook INTEGER NOT NULL DEFAULT 0, ports TEXT,
     PRIMARY KEY(env, idx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs(
     number INTEGER PRIMARY KEY, env TEXT NOT NULL, started REAL NOT NULL, stopped REAL);
@@ -56,6 +56,7 @@ class TaskRow:
     state: str
     critical: bool
     hook: bool = False  # runs at a trigger of a transition, not with the environment
+    ports: str | None = None  # the ports placement gave it, comma-separated
 
 
 class TaskChange(NamedTuple):
@@ -96,7 +97,7 @@ class SqliteStore:
         added = {
             "environments": [("created_by", "TEXT"), ("recipe", "TEXT")],
             "transitions": [("actor", "TEXT")],
-            "tasks": [("since", "REAL"), ("hook", "INTEGER NOT NULL DEFAULT 0")],
+            "tasks": [("since", "REAL"), ("hook", "INTEGER NOT NULL DEFAULT 0"), ("ports", "TEXT")],
         }
         for table, cols in added.items():
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
@@ -131,8 +132,8 @@ class SqliteStore:
                  created_by, recipe),
             )  # fmt: skip
             db.executemany(
-                "INSERT INTO tasks(env, idx, path, class, node, state, critical, since, hook)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tasks(env, idx, path, class, node, state, critical, since, hook,"
+                " ports) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
                         env_id,
@@ -144,6 +145,7 @@ class SqliteStore:
                         int(t.critical),
                         now,
                         int(t.hook),
+                        t.ports,
                     )
                     for t in tasks
                 ),
@@ -323,11 +325,12 @@ class SqliteStore:
 
     def tasks(self, env_id: str) -> list[dict[str, Any]]:
         cur = self._db.execute(
-            "SELECT idx, path, class, node, state, critical, pid, reason, hook FROM tasks "
-            "WHERE env=? ORDER BY idx",
+            "SELECT idx, path, class, node, state, critical, pid, reason, hook, ports "
+            "FROM tasks WHERE env=? ORDER BY idx",
             (env_id,),
         )
-        keys = ("idx", "path", "class", "node", "state", "critical", "pid", "reason", "hook")
+        keys = ("idx", "path", "class", "node", "state", "critical", "pid", "reason", "hook",
+                "ports")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in cur]
 
     def find_tasks(
