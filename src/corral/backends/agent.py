@@ -137,44 +137,22 @@ class Agent:
             await writer.drain()
 
     async def _op(self, op: str, a: dict[str, Any]) -> Any:
-        b = self.backend
         if op == "resume":  # the controller knows its tasks again: what waited, now
             if self._buffer:
                 reports = list(self._buffer)
                 self._buffer.clear()
+                self._resumed = True
                 self._on_reports(reports)
             self._resumed = True
             return None
         if op == "hello":
             self._resumed = False  # reports wait until the controller says resume
             return {"version": VERSION, "pid": os.getpid(), "lease": self.lease,
-                    "nodes": wire.encode_nodes(b.nodes())}  # fmt: skip
-        if op == "allocate":
-            return await b.allocate(a["node"], a["env"], wire.decode_channels(a["channels"]))
-        if op == "launch":
-            outs = await b.launch(
-                a["node"], wire.decode_launches(a["batch"]), a["timeout"], a["slow_after"]
-            )
-            return wire.encode_outcomes(outs)
-        if op == "transition":
-            outs = await b.transition(
-                a["node"], wire.decode_orders(a["batch"]), a["timeout"], a["slow_after"]
-            )
-            return wire.encode_outcomes(outs)
-        if op == "stop":
-            await b.stop(a["node"], [str(t) for t in a["ids"]], float(a["grace"]))
-            return None
-        if op == "release":
-            await b.release(a["node"], a["env"])
-            return None
-        if op == "end_leftovers":
-            return await b.end_leftovers([str(e) for e in a["envs"]])
-        if op == "inventory":
-            return [list(x) for x in await b.inventory()]
+                    "nodes": wire.encode_nodes(self.backend.nodes())}  # fmt: skip
         if op == "shutdown":  # the controller stopped for good: nothing left to keep
             asyncio.get_running_loop().call_soon(self._done.set)
             return None
-        raise wire.WireError(f"unknown op {op!r}")
+        return await dispatch(self.backend, op, a)
 
     # -- reports and the lease -------------------------------------------------------------
 
@@ -197,3 +175,31 @@ class Agent:
         log.warning("no controller for %.0f s: ending every task (fencing), then exiting",
                     self.lease)  # fmt: skip
         self._done.set()  # serve() closes the backend, which ends every task
+
+
+async def dispatch(b: LocalBackend, op: str, a: dict[str, Any]) -> Any:
+    """One request of the agent protocol, on a node's local backend (whatever carries
+    the requests: a unix socket, Ray actor calls)."""
+    if op == "allocate":
+        return await b.allocate(a["node"], a["env"], wire.decode_channels(a["channels"]))
+    if op == "launch":
+        outs = await b.launch(
+            a["node"], wire.decode_launches(a["batch"]), a["timeout"], a["slow_after"]
+        )
+        return wire.encode_outcomes(outs)
+    if op == "transition":
+        outs = await b.transition(
+            a["node"], wire.decode_orders(a["batch"]), a["timeout"], a["slow_after"]
+        )
+        return wire.encode_outcomes(outs)
+    if op == "stop":
+        await b.stop(a["node"], [str(t) for t in a["ids"]], float(a["grace"]))
+        return None
+    if op == "release":
+        await b.release(a["node"], a["env"])
+        return None
+    if op == "end_leftovers":
+        return await b.end_leftovers([str(e) for e in a["envs"]])
+    if op == "inventory":
+        return [list(x) for x in await b.inventory()]
+    raise wire.WireError(f"unknown op {op!r}")

@@ -56,8 +56,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     help="Address to serve the API on (port 0: any free port).",
 )  # fmt: skip
 @click.option(
-    "--backend", type=click.Choice(["local", "sim"]), default="local", show_default=True,
-    help="Where tasks run: this machine, or a simulated farm.",
+    "--backend", type=click.Choice(["local", "ray", "sim"]), default="local",
+    show_default=True, help="Where tasks run: this machine, a Ray cluster, or a simulated farm.",
+)  # fmt: skip
+@click.option(
+    "--ray-address", default="auto", show_default=True, metavar="auto|HOST:PORT",
+    help="The Ray cluster to join (with --backend ray).",
 )  # fmt: skip
 @click.option(
     "--sim-nodes", type=click.IntRange(1, 100_000), default=10, show_default=True,
@@ -84,6 +88,7 @@ def serve(
     data: str,
     listen: str,
     backend: str,
+    ray_address: str,
     sim_nodes: int,
     workflows: str,
     agent_lease: float,
@@ -102,7 +107,7 @@ def serve(
         sys.exit(1)
     sys.exit(asyncio.run(_serve(
         data, host, port, backend, sim_nodes, workflows, nodes, classes, agent_lease,
-        reconcile_every,
+        reconcile_every, ray_address,
     )))  # fmt: skip
 
 
@@ -126,6 +131,7 @@ async def _serve(
     classes: dict[str, int] | None = None,
     lease: float = DEFAULT_LEASE,
     reconcile_every: float = 10.0,
+    ray_address: str = "auto",
 ) -> int:
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
@@ -141,6 +147,17 @@ async def _serve(
             store.close()
             return 1
         backend = agent
+    elif backend_name == "ray":  # a node agent actor on every node of a Ray cluster
+        from corral.backends.ray_engine import RayBackend
+
+        ray_backend = RayBackend(ray_address, lease=lease)
+        try:
+            await ray_backend.start()
+        except Exception as e:
+            err.print(f"[bold red]error[/]: cannot join the Ray cluster at {ray_address}: {e}")
+            store.close()
+            return 1
+        backend = ray_backend
     else:  # a simulated farm of the inventory's nodes, or of --sim-nodes generated ones
         backend = SimBackend([n.name for n in nodes] if nodes else sim_nodes)
     plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
@@ -186,11 +203,11 @@ async def _serve(
               f"data in {data})", flush=True)  # fmt: skip
         await job
         live = [e for e in plane.environments.values() if e.state != "DONE"]
-        keep = agent is not None and bool(live)
+        keep = backend_name in ("local", "ray") and bool(live)
         if keep:
-            err.print(f"stopping: {len(live)} environments keep running under the node agent "
-                      f"(pid {agent.agent_pid if agent else '?'}); a server started on {data} "
-                      f"within {lease:g} s takes them over, else the agent ends them")  # fmt: skip
+            err.print(f"stopping: {len(live)} environments keep running under the node "
+                      f"agents; a server started on {data} within {lease:g} s takes them "
+                      "over, else the agents end them")  # fmt: skip
         else:
             err.print("stopping: tearing environments down ...")
         return 0
