@@ -179,7 +179,7 @@ class LocalBackend:
                 os.makedirs(ipc_dir, exist_ok=True)
                 out.append(f"ipc://{ipc_dir}/{n}-{ch.name}")
             else:
-                out.append(f"tcp://{self._host}:{self._free_port()}")
+                out.append(f"tcp://{self._host}:{ch.port or self._free_port()}")
         return out
 
     async def launch(

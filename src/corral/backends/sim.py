@@ -125,7 +125,7 @@ class SimBackend:
         return [
             f"ipc:///sim/{node}/{env_id}/{c.task_id}-{c.name}"
             if c.addressing == "ipc"
-            else f"tcp://{node}:{next(ports)}"
+            else f"tcp://{node}:{c.port or next(ports)}"
             for c in channels
         ]
 

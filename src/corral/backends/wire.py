@@ -123,13 +123,13 @@ def decode_reports(data: Any) -> list[Report]:
         raise WireError(f"reports that do not decode: {e}") from None
 
 
-def encode_channels(channels: Sequence[ChannelRequest]) -> list[list[str]]:
-    return [[c.task_id, c.name, c.addressing] for c in channels]
+def encode_channels(channels: Sequence[ChannelRequest]) -> list[list[Any]]:
+    return [[c.task_id, c.name, c.addressing, c.port] for c in channels]
 
 
 def decode_channels(data: Any) -> list[ChannelRequest]:
     try:
-        return [ChannelRequest(str(t), str(n), str(a)) for t, n, a in data]
+        return [ChannelRequest(str(t), str(n), str(a), int(p)) for t, n, a, p in data]
     except (TypeError, ValueError) as e:
         raise WireError(f"channel requests that do not decode: {e}") from None
 

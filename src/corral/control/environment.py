@@ -394,12 +394,20 @@ class Environment:
     async def _allocate(self) -> None:
         """Concrete addresses for every bind, then the CONFIGURE arguments of each task."""
         requests: dict[str, list[tuple[str, str, ChannelRequest]]] = {}
+        taken: dict[str, int] = {}  # a task's tcp binds take its first ports, in order
         for b in self.plan.binds:
             t = self.by_path.get(b.task)
-            if t is None or (b.task, b.name) in self.addresses:
+            if t is None:
+                continue
+            port = 0
+            if b.addressing == "tcp" and self.ports[t.idx]:
+                k = taken.get(b.task, 0)
+                taken[b.task] = k + 1
+                port = self.ports[t.idx][k] if k < len(self.ports[t.idx]) else 0
+            if (b.task, b.name) in self.addresses:
                 continue
             requests.setdefault(t.node, []).append(
-                (b.task, b.name, ChannelRequest(t.id, b.name, b.addressing))
+                (b.task, b.name, ChannelRequest(t.id, b.name, b.addressing, port))
             )
         for node, reqs in requests.items():
             addrs = await self.backend.allocate(node, self.id, [r[2] for r in reqs])
@@ -409,8 +417,9 @@ class Environment:
         for t in self.tasks:
             a = {"environment_id": self.id, "task_id": t.id, "task_path": t.spec.path}
             a.update(t.spec.properties)
-            if self.ports[t.idx]:  # the ports placement gave it from its node's range
-                a["ports"] = ",".join(str(p) for p in self.ports[t.idx])
+            own = self.ports[t.idx][taken.get(t.spec.path, 0) :]
+            if own:  # the ports placement gave it from its node's range (beyond its binds)
+                a["ports"] = ",".join(str(p) for p in own)
             args[t.spec.path] = a
         for b in self.plan.binds:
             a = args[b.task]

@@ -36,13 +36,28 @@ class PlacementError(Exception):
 Reservation = Holder  # what an environment holds: its placed demands and priority
 
 
+def channel_ports(plan: Plan) -> dict[str, int]:
+    """How many ports each task needs for the tcp channels it binds."""
+    out: dict[str, int] = {}
+    for b in plan.binds:
+        if b.addressing == "tcp":
+            out[b.task] = out.get(b.task, 0) + 1
+    return out
+
+
 def demands_of(plan: Plan) -> list[Demand]:
-    """A demand per task; a task property ``anti_affinity`` names its group (tasks of one
-    group go to distinct nodes), e.g. ``anti_affinity: "{{ Parent().Path }}"``."""
+    """A demand per task: its resources, plus a port per tcp channel it binds (so that
+    channel ports come from the node's range too, and go back with the environment). A
+    task property ``anti_affinity`` names its group (tasks of one group go to distinct
+    nodes), e.g. ``anti_affinity: "{{ Parent().Path }}"``."""
+    binds = channel_ports(plan)
     out = []
     for t in plan.tasks:
         group = dict(t.properties).get("anti_affinity") or None
-        out.append(Demand(t.path, t.wants, t.constraints, group))
+        wants = t.wants
+        if binds.get(t.path):
+            wants = replace(wants, ports=wants.ports + binds[t.path])
+        out.append(Demand(t.path, wants, t.constraints, group))
     return out
 
 

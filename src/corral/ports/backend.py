@@ -78,11 +78,13 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class ChannelRequest:
-    """A bound channel that needs a concrete address on its task's node."""
+    """A bound channel that needs a concrete address on its task's node; a tcp one
+    comes with the port placement gave it from the node's range (0: any free one)."""
 
     task_id: str
     name: str
     addressing: str  # tcp | ipc
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import yaml
 from corral.model.inventory import Node
 
 FIELDS = {"name", "cpu", "memory", "gpu", "ports", "pool", "labels", "cordoned"}
+DEFAULT_PORTS = (20000, 29999)
 
 
 class InventoryError(ValueError):
@@ -64,7 +65,7 @@ def _node(where: str, item: dict[str, Any]) -> Node:
         return kind(v)
 
     ports = item.get("ports", "")
-    lo, hi = 0, -1
+    lo, hi = DEFAULT_PORTS  # tcp channels and tasks' ports come from here
     if ports not in ("", None):
         text = str(ports)
         a, sep, b = text.partition("-")
