@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from typing import Any
 
 from corral.backends import wire
@@ -53,6 +54,7 @@ class Agent:
         self._writer: asyncio.StreamWriter | None = None
         self._buffer: collections.deque[Report] = collections.deque(maxlen=MAX_BUFFERED)
         self._lease_timer: asyncio.TimerHandle | None = None
+        self._alone_since = time.monotonic()
         self._done = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._jobs: set[asyncio.Task[None]] = set()
@@ -166,15 +168,37 @@ class Agent:
     def _start_lease(self) -> None:
         if self._lease_timer is not None or self._done.is_set():
             return
-        self._lease_timer = asyncio.get_running_loop().call_later(self.lease, self._fence)
+        self._alone_since = time.monotonic()
+        self._schedule_fence()
+
+    def _schedule_fence(self) -> None:
+        """Wake when the next task's lease runs out (or the agent's own, with none)."""
+        first = self.backend.next_lease_end(self.lease)
+        due = self._alone_since + (self.lease if first is None else first)
+        delay = max(0.05, due - time.monotonic())
+        self._lease_timer = asyncio.get_running_loop().call_later(delay, self._fence)
 
     def _fence(self) -> None:
         self._lease_timer = None
         if self._writer is not None:
             return
-        log.warning("no controller for %.0f s: ending every task (fencing), then exiting",
-                    self.lease)  # fmt: skip
-        self._done.set()  # serve() closes the backend, which ends every task
+        job = asyncio.ensure_future(self._fence_tasks())
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _fence_tasks(self) -> None:
+        silent = time.monotonic() - self._alone_since
+        ended = await self.backend.fence(silent, self.lease)
+        if ended:
+            log.warning("no controller for %.0f s: %d tasks whose lease ran out ended "
+                        "(fencing)", silent, ended)  # fmt: skip
+        if self._writer is not None:
+            return  # a controller came back meanwhile
+        if self.backend.next_lease_end(self.lease) is None and silent >= self.lease:
+            log.warning("no controller for %.0f s and no task left: exiting", silent)
+            self._done.set()
+            return
+        self._schedule_fence()
 
 
 async def dispatch(b: LocalBackend, op: str, a: dict[str, Any]) -> Any:

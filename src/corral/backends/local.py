@@ -90,6 +90,7 @@ class _Proc:
     broken: bool = False  # protocol broken: we no longer listen to it
     ending: bool = False  # asked to end (EXIT answered, or stopped): EOF is expected
     state: str | None = None  # the last state a direct task confirmed (hello, answers)
+    lease: float | None = None  # its environment's fencing lease (None: the agent's)
 
     @property
     def pid(self) -> int:
@@ -211,6 +212,7 @@ class LocalBackend:
                 b.set_now(pos, Outcome(spec.task_id, error=why[:2000]))
                 continue
             self._procs[spec.task_id] = proc
+            proc.lease = spec.lease
             if spec.health is not None and spec.control == "basic":
                 self._watch_health(spec.task_id, spec.health, proc.pid)
             if proc.sock is None:
@@ -309,6 +311,24 @@ class LocalBackend:
 
     async def resume(self) -> None:
         return None  # in-process: no report ever waits for a controller
+
+    async def fence(self, silent: float, default_lease: float) -> int:
+        """A node agent has heard nothing from a controller for ``silent`` seconds: end
+        every task whose lease (its environment's, else ``default_lease``) ran out.
+        Returns how many are ended."""
+        out = [
+            t for t, p in self._procs.items()
+            if p.exited is None and silent >= (p.lease if p.lease is not None else default_lease)
+        ]  # fmt: skip
+        if out:
+            await self.stop(NODE, out, 2.0)
+        return len(out)
+
+    def next_lease_end(self, default_lease: float) -> float | None:
+        """The shortest lease of a running task (None: nothing runs)."""
+        leases = [p.lease if p.lease is not None else default_lease
+                  for p in self._procs.values() if p.exited is None]  # fmt: skip
+        return min(leases) if leases else None
 
     async def end_leftovers(self, env_ids: Sequence[str]) -> int:
         """SIGKILL what a previous control process left running for these environments:

@@ -109,14 +109,16 @@ class NodeAgentActor:
 
     async def _fence(self) -> None:
         while True:
-            await asyncio.sleep(max(0.1, self.last + self.lease - time.monotonic()))
-            if time.monotonic() - self.last < self.lease or self.backend is None:
+            b = self.backend
+            first = None if b is None else b.next_lease_end(self.lease)
+            await asyncio.sleep(max(0.1, self.last + (first or self.lease) - time.monotonic()))
+            if b is None:
                 continue
-            running = await self.backend.inventory()
-            if running:
-                log.warning("no controller for %.0f s: ending %d tasks (fencing)",
-                            self.lease, len(running))  # fmt: skip
-                await self.backend.stop(self.node, [t for t, _, _ in running], 2.0)
+            silent = time.monotonic() - self.last
+            ended = await b.fence(silent, self.lease)
+            if ended:
+                log.warning("no controller for %.0f s: %d tasks whose lease ran out ended "
+                            "(fencing)", silent, ended)  # fmt: skip
 
 
 def node_info(n: dict[str, Any]) -> Node:

@@ -51,7 +51,9 @@ def encode_launches(batch: Sequence[Launch]) -> dict[str, Any]:
     for x in batch:
         c = commands.setdefault(x.command, len(commands))
         h = -1 if x.health is None else checks.setdefault(x.health, len(checks))
-        items.append([x.task_id, x.path, c, x.control, [list(p) for p in x.env], x.log_path, h])
+        items.append(
+            [x.task_id, x.path, c, x.control, [list(p) for p in x.env], x.log_path, h, x.lease]
+        )
     return {
         "commands": [
             [c.value, list(c.arguments), [list(p) for p in c.env], c.shell, c.user, c.cwd]
@@ -80,8 +82,9 @@ def decode_launches(data: dict[str, Any]) -> list[Launch]:
                 tuple((k, v) for k, v in env),
                 log,
                 None if h < 0 else checks[h],
+                None if lease is None else float(lease),
             )
-            for tid, path, c, control, env, log, h in data["launches"]
+            for tid, path, c, control, env, log, h, lease in data["launches"]
         ]
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WireError(f"a launch batch that does not decode: {e}") from None

@@ -117,6 +117,7 @@ class Environment:
         self.version = 0  # bumped by every change of a task's or the environment's state
         self.created_by: str | None = None
         self.recipe: str | None = None  # how to expand the plan again (JSON), for restarts
+        self.lease: float | None = None  # how long agents keep its tasks without us
         placed = list(nodes) if nodes is not None else [backend.nodes()[0].name] * len(plan.tasks)
         self.taskset = TaskSet(env_id, plan, placed, self.clock())
         self.tasks = self.taskset.tasks
@@ -452,7 +453,7 @@ class Environment:
         )
         control = "hook" if t.hook else ("direct" if t.direct else "basic")
         health = t.spec.health if control == "basic" else None
-        return Launch(t.id, t.spec.path, t.spec.command, control, env, log_path, health)
+        return Launch(t.id, t.spec.path, t.spec.command, control, env, log_path, health, self.lease)
 
     async def _launch_node(self, node: str, ts: list[RuntimeTask], timeout: float) -> str | None:
         self.apply(node, [(t, "LAUNCH", None, None) for t in ts])  # PENDING: no pid

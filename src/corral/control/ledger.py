@@ -23,6 +23,7 @@ from corral.planning.preemption import (
     plan_preemption,
     without,
 )
+from corral.templates import parse_duration
 
 
 class PlacementError(Exception):
@@ -73,6 +74,21 @@ def priority_of(plan: Plan, classes: Mapping[str, int] = PRIORITY_CLASSES) -> tu
         known = ", ".join(f"{k} ({v})" for k, v in classes.items())
         raise ValueError(f"priority_class {name!r} is not one of {known}")
     return name, classes[name]
+
+
+def lease_of(plan: Plan) -> float | None:
+    """How long an agent keeps the environment's tasks without a controller (variable
+    ``lease``: seconds or a duration like 5m); None: the agent's own lease."""
+    value = _setting(plan, "lease", "")
+    if not value:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError(f"lease {value!r} is not a duration (e.g. 90s, 5m)") from None
+    if seconds <= 0:
+        raise ValueError(f"lease {value!r} must be more than 0")
+    return seconds
 
 
 def strategy_of(plan: Plan) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from corral.calls import Registry
 from corral.control import recipes
 from corral.control.environment import Environment
 from corral.control.journal import Journal
-from corral.control.ledger import Ledger, PlacementError, priority_of, strategy_of
+from corral.control.ledger import Ledger, PlacementError, lease_of, priority_of, strategy_of
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
 from corral.lifecycle import task as tasksm
@@ -133,10 +134,11 @@ class ControlPlane:
         timeouts: dict[str, float] | None = None,
     ) -> Environment:
         _, priority = priority_of(plan, self.priority_classes)
+        lease = lease_of(plan)
         reservation = self.ledger.reserve(
             env_id, plan, seed=env_id, strategy=strategy_of(plan), priority=priority
         )
-        return Environment(
+        env = Environment(
             env_id,
             plan,
             backend=self.backend,
@@ -150,6 +152,8 @@ class ControlPlane:
             nodes=reservation.nodes,
             ports=reservation.ports,
         )
+        env.lease = lease
+        return env
 
     async def create_preempting(
         self,
@@ -415,6 +419,8 @@ class ControlPlane:
             else:
                 state["state"] = agreed
         env.recipe = row["recipe"]
+        with contextlib.suppress(ValueError):
+            env.lease = lease_of(plan)
         env.restore(state, stored)
         self.environments[env_id] = env
         if state["state"] != envsm.RUNNING and row["run_number"] is not None:

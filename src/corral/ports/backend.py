@@ -44,6 +44,7 @@ class Launch:
     env: tuple[tuple[str, str], ...] = ()  # added to the command's own env
     log_path: str | None = None  # stdout and stderr go here (appended)
     health: HealthCheck | None = None  # a basic task's periodic check, run by its node
+    lease: float | None = None  # seconds its agent keeps it without a controller (fencing)
 
 
 @dataclass(frozen=True, slots=True)
