@@ -103,6 +103,12 @@ class RayCluster:
             )  # fmt: skip
             self.wait_for_nodes(2 + i)
 
+    def add_worker(self, labels: dict[str, str], address: str) -> None:
+        """One more worker node (on a loopback address not used yet)."""
+        self.workers.append(labels)
+        self._start(["--address", self.address, "--node-ip-address", address], labels,
+                    f"ray-worker-{len(self.workers) - 1}.log")  # fmt: skip
+
     def alive(self) -> int:
         """How many nodes Ray says are alive (asked by a short-lived driver)."""
         code = (

@@ -189,3 +189,46 @@ def test_a_lost_node_makes_its_tasks_lost_and_nmin_decides(
         assert any(e.get("state") == "LOST" and "epn2" in json.dumps(e) for e in events)
         assert c.delete(f"/api/environments/{env_id}").status_code == 200
         wait_for(lambda: not of_environment(env_id), "no process left after destroy")
+
+
+def test_after_a_node_is_lost_recover_places_its_tasks_elsewhere_and_the_inventory_follows(
+    cluster: RayCluster, tmp_path: Path, workflows: Path
+) -> None:
+    """Runs after the node loss (epn2 is gone): a new server sees epn2's absence; the
+    tasks of a node lost under it are placed elsewhere by RECOVER; a node that joins
+    (under the lost one's name) is in the inventory at once and placed on."""
+    with serve(cluster, tmp_path, workflows) as s, s.client(s.admin) as c:
+        nodes = {n["name"]: n for n in c.get("/api/nodes").json()}
+        assert "epn2" not in nodes or nodes["epn2"]["down"]
+        r = c.post("/api/environments", json={"workflow": "datataking", "vars": {
+            **DATATAKING, "epn_hosts": '["epn2"]'}})  # fmt: skip
+        assert r.status_code == 409 and "epn2" in r.text, r.text  # nothing goes there now
+        env_id = c.post("/api/environments", json={"workflow": "spread"}).json()["id"]
+        to_running(c, env_id)
+        tasks = c.get("/api/tasks", params={"env": env_id}).json()
+        node = "flp2"  # a worker (the spread puts two of the four tasks there)
+        assert any(t["node"] == node for t in tasks), tasks
+        cluster.kill_worker(0)
+        wait_for(lambda: c.get(f"/api/environments/{env_id}").json()["state"] == "ERROR",
+                 "a lost critical task: ERROR")  # fmt: skip
+        r = transition(c, env_id, "RECOVER")
+        assert r.status_code == 200, r.text
+        tasks = c.get("/api/tasks", params={"env": env_id}).json()
+        assert all(t["node"] != node for t in tasks), "placed again, off the lost node"
+        assert c.delete(f"/api/environments/{env_id}").status_code == 200
+        # a node joins under the name a lost one had: placed on, as any node
+        cluster.add_worker({"name": "epn2", "role": "epn"}, "127.0.0.6")
+
+        def epn2_up() -> bool:
+            got = {n["name"]: n for n in c.get("/api/nodes").json()}
+            return "epn2" in got and not got["epn2"]["down"]
+
+        wait_for(epn2_up, "the joining node in the inventory")
+        r = c.post("/api/environments", json={"workflow": "datataking", "vars": {
+            **DATATAKING, "hosts": '["flp1"]', "epn_hosts": '["epn2"]'}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        env_id = r.json()["id"]
+        to_running(c, env_id)
+        assert {t["node"] for t in c.get("/api/tasks", params={"env": env_id}).json()
+                if ".epn-" in t["path"]} == {"epn2"}  # fmt: skip
+        assert c.delete(f"/api/environments/{env_id}").status_code == 200

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from corral.backends import wire
@@ -157,6 +157,7 @@ class RayBackend:
         self._polls: dict[str, asyncio.Task[None]] = {}
         self._watch: asyncio.Task[None] | None = None
         self._resumed = False
+        self.on_nodes: Callable[[], None] | None = None  # the inventory changed
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -176,21 +177,28 @@ class RayBackend:
         import ray
 
         table = await asyncio.to_thread(ray.nodes)
-        for n in table:
+        changed = False
+        # a node is known by its Ray node id: a dead entry under a name that a newer,
+        # alive node took over (a node restarted with the same labels) says nothing
+        for n in sorted(table, key=lambda n: bool(n.get("Alive"))):
             info = node_info(n)
+            current = self._ids.get(info.name)
             if not n.get("Alive"):
-                if info.name in self._nodes and info.name not in self._gone:
+                if current == n["NodeID"] and info.name not in self._gone:
                     self._lose(info.name, f"node {info.name} is gone (Ray: not alive)")
                 continue
-            if info.name in self._gone and self._ids.get(info.name) == n["NodeID"]:
-                continue
-            if info.name not in self._nodes or self._ids.get(info.name) != n["NodeID"]:
-                self._nodes[info.name] = info
-                self._ids[info.name] = n["NodeID"]
-                self._gone.discard(info.name)
-                self._agents[info.name] = await self._agent(info.name, n)
-                if self._resumed:
-                    self._start_poll(info.name)
+            if current == n["NodeID"]:
+                continue  # known, alive (or lost and not brought back: a new id will come)
+            self._nodes[info.name] = info
+            self._ids[info.name] = n["NodeID"]
+            self._gone.discard(info.name)
+            self._polls.pop(info.name, None)
+            self._agents[info.name] = await self._agent(info.name, n)
+            changed = True
+            if self._resumed:
+                self._start_poll(info.name)
+        if changed and self.on_nodes is not None:
+            self.on_nodes()
 
     async def _agent(self, name: str, n: dict[str, Any]) -> Any:
         import ray
@@ -245,12 +253,12 @@ class RayBackend:
         return wire.decode_outcomes(await self._call(node, "transition", args))
 
     async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
-        if node in self._gone:
-            return  # nothing runs on a lost node any more (its agent went with it)
+        if node in self._gone or node not in self._agents:
+            return  # nothing runs on a lost (or unknown) node: its agent went with it
         await self._call(node, "stop", {"node": node, "ids": list(task_ids), "grace": grace})
 
     async def release(self, node: str, env_id: str) -> None:
-        if node in self._gone:
+        if node in self._gone or node not in self._agents:
             return
         await self._call(node, "release", {"node": node, "env": env_id})
         self._on[node] = {t for t in self._on.get(node, set()) if not t.startswith(env_id + ":")}
@@ -345,6 +353,8 @@ class RayBackend:
         self._gone.add(name)
         lost = sorted(self._on.pop(name, set()))
         log.warning("%s: %d tasks lost", why, len(lost))
+        if self.on_nodes is not None:
+            self.on_nodes()
         if lost and self._sink is not None:
             self._sink([Report(t, "lost", why) for t in lost])
 

@@ -315,7 +315,11 @@ def node_list(inventory: str | None, server: str | None, token: str | None, outp
         r["gpu"] = f"{a.get('gpu', 0)}/{r['gpu']}"
         r["tasks"] = a.get("tasks", 0)
         r["labels"] = ",".join(f"{k}={v}" for k, v in r["labels"].items())
-    show(rows, ["name", "pool", "cpu", "memory", "gpu", "tasks", "labels", "cordoned"], output)
+    show(
+        rows,
+        ["name", "pool", "cpu", "memory", "gpu", "tasks", "labels", "cordoned", "down"],
+        output,
+    )
 
 
 @node.command("cordon")

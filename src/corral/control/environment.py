@@ -118,6 +118,8 @@ class Environment:
         self.created_by: str | None = None
         self.recipe: str | None = None  # how to expand the plan again (JSON), for restarts
         self.lease: float | None = None  # how long agents keep its tasks without us
+        # RECOVER asks it to place again the tasks whose node was lost (the control plane)
+        self.relocate: Callable[[Environment, list[RuntimeTask]], None] | None = None
         placed = list(nodes) if nodes is not None else [backend.nodes()[0].name] * len(plan.tasks)
         self.taskset = TaskSet(env_id, plan, placed, self.clock())
         self.tasks = self.taskset.tasks
@@ -125,7 +127,9 @@ class Environment:
         self.by_path = self.taskset.by_path
         self.by_node = self.taskset.by_node
         self.hooks = Hooks(self)
-        self.ports = list(ports) if ports is not None else [()] * len(plan.tasks)
+        self.ports: list[tuple[int, ...]] = (
+            list(ports) if ports is not None else [()] * len(plan.tasks)
+        )
         self.addresses: dict[tuple[str, str], str] = {}
         self._args: dict[str, dict[str, str]] = {}
         self._roles: dict[str, str] = {}
@@ -526,7 +530,10 @@ class Environment:
             try:
                 return await fn(node, b)
             except Exception as e:
-                log.exception("environment %s: the backend failed on node %s", self.id, node)
+                if isinstance(e, ConnectionError):  # a node or agent gone: said, not a bug
+                    log.warning("environment %s: node %s: %s", self.id, node, e)
+                else:
+                    log.exception("environment %s: the backend failed on node %s", self.id, node)
                 why = f"the backend failed on node {node}: {type(e).__name__}: {e}"
                 await self._fail_batch(node, b, why)
                 return why
@@ -592,6 +599,8 @@ class Environment:
         await self._terminate(broken)
         for node, b in by_node(broken).items():
             self.apply(node, [(t, "RELAUNCH", NO_PID, None) for t in b])
+        if self.relocate is not None:  # those whose node is lost go elsewhere
+            self.relocate(self, broken)
         for name in ("STOP", "RESET"):
             error = await self._order_all(name, max(0.05, deadline - loop.time()))
             if error is not None:

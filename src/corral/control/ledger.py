@@ -169,11 +169,32 @@ class Ledger:
                                  tuple(request.demands), order=self._order)  # fmt: skip
         return self._held[key]
 
+    def reserve_more(
+        self, key: str, demands: Sequence[Demand], *, seed: str, priority: int = 0
+    ) -> Reservation:
+        """Place some more tasks for a holder (tasks whose node was lost, relaunched by
+        RECOVER): all or none, held with it (released with it)."""
+        request = Request(list(demands), "spread")
+        n = sum(1 for k in self._held if k.startswith(key + "/")) + 1
+        sub = f"{key}/{n}"
+        for _ in range(5):
+            result = place(self.snapshot(), request, seed=f"{seed}/{n}")
+            if isinstance(result, NoFit):
+                raise PlacementError(result)
+            if self._commit(sub, result, request, priority):
+                return self._held[sub]
+        raise RuntimeError("the ledger kept changing while placing (5 attempts)")
+
+    def is_down(self, name: str) -> bool:
+        return any(n.name == name and n.down for n in self.nodes)
+
     def release(self, key: str) -> None:
-        r = self._held.pop(key, None)
-        if r is None:
+        """Give back what ``key`` holds (and what was placed for it since)."""
+        gone = [self._held.pop(k) for k in list(self._held) if k == key or
+                k.startswith(key + "/")]  # fmt: skip
+        if not gone:
             return
-        self.usage = dict(without(self.snapshot(), [r]).used)
+        self.usage = dict(without(self.snapshot(), gone).used)
         self.version += 1
 
     def cordon(self, name: str, on: bool = True) -> None:
@@ -187,6 +208,20 @@ class Ledger:
                     self.version += 1
                 return
         raise KeyError(name)
+
+    def update_nodes(self, alive: Sequence[Node]) -> None:
+        """The backend's nodes changed: new ones join, those it no longer has are down
+        (kept for what they held until it is released; nothing new goes there)."""
+        by = {n.name: n for n in alive}
+        out = []
+        for n in self.nodes:
+            new = by.pop(n.name, None)
+            out.append(replace(n, down=True) if new is None else
+                       replace(new, cordoned=n.cordoned, down=False))  # fmt: skip
+        out.extend(by.values())
+        if tuple(out) != self.nodes:
+            self.nodes = tuple(out)
+            self.version += 1
 
     def holders_on(self, name: str) -> list[str]:
         """The environments with tasks on this node, oldest first."""

@@ -29,7 +29,15 @@ from corral.calls import Registry
 from corral.control import recipes
 from corral.control.environment import Environment
 from corral.control.journal import Journal
-from corral.control.ledger import Ledger, PlacementError, lease_of, priority_of, strategy_of
+from corral.control.ledger import (
+    Ledger,
+    PlacementError,
+    demands_of,
+    lease_of,
+    priority_of,
+    strategy_of,
+)
+from corral.control.tasks import RuntimeTask
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
 from corral.lifecycle import task as tasksm
@@ -99,6 +107,8 @@ class ControlPlane:
                 self.ledger.cordon(name, True)
         self.priority_classes = dict(priority_classes or PRIORITY_CLASSES)
         backend.subscribe(self._on_reports)
+        if inventory is None and hasattr(backend, "on_nodes"):  # a cluster's nodes change
+            backend.on_nodes = lambda: self.ledger.update_nodes(backend.nodes())
 
     def create(
         self,
@@ -153,7 +163,28 @@ class ControlPlane:
             ports=reservation.ports,
         )
         env.lease = lease
+        env.relocate = self._relocate
         return env
+
+    def _relocate(self, env: Environment, tasks: list[RuntimeTask]) -> None:
+        """Place again the tasks of ``env`` whose node is down (RECOVER relaunches them);
+        PlacementError when they fit nowhere (RECOVER then fails, saying why)."""
+        lost = [t for t in tasks if self.ledger.is_down(t.node)]
+        if not lost:
+            return
+        _, priority = priority_of(env.plan, self.priority_classes)
+        demands = demands_of(env.plan)
+        got = self.ledger.reserve_more(
+            env.id, [demands[t.idx] for t in lost], seed=env.id, priority=priority
+        )
+        paths = {t.spec.path for t in lost}
+        for key in [k for k in env.addresses if k[0] in paths]:
+            del env.addresses[key]  # their channels get addresses on the new nodes
+        for t, node, ports in zip(lost, got.nodes, got.ports, strict=True):
+            env.taskset.move_node(t, node)
+            env.ports[t.idx] = ports
+        moved = [(t.idx, t.node) for t in lost]
+        self.journal.write(lambda: self._set_nodes(env.id, moved))
 
     async def create_preempting(
         self,
@@ -419,6 +450,7 @@ class ControlPlane:
             else:
                 state["state"] = agreed
         env.recipe = row["recipe"]
+        env.relocate = self._relocate
         with contextlib.suppress(ValueError):
             env.lease = lease_of(plan)
         env.restore(state, stored)

@@ -157,6 +157,13 @@ class TaskSet:
             self._move(t, t.state, state)
         t.reason = reason
 
+    def move_node(self, t: RuntimeTask, node: str) -> None:
+        """The task runs on another node from now on (placed again by RECOVER)."""
+        if not t.hook:
+            self.by_node[t.node].remove(t)
+            self.by_node.setdefault(node, []).append(t)
+        t.node = node
+
     def end_of_stream(self, t: RuntimeTask) -> None:
         if t.eos:
             return

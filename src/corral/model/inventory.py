@@ -17,6 +17,7 @@ class Node:
     labels: tuple[tuple[str, str], ...] = ()
     pool: str = "default"
     cordoned: bool = False
+    down: bool = False  # its backend lost it: nothing new goes there
     _label_map: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -28,6 +29,10 @@ class Node:
     def label(self, key: str) -> str | None:
         """A label's value; ``machine_id``, ``hostname`` and ``pool`` always exist."""
         return self._label_map.get(key)
+
+    @property
+    def schedulable(self) -> bool:
+        return not self.cordoned and not self.down
 
     @property
     def port_count(self) -> int:
@@ -43,4 +48,5 @@ class Node:
             "labels": dict(self.labels),
             "pool": self.pool,
             "cordoned": self.cordoned,
+            "down": self.down,
         }

@@ -295,12 +295,12 @@ def _filter(
             if i is None:
                 return []
             node = nodes[i]
-            ok = not node.cordoned and all(matches(node, x) for x in constraints)
+            ok = node.schedulable and all(matches(node, x) for x in constraints)
             return [i] if ok else []
     return [
         i
         for i, node in enumerate(nodes)
-        if not node.cordoned and all(matches(node, c) for c in constraints)
+        if node.schedulable and all(matches(node, c) for c in constraints)
     ]
 
 
@@ -311,11 +311,13 @@ def _explain(
     w = d.wants
     need = _resources(w.cpu, w.memory, w.gpu, w.ports)
     if not cands.nodes:
-        cordoned = [
-            n.name for n in nodes if n.cordoned and all(matches(n, c) for c in d.constraints)
+        off = [
+            f"{n.name} {'down' if n.down else 'cordoned'}"
+            for n in nodes
+            if not n.schedulable and all(matches(n, c) for c in d.constraints)
         ]
-        if cordoned:
-            return f"no schedulable node with {where}: {', '.join(cordoned[:5])} cordoned"
+        if off:
+            return f"no schedulable node with {where}: {', '.join(off[:5])}"
         return f"no node with {where}"
     if avoid and all(i in avoid for i in cands.nodes):
         return (
