@@ -152,12 +152,18 @@ class LocalBackend:
         self._host = host
         self._own_run_dir = run_dir is None
         # ipc paths must stay under ~100 characters: keep them in a short directory
-        self._run_dir = run_dir or tempfile.mkdtemp(prefix="corral-")
+        self._given_run_dir = run_dir  # made when first needed (an ipc channel)
+        self._run_dir: str | None = None
         self._ports: set[int] = set()
         self._reapers: dict[int, asyncio.Future[None]] = {}  # by pid
         self._health: dict[str, _Health] = {}
         self._health_loop: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # health checks under way
+
+    def _rundir(self) -> str:
+        if self._run_dir is None:
+            self._run_dir = self._given_run_dir or tempfile.mkdtemp(prefix="corral-")
+        return self._run_dir
 
     # -- the port -----------------------------------------------------------------
 
@@ -174,7 +180,7 @@ class LocalBackend:
         self, node: str, env_id: str, channels: Sequence[ChannelRequest]
     ) -> list[str]:
         out: list[str] = []
-        ipc_dir = os.path.join(self._run_dir, env_id)
+        ipc_dir = os.path.join(self._rundir(), env_id)
         for n, ch in enumerate(channels):
             if ch.addressing == "ipc":
                 os.makedirs(ipc_dir, exist_ok=True)
@@ -288,7 +294,8 @@ class LocalBackend:
     async def release(self, node: str, env_id: str) -> None:
         """Forget the environment here: its ipc paths, its ended processes, and any
         process still carrying its id (a task's or a call's that escaped)."""
-        shutil.rmtree(os.path.join(self._run_dir, env_id), ignore_errors=True)
+        if self._run_dir is not None:
+            shutil.rmtree(os.path.join(self._run_dir, env_id), ignore_errors=True)
         prefix = f"{env_id}:"
         done = [t for t, p in self._procs.items() if t.startswith(prefix) and p.exited is not None]
         for tid in done:
@@ -306,7 +313,7 @@ class LocalBackend:
         for proc in self._procs.values():
             self._forget(proc)
         self._procs.clear()
-        if self._own_run_dir:
+        if self._own_run_dir and self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
     async def resume(self) -> None:
