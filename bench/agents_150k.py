@@ -35,10 +35,35 @@ from failures_150k import CLASS, WORKFLOW, Ticker, until
 LATENCY = 0.002
 
 
-async def main(nodes: int, per_node: int) -> int:
+def farm(nodes: int, per_node: int) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """The hosts, the template files and the variables of the benchmark's farm."""
     hosts = [f"sim-{i:03d}" for i in range(nodes)]
     files = {"wf.yaml": WORKFLOW, "tasks/proc.yaml": CLASS}
     variables = {"hosts": json.dumps(hosts), "per_node": str(per_node), "nmin": str(nodes - 2)}
+    return hosts, files, variables
+
+
+async def create_to_running(nodes: int, per_node: int) -> float:
+    """(b) alone: seconds from create to RUNNING, in-process, on a fresh store."""
+    hosts, files, variables = farm(nodes, per_node)
+    plan = expand("wf.yaml", DictSources(files), variables=variables)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStore(os.path.join(tmp, "corral.db"))
+        backend = SimBackend(hosts, launch_latency=LATENCY, transition_latency=LATENCY)
+        plane = ControlPlane(store, backend)
+        t0 = time.perf_counter()
+        env = plane.create(plan, env_id="bench")
+        for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+            await env.transition(event)
+        took = time.perf_counter() - t0
+        assert env.counts() == {"RUNNING": len(plan.tasks)}, env.counts()
+        await plane.close()
+        store.close()
+    return took
+
+
+async def main(nodes: int, per_node: int) -> int:
+    hosts, files, variables = farm(nodes, per_node)
     plan = expand("wf.yaml", DictSources(files), variables=variables)
     recipe = recipes.make("wf.yaml", files, variables, {}, "0")
     n = len(plan.tasks)

@@ -2,16 +2,26 @@
 
 How this runs. ``corral agent`` runs one ``Agent`` on an asyncio loop: a local backend
 (the tasks are its children, each killed by the kernel if the agent dies) behind a
-unix socket. One controller at a time speaks to it (the newest connection wins; the
-data directory's lock keeps a second controller away). Each request (one node batch:
-a launch, a transition, a stop ...) runs as its own asyncio task, so the batches of a
-step run together, and is answered with its id; reports go out unasked, in batches.
+unix socket that only its own user may use (the peer's credentials are checked on
+every connection, file socket or abstract). One controller at a time speaks to it: a
+connection becomes the controller by saying ``hello`` (the data directory's lock keeps
+a second corral server away; a connection that has not said hello is answered an
+error and changes nothing). Each request (one node batch: a launch, a transition, a
+stop ...) runs as its own asyncio task, so the batches of a step run together, and is
+answered with its id; reports go out unasked, in batches, once the controller said
+``resume`` (until then, and while no controller is connected, they wait in a bounded
+buffer).
 
-While no controller is connected, the tasks run on and their reports wait in a
-bounded buffer, sent when a controller connects again. If none comes back within the
-lease, the agent ends every task (fencing: a controller that lost touch must not find
-a second copy of its tasks running when it starts them again) and, having nothing
-left to run, exits.
+Fencing. The controller speaks at least every few hundred milliseconds (a ``ping``
+when it has nothing else to say). When the agent has heard nothing from it for a
+task's lease (its environment's ``lease``, else the agent's own, which the controller
+sets in its hello), connected or not, it ends that task: a controller that lost touch
+(crashed, partitioned, frozen) must not find a second copy of its tasks running when
+it starts them again. With no controller and nothing left to run, the agent exits.
+
+A new agent of a data directory first ends whatever a previous one left: the
+descendants of its tasks (the kernel only ends the tasks themselves when an agent is
+killed), found by the ``CORRAL_AGENT`` mark they inherit.
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
+import struct
 import time
 from typing import Any
 
-from corral.backends import wire
+from corral.backends import sweep, wire
 from corral.backends.local import LocalBackend
 from corral.ports.backend import Report
 
@@ -33,7 +45,11 @@ log = logging.getLogger("corral.agent")
 
 VERSION = 1
 DEFAULT_LEASE = 60.0  # seconds an agent waits for its controller before ending its tasks
+MIN_LEASE = 1.0  # shorter, and a controller's ordinary pause would end the data taking
+PING = 0.25  # the controller speaks at least this often (seconds)
 MAX_BUFFERED = 1_000_000  # reports kept while no controller listens (reconcile repairs more)
+SETTLE = 10.0  # seconds an inventory waits for the orders a previous controller left
+ORDERS = frozenset(("allocate", "launch", "transition", "stop", "release"))
 
 
 def socket_path(data_dir: str) -> str:
@@ -46,33 +62,73 @@ def socket_path(data_dir: str) -> str:
     return "\0corral-agent-" + digest
 
 
+def marker(data_dir: str) -> str:
+    """The mark of the processes a data directory's agents start."""
+    return hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:24]
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user id of the process at the other end of a unix socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _, uid, _ = struct.unpack("3i", raw)
+    return int(uid)
+
+
 class Agent:
-    def __init__(self, backend: LocalBackend, path: str, *, lease: float = DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        backend: LocalBackend,
+        path: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        uid: int | None = None,
+    ) -> None:
+        """``uid``: who may connect (default: this process's user)."""
         self.backend = backend
         self.path = path
         self.lease = lease
-        self._writer: asyncio.StreamWriter | None = None
+        self.uid = os.geteuid() if uid is None else uid
+        self._writer: asyncio.StreamWriter | None = None  # the controller's connection
         self._buffer: collections.deque[Report] = collections.deque(maxlen=MAX_BUFFERED)
         self._lease_timer: asyncio.TimerHandle | None = None
-        self._alone_since = time.monotonic()
+        self._last_word = time.monotonic()  # when the controller last said anything
         self._done = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        # orders under way, by the connection that sent them (a re-attach waits for
+        # those of a previous controller: their outcome is what the tasks' state is)
+        self._orders: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._resumed = False
         backend.subscribe(self._on_reports)
 
     async def serve(self) -> None:
         """Listen until told to shut down, or until the lease ran out with no tasks."""
+        if self.backend.marker is not None:
+            left = await asyncio.to_thread(sweep.end, agents=(self.backend.marker,))
+            if left:
+                log.warning("%d processes a previous agent left behind ended", left)
         if not self.path.startswith("\0"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(
-            self._client, path=self.path, limit=wire.MAX_FRAME
-        )
-        self._start_lease()  # a controller that started us connects at once
+        mask = os.umask(0o177)  # the socket file: its user only (checked again per peer)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._client, path=self.path, limit=wire.MAX_FRAME
+            )
+        finally:
+            os.umask(mask)
+        self._heard()  # a controller that started us connects at once
         try:
             await self._done.wait()
         finally:
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
             self._server.close()
             await self._server.wait_closed()
             await self.backend.close()
@@ -84,22 +140,21 @@ class Agent:
         """End every task and exit (SIGTERM, SIGINT)."""
         self._done.set()
 
-    # -- the controller's connection ------------------------------------------------------
+    # -- connections -----------------------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        old, self._writer = self._writer, writer
-        if old is not None:
-            log.warning("a new controller connected: the previous connection is dropped")
-            old.close()
-        if self._lease_timer is not None:
-            self._lease_timer.cancel()
-            self._lease_timer = None
+        uid = peer_uid(writer)
+        if uid is None or uid not in (self.uid, 0):
+            log.error("a connection from user %s refused: only user %d may drive this agent",
+                      uid, self.uid)  # fmt: skip
+            writer.close()
+            return
         try:
             while True:
                 try:
                     line = await reader.readline()
                 except (ConnectionError, ValueError) as e:  # ValueError: a line too long
-                    log.error("the controller's connection failed: %s", e)
+                    log.error("a connection failed: %s", e)
                     break
                 except asyncio.CancelledError:
                     break  # shutting down (not re-raised: 3.11's streams would log it)
@@ -110,35 +165,63 @@ class Agent:
                 except wire.WireError as e:
                     log.error("a request that does not decode (%s): connection closed", e)
                     break
-                job = asyncio.ensure_future(self._request(writer, msg))
+                op = str(msg.get("op"))
+                if writer is self._writer:
+                    self._heard()
+                elif op == "hello":
+                    self._take(writer, msg.get("args") or {})
+                else:  # not the controller: nothing it says changes anything
+                    self._send(writer, {"id": msg.get("id"), "error": "say hello first"})
+                    continue
+                if op == "ping":
+                    continue
+                job = asyncio.ensure_future(self._request(writer, op, msg))
                 self._jobs.add(job)
                 job.add_done_callback(self._jobs.discard)
+                if op in ORDERS:
+                    self._orders[job] = writer
+                    job.add_done_callback(self._orders.pop)
         finally:
             if self._writer is writer:
                 self._writer = None
-                self._start_lease()
+                log.warning("the controller's connection closed")
             writer.close()
+
+    def _take(self, writer: asyncio.StreamWriter, args: dict[str, Any]) -> None:
+        """A connection says hello: it is the controller from now on."""
+        old, self._writer = self._writer, writer
+        if old is not None:
+            log.warning("a new controller said hello: the previous connection is dropped")
+            old.close()
+        self._resumed = False  # reports wait until the controller says resume
+        lease = args.get("lease")
+        if isinstance(lease, bool) or not isinstance(lease, int | float):
+            lease = None
+        if lease is not None and MIN_LEASE <= lease <= 1e7 and lease != self.lease:
+            log.info("the controller sets the lease to %g s (was %g s)", lease, self.lease)
+            self.lease = float(lease)
+        self._heard()
 
     def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
         if writer.is_closing():
             return
         writer.write(wire.dumps(msg))
 
-    async def _request(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+    async def _request(self, writer: asyncio.StreamWriter, op: str, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
         try:
-            result = await self._op(str(msg.get("op")), msg.get("args") or {})
+            result = await self._op(writer, op, msg.get("args") or {})
         except wire.WireError as e:
             self._send(writer, {"id": rid, "error": f"bad request: {e}"})
         except Exception as e:  # the port's calls may raise: say so, keep serving
-            log.exception("request %s failed", msg.get("op"))
+            log.exception("request %s failed", op)
             self._send(writer, {"id": rid, "error": f"{type(e).__name__}: {e}"})
         else:
             self._send(writer, {"id": rid, "result": result})
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
-    async def _op(self, op: str, a: dict[str, Any]) -> Any:
+    async def _op(self, writer: asyncio.StreamWriter, op: str, a: dict[str, Any]) -> Any:
         if op == "resume":  # the controller knows its tasks again: what waited, now
             if self._buffer:
                 reports = list(self._buffer)
@@ -148,12 +231,17 @@ class Agent:
             self._resumed = True
             return None
         if op == "hello":
-            self._resumed = False  # reports wait until the controller says resume
             return {"version": VERSION, "pid": os.getpid(), "lease": self.lease,
                     "nodes": wire.encode_nodes(self.backend.nodes())}  # fmt: skip
         if op == "shutdown":  # the controller stopped for good: nothing left to keep
             asyncio.get_running_loop().call_soon(self._done.set)
             return None
+        if op == "inventory":  # after the orders a previous controller left under way
+            earlier = [j for j, w in self._orders.items() if w is not writer]
+            if earlier:  # (bounded: what still waits is said BUSY)
+                log.info("inventory: waiting for %d orders of a previous controller",
+                         len(earlier))  # fmt: skip
+                await asyncio.wait(earlier, timeout=SETTLE)
         return await dispatch(self.backend, op, a)
 
     # -- reports and the lease -------------------------------------------------------------
@@ -165,40 +253,48 @@ class Agent:
             return
         self._send(w, {"reports": wire.encode_reports(reports)})
 
-    def _start_lease(self) -> None:
-        if self._lease_timer is not None or self._done.is_set():
-            return
-        self._alone_since = time.monotonic()
-        self._schedule_fence()
+    def _heard(self) -> None:
+        """The controller spoke (or, at start, is about to): the lease starts anew."""
+        self._last_word = time.monotonic()
+        if self._lease_timer is None and not self._done.is_set():
+            self._schedule_fence()
 
     def _schedule_fence(self) -> None:
-        """Wake when the next task's lease runs out (or the agent's own, with none)."""
+        """Wake when the next task's lease runs out (or the agent's own, with none), or
+        sooner: a task with a shorter lease may come meanwhile."""
         first = self.backend.next_lease_end(self.lease)
-        due = self._alone_since + (self.lease if first is None else first)
-        delay = max(0.05, due - time.monotonic())
+        due = self._last_word + (self.lease if first is None else first)
+        delay = min(MIN_LEASE / 2, max(0.05, due - time.monotonic()))
         self._lease_timer = asyncio.get_running_loop().call_later(delay, self._fence)
 
     def _fence(self) -> None:
         self._lease_timer = None
-        if self._writer is not None:
+        silent = time.monotonic() - self._last_word
+        first = self.backend.next_lease_end(self.lease)
+        if silent < (self.lease if first is None else first):
+            self._schedule_fence()  # heard from the controller since: not yet
             return
-        job = asyncio.ensure_future(self._fence_tasks())
+        job = asyncio.ensure_future(self._fence_tasks(silent))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
 
-    async def _fence_tasks(self) -> None:
-        silent = time.monotonic() - self._alone_since
+    async def _fence_tasks(self, silent: float) -> None:
         ended = await self.backend.fence(silent, self.lease)
         if ended:
-            log.warning("no controller for %.0f s: %d tasks whose lease ran out ended "
-                        "(fencing)", silent, ended)  # fmt: skip
-        if self._writer is not None:
-            return  # a controller came back meanwhile
-        if self.backend.next_lease_end(self.lease) is None and silent >= self.lease:
+            whom = "no controller" if self._writer is None else "a silent controller"
+            log.warning("%s for %.1f s: %d tasks whose lease ran out ended (fencing)",
+                        whom, silent, ended)  # fmt: skip
+        silent = time.monotonic() - self._last_word
+        if (
+            self._writer is None
+            and self.backend.next_lease_end(self.lease) is None
+            and silent >= self.lease
+        ):
             log.warning("no controller for %.0f s and no task left: exiting", silent)
             self._done.set()
             return
-        self._schedule_fence()
+        if self._lease_timer is None:
+            self._schedule_fence()
 
 
 async def dispatch(b: LocalBackend, op: str, a: dict[str, Any]) -> Any:

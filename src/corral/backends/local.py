@@ -48,6 +48,7 @@ from corral.backends import sweep
 from corral.backends.status import describe_status
 from corral.model.plan import HealthCheck
 from corral.ports.backend import (
+    BUSY,
     TASK_TRANSITIONS,
     ChannelRequest,
     Launch,
@@ -97,6 +98,12 @@ class _Proc:
         return self.popen.pid
 
 
+def _said(p: _Proc) -> str:
+    if p.state is None:
+        return "LAUNCHING"
+    return BUSY if p.waiting is not None else p.state
+
+
 @dataclass(slots=True, eq=False)
 class _Health:
     spec: HealthCheck
@@ -138,11 +145,20 @@ class LocalBackend:
     name = "local"
 
     def __init__(
-        self, *, run_dir: str | None = None, host: str = "127.0.0.1", die_with_me: bool = False
+        self,
+        *,
+        run_dir: str | None = None,
+        host: str = "127.0.0.1",
+        die_with_me: bool = False,
+        marker: str | None = None,
     ) -> None:
         """``die_with_me``: each task is killed by the kernel when this process dies, even
         by SIGKILL (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` before the task
-        execs): what a node agent that outlives its controller needs."""
+        execs): what a node agent that outlives its controller needs. The kernel ends
+        only the task's own process: ``marker`` (``CORRAL_AGENT`` in every task's
+        environment, inherited by its descendants) lets the next agent find and end
+        the descendants that outlived a killed one."""
+        self.marker = marker
         self._loop: asyncio.AbstractEventLoop | None = None
         self._setpriv = shutil.which("setpriv") if die_with_me else None
         self._procs: dict[str, _Proc] = {}
@@ -195,6 +211,8 @@ class LocalBackend:
         loop = self._bind_loop()
         b = _Batch(len(batch), "launch", loop)
         base_env = dict(os.environ)
+        if self.marker is not None:
+            base_env["CORRAL_AGENT"] = self.marker
         missing: dict[str, str | None] = {}  # (behind setpriv, a missing program is told here)
         for pos, spec in enumerate(batch):
             old = self._procs.get(spec.task_id)
@@ -346,10 +364,10 @@ class LocalBackend:
 
     async def inventory(self) -> list[tuple[str, int, str | None]]:
         """The processes this backend runs now: (task id, pid, the state a direct task
-        last confirmed, LAUNCHING before its hello, or None for a plain process). For
-        reconcile and re-attach."""
+        last confirmed, LAUNCHING before its hello, BUSY while an order waits for its
+        answer, or None for a plain process). For reconcile and re-attach."""
         return [
-            (tid, p.pid, (p.state or "LAUNCHING") if p.control == "direct" else None)
+            (tid, p.pid, _said(p) if p.control == "direct" else None)
             for tid, p in self._procs.items()
             if p.exited is None
         ]

@@ -31,8 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from corral.backends import wire
-from corral.backends.agent import DEFAULT_LEASE, MAX_BUFFERED, dispatch
+from corral.backends import sweep, wire
+from corral.backends.agent import DEFAULT_LEASE, MAX_BUFFERED, MIN_LEASE, dispatch
 from corral.backends.local import LocalBackend
 from corral.model.inventory import Node
 from corral.ports.backend import (
@@ -55,10 +55,12 @@ POLL_WAIT = 1.0  # how long an agent holds a report poll open
 class NodeAgentActor:
     """A node agent as a Ray actor (async: its calls share one event loop)."""
 
-    def __init__(self, node: str, host: str, lease: float) -> None:
+    def __init__(self, node: str, host: str, lease: float, marker: str | None = None) -> None:
         self.node = node
         self.host = host
         self.lease = lease
+        self.marker = marker  # CORRAL_AGENT of its tasks: a new agent ends a dead one's
+        self.swept = False
         self.backend: LocalBackend | None = None
         self.queue: list[Report] = []
         self.dropped = 0
@@ -68,7 +70,7 @@ class NodeAgentActor:
 
     def _ready(self) -> LocalBackend:
         if self.backend is None:  # in the actor's event loop, at the first call
-            self.backend = LocalBackend(die_with_me=True, host=self.host)
+            self.backend = LocalBackend(die_with_me=True, host=self.host, marker=self.marker)
             self.backend.subscribe(self._sink)
             self.wake = asyncio.Event()
             self.fencer = asyncio.ensure_future(self._fence())
@@ -83,8 +85,18 @@ class NodeAgentActor:
         if self.wake is not None:
             self.wake.set()
 
-    async def hello(self) -> dict[str, Any]:
+    async def hello(self, lease: float | None = None) -> dict[str, Any]:
+        """A controller starts speaking (``lease``: its lease from now on). The first
+        hello of a new agent ends what a dead one on this node left behind (the
+        descendants of its tasks)."""
+        if not self.swept and self.marker is not None:
+            self.swept = True
+            left = await asyncio.to_thread(sweep.end, agents=(self.marker,))
+            if left:
+                log.warning("%d processes a previous agent left behind ended", left)
         self._ready()
+        if lease is not None and MIN_LEASE <= lease <= 1e7:
+            self.lease = float(lease)
         return {"pid": os.getpid(), "node": self.node, "lease": self.lease}
 
     async def call(self, op: str, args: dict[str, Any]) -> Any:
@@ -99,6 +111,7 @@ class NodeAgentActor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), wait)
         reports, self.queue = self.queue, []
+        self.last = time.monotonic()  # a controller held the poll open until now
         return wire.encode_reports(reports)
 
     async def shutdown(self) -> None:
@@ -111,7 +124,8 @@ class NodeAgentActor:
         while True:
             b = self.backend
             first = None if b is None else b.next_lease_end(self.lease)
-            await asyncio.sleep(max(0.1, self.last + (first or self.lease) - time.monotonic()))
+            due = self.last + (first or self.lease) - time.monotonic()
+            await asyncio.sleep(min(MIN_LEASE / 2, max(0.1, due)))  # a shorter lease may come
             if b is None:
                 continue
             silent = time.monotonic() - self.last
@@ -213,8 +227,8 @@ class RayBackend:
             num_cpus=0,
             max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-        ).remote(name, str(n["NodeManagerAddress"]), self.lease)
-        await handle.hello.remote()
+        ).remote(name, str(n["NodeManagerAddress"]), self.lease, f"{self.namespace}:{n['NodeID']}")
+        await handle.hello.remote(self.lease)
         return handle
 
     # -- the port -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from corral.ports.backend import (
 
 log = logging.getLogger("corral.remote")
 CALL_MARGIN = 30.0  # beyond a call's own deadline, how long its answer may take
+PING = 0.25  # seconds between the words a controller says to its agent at least
 
 
 class AgentUnavailable(ConnectionError):
@@ -47,10 +48,22 @@ class AgentBackend:
 
     name = "local"
 
-    def __init__(self, path: str, *, start: Callable[[], None] | None = None) -> None:
-        """``path``: the agent's socket. ``start``: starts an agent when none answers."""
+    def __init__(
+        self,
+        path: str,
+        *,
+        start: Callable[[], None] | None = None,
+        lease: float | None = None,
+        ping: float = PING,
+    ) -> None:
+        """``path``: the agent's socket. ``start``: starts an agent when none answers.
+        ``lease``: the agent's lease (fencing) from now on. ``ping``: how often to speak
+        when there is nothing else to say (the agent's lease counts from the last word)."""
         self.path = path
         self._start = start
+        self.lease = lease
+        self._ping_every = ping
+        self._pinging: asyncio.Task[None] | None = None
         self._sink: ReportSink | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -93,14 +106,28 @@ class AgentBackend:
                     await asyncio.sleep(0.02)
             self._reader, self._writer = reader, writer
             self._reading = asyncio.ensure_future(self._read(reader))
-            hello = await self._request("hello", {})
+            hello = await self._request(
+                "hello", {} if self.lease is None else {"lease": self.lease}
+            )
             before = self.agent_pid
             self.agent_pid = int(hello["pid"])
             self._nodes = wire.decode_nodes(hello["nodes"])
             again = self._connected_once
             self._connected_once = True
+            if self._pinging is None or self._pinging.done():
+                self._pinging = asyncio.ensure_future(self._ping())
         if again and self.on_reconnect is not None:
             self.on_reconnect(before != self.agent_pid)
+
+    async def _ping(self) -> None:
+        """Speak at least every ``ping`` seconds while connected: the agent fences a
+        silent controller (a frozen or cut-off one) after the lease."""
+        line = wire.dumps({"op": "ping"})
+        while not self._closing:
+            await asyncio.sleep(self._ping_every)
+            writer = self._writer
+            if writer is not None and not writer.is_closing():
+                writer.write(line)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         why = "the node agent closed the connection"
@@ -230,6 +257,8 @@ class AgentBackend:
         self._closing = True
         if self._again is not None:
             self._again.cancel()
+        if self._pinging is not None:
+            self._pinging.cancel()
         if self._writer is not None:
             self._writer.close()
         if self._reading is not None:

@@ -42,6 +42,7 @@ FROM: dict[str, tuple[str, ...]] = {
     "EXIT": ("STANDBY", "CONFIGURED"),
 }
 KINDS = ("die", "hang", "garbage", "error", "slow")
+_NO_FAULTS: list[list[object]] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,8 @@ class SimBackend:
             await asyncio.sleep(delay)
 
     def _match(self, path: str) -> list[list[object]]:
+        if not self.faults:
+            return _NO_FAULTS  # shared, never changed (_fire only reads an empty list)
         return [[f, f.times] for f in self.faults if fnmatch.fnmatchcase(path, f.path)]
 
     @staticmethod

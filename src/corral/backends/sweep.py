@@ -26,10 +26,12 @@ from collections.abc import Collection
 
 TASK_KEY = b"CORRAL_TASK_ID="
 ENV_KEY = b"CORRAL_ENVIRONMENT_ID="
+AGENT_KEY = b"CORRAL_AGENT="
 
 
-def _markers(pid: int) -> tuple[str | None, str | None] | None:
-    """(environment id, task id) of a process, or None when it has none or is gone."""
+def _markers(pid: int) -> tuple[str | None, str | None, str | None] | None:
+    """(environment id, task id, agent) of a process, or None when it has none or is
+    gone."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
             data = fh.read()
@@ -37,19 +39,43 @@ def _markers(pid: int) -> tuple[str | None, str | None] | None:
         return None
     if b"CORRAL_" not in data:
         return None
-    env_id = task_id = None
+    env_id = task_id = agent = None
     for item in data.split(b"\0"):
         if item.startswith(TASK_KEY):
             task_id = item[len(TASK_KEY) :].decode("utf-8", "replace")
         elif item.startswith(ENV_KEY):
             env_id = item[len(ENV_KEY) :].decode("utf-8", "replace")
+        elif item.startswith(AGENT_KEY):
+            agent = item[len(AGENT_KEY) :].decode("utf-8", "replace")
     if env_id is None and task_id is None:
         return None
-    return env_id, task_id
+    return env_id, task_id, agent
 
 
-def find(*, tasks: Collection[str] = (), environments: Collection[str] = ()) -> list[int]:
-    """Pids of the live processes that carry one of these task or environment ids."""
+def _wanted(
+    m: tuple[str | None, str | None, str | None] | None,
+    tasks: Collection[str],
+    environments: Collection[str],
+    agents: Collection[str],
+) -> bool:
+    if m is None:
+        return False
+    env_id, task_id, agent = m
+    return (
+        (task_id is not None and task_id in tasks)
+        or (env_id is not None and env_id in environments)
+        or (agent is not None and agent in agents)
+    )
+
+
+def find(
+    *,
+    tasks: Collection[str] = (),
+    environments: Collection[str] = (),
+    agents: Collection[str] = (),
+) -> list[int]:
+    """Pids of the live processes that carry one of these task, environment or agent
+    ids (an agent marks every process it starts with ``CORRAL_AGENT``)."""
     me = os.getpid()
     out = []
     for name in os.listdir("/proc"):
@@ -58,31 +84,30 @@ def find(*, tasks: Collection[str] = (), environments: Collection[str] = ()) -> 
         pid = int(name)
         if pid in (me, 1):
             continue
-        m = _markers(pid)
-        if m is None:
-            continue
-        env_id, task_id = m
-        if (task_id is not None and task_id in tasks) or (
-            env_id is not None and env_id in environments
-        ):
+        if _wanted(_markers(pid), tasks, environments, agents):
             out.append(pid)
     return out
 
 
-def end(*, tasks: Collection[str] = (), environments: Collection[str] = ()) -> int:
-    """SIGKILL every process carrying one of these task or environment ids (and the
-    process group each one leads); returns how many were signalled."""
-    if not tasks and not environments:
+def end(
+    *,
+    tasks: Collection[str] = (),
+    environments: Collection[str] = (),
+    agents: Collection[str] = (),
+) -> int:
+    """SIGKILL every process carrying one of these task, environment or agent ids (and
+    the process group each one leads); returns how many were signalled."""
+    if not tasks and not environments and not agents:
         return 0
     ended = 0
-    for pid in find(tasks=tasks, environments=environments):
+    for pid in find(tasks=tasks, environments=environments, agents=agents):
         try:
             fd = os.pidfd_open(pid)
         except OSError:
             continue  # gone already
         try:
-            m = _markers(pid)  # still the process we found, now that we hold it
-            if m is None or not (m[1] in tasks or m[0] in environments):
+            # still the process we found, now that we hold it
+            if not _wanted(_markers(pid), tasks, environments, agents):
                 continue
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)

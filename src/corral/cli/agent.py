@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from corral.backends.agent import DEFAULT_LEASE, Agent, socket_path
+from corral.backends.agent import DEFAULT_LEASE, MIN_LEASE, Agent, marker, socket_path
 from corral.backends.local import LocalBackend
 from corral.cli.run import data_option
 from corral.control.plane import install_child_watcher
@@ -25,8 +25,9 @@ from corral.store.lock import DataDirInUse, DataLock
 @click.command("agent")
 @data_option
 @click.option(
-    "--lease", type=click.FloatRange(min=0.1), default=DEFAULT_LEASE, show_default=True,
-    metavar="SECONDS", help="End every task when no server has connected for this long.",
+    "--lease", type=click.FloatRange(min=MIN_LEASE), default=DEFAULT_LEASE, show_default=True,
+    metavar="SECONDS",
+    help="End every task when no server has spoken for this long (a server sets its own).",
 )  # fmt: skip
 def agent(data: str, lease: float) -> None:
     """Run the node agent of a data directory (`corral serve` starts it)."""
@@ -41,7 +42,7 @@ def agent(data: str, lease: float) -> None:
 
 async def _agent(data: str, lease: float) -> int:
     install_child_watcher()
-    backend = LocalBackend(die_with_me=True)
+    backend = LocalBackend(die_with_me=True, marker=marker(data))
     a = Agent(backend, socket_path(data), lease=lease)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

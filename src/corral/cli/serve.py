@@ -68,6 +68,11 @@ def parse_listen(value: str) -> tuple[str, int]:
     help="Nodes of the simulated farm (with --backend sim).",
 )  # fmt: skip
 @click.option(
+    "--sim-latency", type=click.FloatRange(0, 10), default=0.0, show_default=True,
+    metavar="SECONDS", help="How long each call to a simulated node takes (with --backend "
+    "sim; the round trip to a real node agent, for benchmarks).",
+)  # fmt: skip
+@click.option(
     "--workflows", default=".", show_default=True, metavar="DIR",
     type=click.Path(file_okay=False, exists=True),
     help="Directory of the workflow templates environments are created from.",
@@ -90,6 +95,7 @@ def serve(
     backend: str,
     ray_address: str,
     sim_nodes: int,
+    sim_latency: float,
     workflows: str,
     agent_lease: float,
     reconcile_every: float,
@@ -107,7 +113,7 @@ def serve(
         sys.exit(1)
     sys.exit(asyncio.run(_serve(
         data, host, port, backend, sim_nodes, workflows, nodes, classes, agent_lease,
-        reconcile_every, ray_address,
+        reconcile_every, ray_address, sim_latency,
     )))  # fmt: skip
 
 
@@ -132,6 +138,7 @@ async def _serve(
     lease: float = DEFAULT_LEASE,
     reconcile_every: float = 10.0,
     ray_address: str = "auto",
+    sim_latency: float = 0.0,
 ) -> int:
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
@@ -139,7 +146,7 @@ async def _serve(
     backend: Backend
     agent: AgentBackend | None = None
     if backend_name == "local":  # the tasks belong to a node agent that outlives us
-        agent = AgentBackend(socket_path(data), start=start_agent(data, lease=lease))
+        agent = AgentBackend(socket_path(data), start=start_agent(data, lease=lease), lease=lease)
         try:
             await agent.connect()
         except AgentUnavailable as e:
@@ -159,7 +166,11 @@ async def _serve(
             return 1
         backend = ray_backend
     else:  # a simulated farm of the inventory's nodes, or of --sim-nodes generated ones
-        backend = SimBackend([n.name for n in nodes] if nodes else sim_nodes)
+        backend = SimBackend(
+            [n.name for n in nodes] if nodes else sim_nodes,
+            launch_latency=sim_latency,
+            transition_latency=sim_latency,
+        )
     plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
     service = ControlService(plane, workflows=workflows)
     keep = False  # at the end: leave the environments to the agent, or tear them down

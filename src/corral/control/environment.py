@@ -41,6 +41,7 @@ from corral.model.plan import Plan
 from corral.ports.backend import Backend, ChannelRequest, Launch, Order, Outcome, Report
 from corral.store.sqlite import SqliteStore, TaskChange, TaskRow
 
+ENDED = tasksm.FAILED | {tasksm.DONE}  # a task with no process to order any more
 log = logging.getLogger("corral.environment")
 
 DEFAULT_TIMEOUTS: dict[str, float] = {
@@ -174,8 +175,10 @@ class Environment:
         if self.state == envsm.RUNNING and row.get("run_number") is not None:
             self.run_number = int(row["run_number"])
             self.variables["run_number"] = str(self.run_number)
+        self.taskset.restore_all(
+            (t, r["state"], r.get("reason")) for t, r in zip(self.tasks, tasks, strict=True)
+        )
         for t, r in zip(self.tasks, tasks, strict=True):
-            self.taskset.restore(t, r["state"], r.get("reason"))
             t.pid = r.get("pid")
         self._role_events()  # remember the roles' states: only changes are announced
         self.version += 1
@@ -287,10 +290,10 @@ class Environment:
             raise TransitionError(f"{event} failed: {error}", state=self.state)
         self._set_state(dst, event=event)
         now = self.clock()
-        self.journal.write(lambda: self._end_row(tid, "DONE", dst, None, now))
         ev = self._transition_event(event, src, dst, "DONE")
         ev["duration"] = round(now - started, 6)
-        self.announce([ev, *self._role_events()])
+        evs = [ev, *self._role_events()]
+        self.journal.write(lambda: self.store.end_transition(tid, "DONE", dst, None, now, evs))
         self.transitioning = None
         if dst == envsm.RUNNING and self.taskset.all_end_of_stream():
             self._spawn_auto("STOP_ACTIVITY", "every task reported END_OF_STREAM")
@@ -332,18 +335,12 @@ class Environment:
             self._set_state(envsm.ERROR, event=event, error=error)
         now = self.clock()
         state = self.state
-        self.journal.write(lambda: self._end_row(tid, "FAILED", state, error, now))
         ev = self._transition_event(event, src, dst, "FAILED")
         ev["error"] = error
         if started is not None:
             ev["duration"] = round(now - started, 6)
-        self.announce([ev, *self._role_events()])
-
-    def _end_row(
-        self, tid: int, status: str, dst: str | None, error: str | None, now: float
-    ) -> list[dict[str, Any]]:
-        self.store.end_transition(tid, status, dst, error, now)
-        return []
+        evs = [ev, *self._role_events()]
+        self.journal.write(lambda: self.store.end_transition(tid, "FAILED", state, error, now, evs))
 
     # -- the core's own work -------------------------------------------------------------
 
@@ -447,22 +444,33 @@ class Environment:
         self._args = args
 
     def launch_of(self, t: RuntimeTask) -> Launch:
-        log_path = None
-        if self.log_dir is not None:
-            log_path = f"{self.log_dir}/{self.id}/{t.spec.path}.log"
-        env = (
-            ("CORRAL_ENVIRONMENT_ID", self.id),
-            ("CORRAL_TASK_ID", t.id),
-            ("CORRAL_TASK_PATH", t.spec.path),
-        )
-        control = "hook" if t.hook else ("direct" if t.direct else "basic")
-        health = t.spec.health if control == "basic" else None
-        return Launch(t.id, t.spec.path, t.spec.command, control, env, log_path, health, self.lease)
+        return self.launches([t])[0]
+
+    def launches(self, ts: Sequence[RuntimeTask]) -> list[Launch]:
+        """What the backend needs to start these tasks' processes (one batch)."""
+        logs = None if self.log_dir is None else f"{self.log_dir}/{self.id}/"
+        env_var = ("CORRAL_ENVIRONMENT_ID", self.id)
+        lease = self.lease
+        out = []
+        for t in ts:
+            spec = t.spec
+            path = spec.path
+            control = "hook" if t.hook else ("direct" if t.direct else "basic")
+            out.append(
+                Launch(
+                    t.id, path, spec.command, control,
+                    (env_var, ("CORRAL_TASK_ID", t.id), ("CORRAL_TASK_PATH", path)),
+                    None if logs is None else f"{logs}{path}.log",
+                    spec.health if control == "basic" else None,
+                    lease,
+                )
+            )  # fmt: skip
+        return out
 
     async def _launch_node(self, node: str, ts: list[RuntimeTask], timeout: float) -> str | None:
         self.apply(node, [(t, "LAUNCH", None, None) for t in ts])  # PENDING: no pid
         slow = min(2.0, timeout / 2)
-        outs = await self.backend.launch(node, [self.launch_of(t) for t in ts], timeout, slow)
+        outs = await self.backend.launch(node, self.launches(ts), timeout, slow)
         return self._outcomes(node, ts, outs, "READY")
 
     async def _order_all(self, name: str, timeout: float) -> str | None:
@@ -486,10 +494,11 @@ class Environment:
         run = {"environment_id": self.id}
         if name == "START" and self.run_number is not None:
             run["run_number"] = str(self.run_number)
-        orders = [
-            Order(t.id, name, self._args.get(t.spec.path, run) if name == "CONFIGURE" else run)
-            for t in direct
-        ]
+        if name == "CONFIGURE":
+            args = self._args
+            orders = [Order(t.id, name, args.get(t.spec.path, run)) for t in direct]
+        else:
+            orders = [Order(t.id, name, run) for t in direct]
         slow = min(2.0, timeout / 2)
         outs = await self.backend.transition(node, orders, timeout, slow)
         return self._outcomes(node, direct, outs, name)
@@ -500,19 +509,21 @@ class Environment:
         """Apply one node's outcomes; return the first failure that fails the environment."""
         changes: list[Change] = []
         first: str | None = None
+        ending = self._ending
         for t, out in zip(ts, outs, strict=True):
-            if t.state in tasksm.FAILED or t.state == tasksm.DONE:
+            pid = out.pid
+            if t.state in ENDED:
                 if t.state in tasksm.FAILED and t.spec.critical and first is None:
                     first = f"task {t.spec.path} on {node}: {t.reason}"
-                if out.pid is not None and t.pid is None:
-                    changes.append((t, "FAIL", out.pid, None))  # its process: to be ended
+                if pid is not None and t.pid is None:
+                    changes.append((t, "FAIL", pid, None))  # its process: to be ended
                 continue  # a report got there first
-            if out.pid is not None and self._ending.get(t.id) == out.pid:
-                del self._ending[t.id]  # a new process that got an old one's pid
-            if out.ok:
-                changes.append((t, event, out.pid, None))
+            if ending and pid is not None and ending.get(t.id) == pid:
+                del ending[t.id]  # a new process that got an old one's pid
+            if out.error is None:
+                changes.append((t, event, pid, None))
             else:
-                changes.append((t, "FAIL", out.pid, out.error))
+                changes.append((t, "FAIL", pid, out.error))
         failed = self.apply(node, changes)
         why = self._verdict(failed)
         return first or why

@@ -54,7 +54,10 @@ def demands_of(plan: Plan) -> list[Demand]:
     binds = channel_ports(plan)
     out = []
     for t in plan.tasks:
-        group = dict(t.properties).get("anti_affinity") or None
+        group = None
+        for key, value in t.properties:  # the last one wins, as in a dict
+            if key == "anti_affinity":
+                group = value or None
         wants = t.wants
         if binds.get(t.path):
             wants = replace(wants, ports=wants.ports + binds[t.path])
@@ -76,6 +79,9 @@ def priority_of(plan: Plan, classes: Mapping[str, int] = PRIORITY_CLASSES) -> tu
     return name, classes[name]
 
 
+MIN_LEASE = 1.0  # seconds (as a node agent takes them)
+
+
 def lease_of(plan: Plan) -> float | None:
     """How long an agent keeps the environment's tasks without a controller (variable
     ``lease``: seconds or a duration like 5m); None: the agent's own lease."""
@@ -86,8 +92,11 @@ def lease_of(plan: Plan) -> float | None:
         seconds = parse_duration(value)
     except ValueError:
         raise ValueError(f"lease {value!r} is not a duration (e.g. 90s, 5m)") from None
-    if seconds <= 0:
-        raise ValueError(f"lease {value!r} must be more than 0")
+    if seconds < MIN_LEASE:
+        raise ValueError(
+            f"lease {value!r} is under {MIN_LEASE:g}s: an ordinary pause of the controller "
+            "would end the tasks"
+        )
     return seconds
 
 

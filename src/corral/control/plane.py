@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from corral.calls import Registry
-from corral.control import recipes
+from corral.control import heap, recipes
 from corral.control.environment import Environment
 from corral.control.journal import Journal
 from corral.control.ledger import (
@@ -45,7 +45,7 @@ from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.planning.placement import NoFit
 from corral.planning.preemption import PRIORITY_CLASSES
-from corral.ports.backend import Backend, Report
+from corral.ports.backend import BUSY, Backend, Report
 from corral.store.sqlite import SqliteStore
 
 log = logging.getLogger("corral.plane")
@@ -124,15 +124,16 @@ class ControlPlane:
         create the environment in the store (StoreUnavailable if it refuses).
         ``recipe`` (control.recipes) lets a later control process take it over."""
         env_id = env_id or new_environment_id()
-        env = self._placed(env_id, plan, source=source, timeouts=timeouts)
-        env.created_by = created_by
-        env.recipe = recipe
-        try:
-            env.create()
-        except BaseException:
-            self.ledger.release(env_id)
-            raise
-        self.environments[env.id] = env
+        with heap.building():
+            env = self._placed(env_id, plan, source=source, timeouts=timeouts)
+            env.created_by = created_by
+            env.recipe = recipe
+            try:
+                env.create()
+            except BaseException:
+                self.ledger.release(env_id)
+                raise
+            self.environments[env.id] = env
         return env
 
     def _placed(
@@ -285,6 +286,7 @@ class ControlPlane:
             await env.destroy(actor=actor)
             self.environments.pop(env_id, None)
             self.ledger.release(env_id)
+            heap.release()
 
         await self._once(env_id, work)
 
@@ -346,7 +348,8 @@ class ControlPlane:
             what = f"environment {env_id} ({row['name']}) was {row['state']}"
             live = running.get(env_id)
             if take_over and live:
-                why = self._reattach(row, live, cut_of.get(env_id))
+                with heap.building():
+                    why = self._reattach(row, live, cut_of.get(env_id))
                 if why is None:
                     env = self.environments[env_id]
                     notes.append(f"{what}: re-attached to its {len(live)} running tasks, "
@@ -370,7 +373,8 @@ class ControlPlane:
                 await self.forget(env_id)
                 notes.append(f"{what}; its control process died: it is ended")
                 continue
-            why = self._take_over(row)
+            with heap.building():
+                why = self._take_over(row)
             if why is None:
                 notes.append(f"{what}: taken over in ERROR (RECOVER or destroy it)")
             else:
@@ -432,6 +436,9 @@ class ControlPlane:
                 elif said == tasksm.LAUNCHING:  # no hello yet, and nobody waits for one now
                     t["state"] = tasksm.ERROR
                     t["reason"] = f"{RESTARTED} before it was ready (RECOVER relaunches it)"
+                elif said == BUSY:  # an order it has not answered: its state is unknown
+                    t["state"] = tasksm.ERROR
+                    t["reason"] = f"{RESTARTED} while it carried out an order"
                 elif said is not None:
                     t["state"] = said
                     confirmed.add(said)
@@ -609,6 +616,7 @@ class ControlPlane:
                 log.exception("destroying environment %s", env_id)
         await self.backend.close()
         self.journal.close()
+        heap.release()
 
     def _on_reports(self, reports: Sequence[Report]) -> None:
         per: dict[str, list[Report]] = {}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.calls import CallError
-from corral.control import recipes
+from corral.control import heap, recipes
 from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError
@@ -205,7 +205,10 @@ class ControlService:
             defaults["environment_id"] = env_id
         seed = env_id or "0"
         sources = recipes.RecordingSources(DiskSources())
-        plan, diags = check(path, sources, variables=variables, global_defaults=defaults, seed=seed)
+        with heap.building():  # a plan lives as long as its environment
+            plan, diags = check(
+                path, sources, variables=variables, global_defaults=defaults, seed=seed
+            )
         recipe = recipes.make(path, sources.files, variables, defaults, seed)
         return plan, diags, path, recipe
 

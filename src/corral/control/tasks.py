@@ -19,7 +19,7 @@ from typing import Any
 from corral.lifecycle import task as tasksm
 from corral.lifecycle.failures import Collections
 from corral.model.plan import Plan, TaskSpec
-from corral.store.sqlite import TaskChange
+from corral.store.sqlite import TaskChange, TaskChanges
 
 NO_PID = 0  # in a change: the task has no process any more
 
@@ -74,69 +74,113 @@ class TaskSet:
         self.running_no_eos = 0  # ... of which have not reported END_OF_STREAM
         roles: dict[str, str] = {}
         start: dict[tuple[str, str, bool], int] = {}
+        members: dict[tuple[str | None, str], str | None] = {}  # by collection and parent
+        collections = self.collections
+        tasks = self.tasks
+        by_id = self.by_id
+        by_path = self.by_path
+        by_node = self.by_node
         for i, spec in enumerate(plan.tasks):
-            role = ".".join(spec.path.split(".", 2)[:2])
+            path = spec.path
+            k = path.find(".", path.find(".") + 1)
+            role = path if k < 0 else path[:k]
+            role = roles.setdefault(role, role)
             t = RuntimeTask(
-                i, f"{env_id}:{i}", spec, nodes[i], roles.setdefault(role, role),
-                spec.trigger is not None, spec.control == "direct", spec.critical, since=now,
+                i, f"{env_id}:{i}", spec, nodes[i], role, spec.trigger is not None,
+                spec.control == "direct", spec.critical, since=now,
             )  # fmt: skip
-            self.tasks.append(t)
-            self.by_id[t.id] = t
-            self.by_path[spec.path] = t
+            tasks.append(t)
+            by_id[t.id] = t
+            by_path[path] = t
             if t.hook:
                 continue
-            t.member = self.collections.member_of(spec.collection, spec.path)
-            self.by_node.setdefault(t.node, []).append(t)
-            k = (t.role, t.state, t.critical)
-            start[k] = start.get(k, 0) + 1
+            if spec.collection is not None:
+                if collections.holds(spec.collection, path):
+                    t.member = path
+                else:  # the same member for every task under one parent
+                    key = (spec.collection, path.rpartition(".")[0])
+                    if key not in members:
+                        members[key] = collections.member_of(*key)
+                    t.member = members[key]
+            node = by_node.get(t.node)
+            if node is None:
+                node = by_node[t.node] = []
+            node.append(t)
+            first = (role, t.state, t.critical)
+            start[first] = start.get(first, 0) + 1
         self._add(start)
 
     # -- changes --------------------------------------------------------------------------
 
     def apply(
         self, node: str, env_id: str, changes: Iterable[Change], now: float = 0.0
-    ) -> tuple[list[TaskChange], list[dict[str, Any]], list[RuntimeTask]]:
-        """Apply task events; return the store rows, the events, and the tasks that
-        just failed (went to ERROR or LOST). Raises IllegalTaskTransition on a change
-        the task table does not allow (nothing of the batch is applied then)."""
+    ) -> tuple[TaskChanges, list[dict[str, Any]], list[RuntimeTask]]:
+        """Apply task events; return the store's changes, the events, and the tasks
+        that just failed (went to ERROR or LOST). Raises IllegalTaskTransition on a
+        change the task table does not allow (nothing of the batch is applied then)."""
         planned = []
         steps: dict[tuple[str, str], str] = {}  # (state, event) -> next: a batch has few
-        for t, event, pid, reason in changes:
-            new = steps.get((t.state, event))
+        for c in changes:
+            t, event, pid, _ = c
+            old = t.state
+            new = steps.get((old, event))
             if new is None:
-                new = steps[(t.state, event)] = tasksm.next_state(t.state, event)
-            if new == t.state and (pid is None or pid == (t.pid or NO_PID)):
+                new = steps[(old, event)] = tasksm.next_state(old, event)
+            if new == old and (pid is None or pid == (t.pid or NO_PID)):
                 continue  # news that changes nothing
-            planned.append((t, new, pid, reason))
-        stored: list[TaskChange] = []
+            planned.append((c, new))
+        stored = TaskChanges()
+        plain = stored.plain
+        detailed = stored.detailed
         groups: dict[str, list[str]] = {}
         singles: list[dict[str, Any]] = []
         failed: list[RuntimeTask] = []
-        delta: dict[tuple[str, str, bool], int] = {}  # (role, state, critical) -> count
-        for t, new, pid, reason in planned:
+        moves: dict[tuple[str, bool, str, str], int] = {}  # (role, critical, old, new) -> n
+        failing = tasksm.FAILED
+        for (t, _, pid, reason), new in planned:
             old = t.state
-            if new != old:
-                if not t.hook:
-                    k = (t.role, old, t.critical)
-                    delta[k] = delta.get(k, 0) - 1
-                    k = (t.role, new, t.critical)
-                    delta[k] = delta.get(k, 0) + 1
+            if pid is not None:
+                t.pid = pid or None
+            if new == old:  # only its process changed: stored, not announced
+                detailed.append(TaskChange(t.idx, new, pid, t.reason))
+                continue
+            if t.hook:
+                t.state = new
+            else:
+                move = (t.role, t.critical, old, new)
+                moves[move] = moves.get(move, 0) + 1
+                if (  # what _move does beyond the state: counts of RUNNING, new
+                    # streams, collection health
+                    old == tasksm.RUNNING
+                    or new == tasksm.RUNNING
+                    or new == tasksm.PENDING
+                    or (t.member is not None and (old in failing or new in failing))
+                ):
                     self._move(t, old, new)
                 else:
                     t.state = new
-                t.reason = reason
-                t.since = now
-                if new in tasksm.FAILED:
-                    failed.append(t)
-            if pid is not None:
-                t.pid = pid or None
-            stored.append(TaskChange(t.idx, new, pid, t.reason))
-            if new == old:
-                continue  # only its process changed: stored, not announced
-            if t.reason is not None:
-                singles.append(task_event(env_id, t, new, reason=t.reason))
+            t.reason = reason
+            t.since = now
+            if new in failing:
+                failed.append(t)
+            if pid is None and reason is None:
+                group = plain.get(new)
+                if group is None:
+                    group = plain[new] = []
+                group.append(t.idx)
             else:
-                groups.setdefault(new, []).append(t.spec.path)
+                detailed.append(TaskChange(t.idx, new, pid, reason))
+            if reason is not None:
+                singles.append(task_event(env_id, t, new, reason=reason))
+            else:
+                paths = groups.get(new)
+                if paths is None:
+                    paths = groups[new] = []
+                paths.append(t.spec.path)
+        delta: dict[tuple[str, str, bool], int] = {}  # (role, state, critical) -> count
+        for (role, critical, old, new), n in moves.items():
+            for k, d in (((role, old, critical), -n), ((role, new, critical), n)):
+                delta[k] = delta.get(k, 0) + d
         self._add(delta)
         events: list[dict[str, Any]] = [
             {"kind": "task", "env": env_id, "node": node, "state": s, "count": len(p), "tasks": p}
@@ -148,14 +192,22 @@ class TaskSet:
     def restore(self, t: RuntimeTask, state: str, reason: str | None) -> None:
         """Load a task's state as a previous control process stored it (a take-over):
         not a transition, so the table is not consulted; the counts follow."""
-        if state not in tasksm.STATES:
-            raise ValueError(f"task {t.spec.path}: unknown stored state {state!r}")
-        if t.hook:
-            t.state = state
-        else:
-            self._add({(t.role, t.state, t.critical): -1, (t.role, state, t.critical): 1})
-            self._move(t, t.state, state)
-        t.reason = reason
+        self.restore_all([(t, state, reason)])
+
+    def restore_all(self, loaded: Iterable[tuple[RuntimeTask, str, str | None]]) -> None:
+        """``restore`` for many tasks, counted once."""
+        delta: dict[tuple[str, str, bool], int] = {}
+        for t, state, reason in loaded:
+            if state not in tasksm.STATES:
+                raise ValueError(f"task {t.spec.path}: unknown stored state {state!r}")
+            if t.hook:
+                t.state = state
+            elif state != t.state:
+                for k, d in (((t.role, t.state, t.critical), -1), ((t.role, state, t.critical), 1)):
+                    delta[k] = delta.get(k, 0) + d
+                self._move(t, t.state, state)
+            t.reason = reason
+        self._add(delta)
 
     def move_node(self, t: RuntimeTask, node: str) -> None:
         """The task runs on another node from now on (placed again by RECOVER)."""

@@ -54,6 +54,10 @@ class Collections:
                 return None
             p = p.rsplit(".", 1)[0]
 
+    def holds(self, collection: str, path: str) -> bool:
+        """``path`` is a member of ``collection``."""
+        return path in self._members.get(collection, ())
+
     def changed(self, collection: str, member: str, was_failed: bool, failed: bool) -> None:
         """One task of ``member`` went into (or out of) a failed state."""
         if was_failed == failed:

@@ -20,6 +20,7 @@ from corral.model.inventory import Node
 from corral.model.plan import Command, HealthCheck
 
 # What a task answers to each transition of the task control protocol.
+BUSY = "BUSY"  # in an inventory: a direct task with an order under way (no answer yet)
 TASK_TRANSITIONS: dict[str, str] = {
     "CONFIGURE": "CONFIGURED",
     "START": "RUNNING",
@@ -29,7 +30,7 @@ TASK_TRANSITIONS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per task per batch, and frozen ones cost 3x to make
 class Launch:
     """Start one task's process. ``control`` is direct, basic or hook.
 
@@ -47,7 +48,7 @@ class Launch:
     lease: float | None = None  # seconds its agent keeps it without a controller (fencing)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per task per batch, and frozen ones cost 3x to make
 class Order:
     """One transition for one direct task, with its string arguments."""
 
@@ -56,7 +57,7 @@ class Order:
     args: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per task per batch, and frozen ones cost 3x to make
 class Outcome:
     """How one task's launch or transition ended.
 
@@ -88,7 +89,7 @@ class ChannelRequest:
     port: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per task per batch, and frozen ones cost 3x to make
 class Report:
     """Unsolicited news about a task.
 

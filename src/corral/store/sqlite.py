@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 SCHEMA = """
@@ -47,8 +47,9 @@ CREATE TABLE IF NOT EXISTS locks(
 """
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRow:
+class TaskRow(NamedTuple):
+    """A new task's row (a named tuple: an environment makes one per task)."""
+
     idx: int
     path: str
     task_class: str
@@ -67,6 +68,29 @@ class TaskChange(NamedTuple):
     state: str
     pid: int | None = None
     reason: str | None = None
+
+
+@dataclass(slots=True)
+class TaskChanges:
+    """A batch of task changes as the store takes them: ``plain`` are new states with
+    no reason and the same process (task indices by state: stored as runs of indices),
+    ``detailed`` the others, one by one."""
+
+    plain: dict[str, list[int]] = field(default_factory=dict)
+    detailed: list[TaskChange] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.plain or self.detailed)
+
+    @classmethod
+    def of(cls, changes: Iterable[TaskChange]) -> TaskChanges:
+        out = cls()
+        for c in changes:
+            if c.pid is None and c.reason is None:
+                out.plain.setdefault(c.state, []).append(c.idx)
+            else:
+                out.detailed.append(c)
+        return out
 
 
 Event = dict[str, Any]
@@ -169,29 +193,37 @@ class SqliteStore:
             return self._put_events(db, events, now)
 
     def update_tasks(
-        self, env_id: str, changes: Sequence[TaskChange], now: float, events: Sequence[Event] = ()
+        self,
+        env_id: str,
+        changes: TaskChanges | Sequence[TaskChange],
+        now: float,
+        events: Sequence[Event] = (),
     ) -> list[Event]:
-        """Store a batch of task changes, compressed: one statement per run of indices."""
+        """Store a batch of task changes, compressed: one statement per run of indices
+        for the plain ones; a changed process (pid 0: none any more) row by row."""
+        batch = changes if isinstance(changes, TaskChanges) else TaskChanges.of(changes)
         with self._tx() as db:
-            plain: dict[str, list[int]] = {}
-            detailed = []
-            for c in changes:
-                if c.pid is None and c.reason is None:
-                    plain.setdefault(c.state, []).append(c.idx)
-                else:
-                    detailed.append((c.state, c.pid, c.pid, c.pid, c.reason, now, env_id, c.idx))
-            for state, idxs in plain.items():
+            for state, idxs in batch.plain.items():
                 db.executemany(
                     "UPDATE tasks SET state=?, reason=NULL, since=? "
                     "WHERE env=? AND idx BETWEEN ? AND ?",
                     ((state, now, env_id, lo, hi) for lo, hi in _runs(idxs)),
                 )
-            if detailed:
+            same = [c for c in batch.detailed if c.pid is None]
+            if same:
                 db.executemany(
-                    "UPDATE tasks SET state=?, "
-                    "pid=CASE WHEN ? IS NULL THEN pid WHEN ?=0 THEN NULL ELSE ? END, "
-                    "reason=?, since=? WHERE env=? AND idx=?",
-                    detailed,
+                    "UPDATE tasks SET state=?, reason=?, since=? WHERE env=? AND idx=?",
+                    ((c.state, c.reason, now, env_id, c.idx) for c in same),
+                )
+            if len(same) < len(batch.detailed):
+                db.executemany(
+                    "UPDATE tasks SET state=?, pid=NULLIF(?, 0), reason=?, since=? "
+                    "WHERE env=? AND idx=?",
+                    (
+                        (c.state, c.pid, c.reason, now, env_id, c.idx)
+                        for c in batch.detailed
+                        if c.pid is not None
+                    ),
                 )
             return self._put_events(db, events, now)
 
@@ -249,13 +281,22 @@ class SqliteStore:
             )
 
     def end_transition(
-        self, tid: int, status: str, dst: str | None, error: str | None, now: float
-    ) -> None:
+        self,
+        tid: int,
+        status: str,
+        dst: str | None,
+        error: str | None,
+        now: float,
+        events: Sequence[Event] = (),
+    ) -> list[Event]:
+        """A transition ends, with its events (one transaction: a crash never leaves
+        one stored ended and not said so, or the other way round)."""
         with self._tx() as db:
             db.execute(
                 "UPDATE transitions SET status=?, dst=?, error=?, ended=? WHERE id=?",
                 (status, dst, error, now, tid),
             )
+            return self._put_events(db, events, now)
 
     def add_events(self, events: Sequence[Event], now: float) -> list[Event]:
         with self._tx() as db:
