@@ -88,6 +88,7 @@ class ControlPlane:
     ) -> None:
         """``inventory``: the nodes to place on (an inventory file); by default the
         backend's own."""
+        heap.tune()
         self.store = store
         self.backend = backend
         self.calls = calls if calls is not None else Registry()

@@ -72,9 +72,9 @@ class TaskChange(NamedTuple):
 
 @dataclass(slots=True)
 class TaskChanges:
-    """A batch of task changes as the store takes them: ``plain`` are new states with
-    no reason and the same process (task indices by state: stored as runs of indices),
-    ``detailed`` the others, one by one."""
+    """A batch of task changes as the store takes them, at most one per task: ``plain``
+    are new states with no reason and the same process (task indices by state: stored
+    as runs of indices), ``detailed`` the others."""
 
     plain: dict[str, list[int]] = field(default_factory=dict)
     detailed: list[TaskChange] = field(default_factory=list)
@@ -216,14 +216,27 @@ class SqliteStore:
                     ((c.state, c.reason, now, env_id, c.idx) for c in same),
                 )
             if len(same) < len(batch.detailed):
+                pids: dict[str, dict[int, int]] = {}  # new processes, no reason: by state
+                rest = []
+                for c in batch.detailed:
+                    if c.pid is not None and c.reason is None:
+                        pids.setdefault(c.state, {})[c.idx] = c.pid
+                    elif c.pid is not None:
+                        rest.append((c.state, c.pid, c.reason, now, env_id, c.idx))
+                for state, of in pids.items():  # a statement per run of indices
+                    db.executemany(
+                        "UPDATE tasks SET state=?, reason=NULL, since=?, pid=NULLIF(json_extract("
+                        "?, '$[' || (idx - ?) || ']'), 0) WHERE env=? AND idx BETWEEN ? AND ?",
+                        (
+                            (state, now, json.dumps([of[i] for i in range(lo, hi + 1)]), lo,
+                             env_id, lo, hi)
+                            for lo, hi in _runs(of)
+                        ),
+                    )  # fmt: skip
                 db.executemany(
                     "UPDATE tasks SET state=?, pid=NULLIF(?, 0), reason=?, since=? "
                     "WHERE env=? AND idx=?",
-                    (
-                        (c.state, c.pid, c.reason, now, env_id, c.idx)
-                        for c in batch.detailed
-                        if c.pid is not None
-                    ),
+                    rest,
                 )
             return self._put_events(db, events, now)
 
