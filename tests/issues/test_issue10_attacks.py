@@ -20,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,103 @@ def test_an_order_under_way_at_a_crash_is_awaited_by_the_re_attach(tmp_path: Pat
         assert transition(c, env_id, "STOP_ACTIVITY").status_code == 200
         assert c.delete(f"/api/environments/{env_id}").status_code == 200
     assert not of_environment(env_id)
+
+
+def test_a_stalled_agent_does_not_fence_a_controller_that_spoke(tmp_path: Path) -> None:
+    """The agent alone stalls longer than the lease (stopped, starved of CPU): the
+    controller's words wait in its socket; they are read before it judges silence."""
+    with Server(tmp_path / "data", "--agent-lease", "1") as s, s.client(s.admin) as c:
+        env_id = c.post("/api/environments", json={"workflow": "hello"}).json()["id"]
+        to_running(c, env_id)
+        pids = set(of_environment(env_id))
+        agent = s.agent_pid()
+        assert agent is not None
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            time.sleep(2.5)  # the fault: an agent that does not run for 2.5 leases
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        r = transition(c, env_id, "STOP_ACTIVITY")  # answered once the agent runs again
+        assert r.status_code == 200, r.text
+        assert set(of_environment(env_id)) == pids
+        assert state_of(c, env_id)["state"] == "CONFIGURED"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.5", "2e7"])
+def test_a_lease_must_be_a_finite_number_of_seconds_in_range(value: str) -> None:
+    for argv in (["serve", "--agent-lease", value], ["agent", "--lease", value]):
+        r = subprocess.run(
+            [sys.executable, "-m", "corral", *argv, "--data", "/nonexistent/never-made"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and "lease" in r.stderr, r.stderr
+
+
+def test_a_crash_during_the_re_attach_keeps_the_transition_under_way(tmp_path: Path) -> None:
+    """A server crashes during STOP_ACTIVITY; the next one crashes while its re-attach
+    waits for that order; the third still knows a transition was under way and goes
+    where the tasks went (CONFIGURED, the run closed), not back to RUNNING."""
+    wf = workflows(tmp_path)
+    (wf / "slow.yaml").write_text(SLOW.replace('delay: "2"', 'delay: "3"'))
+    data = tmp_path / "data"
+    with Server(data, "--workflows", str(wf), keep_agent=True) as s1:
+        token = s1.admin
+        with s1.client(token) as c:
+            env_id = c.post("/api/environments", json={"workflow": "slow"}).json()["id"]
+            to_running(c, env_id)
+            assert transition(c, env_id, "STOP_ACTIVITY", wait=False).status_code == 200
+            wait_for(lambda: marks(wf, "STOP") == 3, "STOP reached the tasks")
+        assert s1.proc is not None
+        s1.proc.kill()
+        s1.proc.wait()
+    log = data / "agent.log"
+    seen = log.read_text().count("waiting for")
+    s2 = subprocess.Popen(  # killed while its re-attach waits: it never serves
+        [sys.executable, "-m", "corral", "serve", "--data", str(data), "--listen",
+         "127.0.0.1:0", "--workflows", str(wf)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: log.read_text().count("waiting for") > seen, "the re-attach waits")
+    finally:
+        s2.kill()
+        s2.wait()
+    with Server(data, "--workflows", str(wf)) as s3, s3.client(token) as c:
+        env = state_of(c, env_id)
+        states = {t["state"] for t in tasks_of(c, env_id)}
+        assert states == {"CONFIGURED"}, states
+        assert env["state"] == "CONFIGURED" and env["run_number"] is None, env
+        assert c.delete(f"/api/environments/{env_id}").status_code == 200
+    assert not of_environment(env_id)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root, to try as another user")  # fmt: skip
+def test_a_server_refuses_an_agent_socket_another_user_holds(tmp_path: Path) -> None:
+    """An abstract socket has no owner: another user can bind the name before the
+    agent does. The server checks who listens, and says so, rather than sending its
+    tasks there."""
+    long = tmp_path / ("d" * 60) / ("e" * 60)
+    long.parent.mkdir()
+    squat = f"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind({socket_path(str(long))!r})
+s.listen()
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+"""
+    impostor = subprocess.Popen(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         sys.executable, "-c", squat],
+        stdout=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
+        with pytest.raises(AssertionError, match="held by user"), Server(long):
+            pass
+    finally:
+        impostor.kill()
+        impostor.wait()

@@ -46,6 +46,7 @@ log = logging.getLogger("corral.agent")
 VERSION = 1
 DEFAULT_LEASE = 60.0  # seconds an agent waits for its controller before ending its tasks
 MIN_LEASE = 1.0  # shorter, and a controller's ordinary pause would end the data taking
+MAX_LEASE = 1e7  # (about four months)
 PING = 0.25  # the controller speaks at least this often (seconds)
 MAX_BUFFERED = 1_000_000  # reports kept while no controller listens (reconcile repairs more)
 SETTLE = 10.0  # seconds an inventory waits for the orders a previous controller left
@@ -197,7 +198,7 @@ class Agent:
         lease = args.get("lease")
         if isinstance(lease, bool) or not isinstance(lease, int | float):
             lease = None
-        if lease is not None and MIN_LEASE <= lease <= 1e7 and lease != self.lease:
+        if lease is not None and MIN_LEASE <= lease <= MAX_LEASE and lease != self.lease:
             log.info("the controller sets the lease to %g s (was %g s)", lease, self.lease)
             self.lease = float(lease)
         self._heard()
@@ -279,6 +280,9 @@ class Agent:
         job.add_done_callback(self._jobs.discard)
 
     async def _fence_tasks(self, silent: float) -> None:
+        for _ in range(3):  # what the controller said while we were stalled is read first
+            await asyncio.sleep(0)
+        silent = time.monotonic() - self._last_word
         ended = await self.backend.fence(silent, self.lease)
         if ended:
             whom = "no controller" if self._writer is None else "a silent controller"

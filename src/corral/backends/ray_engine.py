@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from corral.backends import sweep, wire
-from corral.backends.agent import DEFAULT_LEASE, MAX_BUFFERED, MIN_LEASE, dispatch
+from corral.backends.agent import DEFAULT_LEASE, MAX_BUFFERED, MAX_LEASE, MIN_LEASE, dispatch
 from corral.backends.local import LocalBackend
 from corral.model.inventory import Node
 from corral.ports.backend import (
@@ -95,7 +95,7 @@ class NodeAgentActor:
             if left:
                 log.warning("%d processes a previous agent left behind ended", left)
         self._ready()
-        if lease is not None and MIN_LEASE <= lease <= 1e7:
+        if lease is not None and MIN_LEASE <= lease <= MAX_LEASE:
             self.lease = float(lease)
         return {"pid": os.getpid(), "node": self.node, "lease": self.lease}
 

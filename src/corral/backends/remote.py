@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from corral.backends import wire
+from corral.backends import agent, wire
 from corral.ports.backend import (
     ChannelRequest,
     Launch,
@@ -85,25 +85,33 @@ class AgentBackend:
         async with self._lock:
             if self._writer is not None and not self._writer.is_closing():
                 return
-            started = False
             deadline = time.monotonic() + timeout
+            next_start = 0.0
             while True:
                 try:
                     reader, writer = await asyncio.open_unix_connection(
                         self.path, limit=wire.MAX_FRAME
                     )
-                    break
                 except (FileNotFoundError, ConnectionRefusedError) as e:
-                    if self._start is not None and not started:
-                        self._start()
-                        started = True
-                    elif self._start is None:
+                    if self._start is None:
                         raise AgentUnavailable(f"no node agent at {self.path!r}: {e}") from None
+                    if time.monotonic() >= next_start:  # again while a previous agent
+                        self._start()  # ends (it holds the lock: the new one gives up)
+                        next_start = time.monotonic() + 1.0
                     if time.monotonic() > deadline:
                         raise AgentUnavailable(
                             f"the node agent did not start within {timeout:g} s"
                         ) from None
                     await asyncio.sleep(0.02)
+                    continue
+                uid = agent.peer_uid(writer)
+                if uid is None or uid not in (os.geteuid(), 0):
+                    writer.close()  # a listener of another user poses as our agent
+                    raise AgentUnavailable(
+                        f"the node agent socket {self.path!r} is held by user {uid}, not "
+                        f"by this user ({os.geteuid()}): refusing to use it"
+                    )
+                break
             self._reader, self._writer = reader, writer
             self._reading = asyncio.ensure_future(self._read(reader))
             hello = await self._request(

@@ -15,9 +15,9 @@ import sys
 
 import click
 
-from corral.backends.agent import DEFAULT_LEASE, MIN_LEASE, Agent, marker, socket_path
+from corral.backends.agent import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE, Agent, marker, socket_path
 from corral.backends.local import LocalBackend
-from corral.cli.run import data_option
+from corral.cli.run import Seconds, data_option
 from corral.control.plane import install_child_watcher
 from corral.store.lock import DataDirInUse, DataLock
 
@@ -25,7 +25,7 @@ from corral.store.lock import DataDirInUse, DataLock
 @click.command("agent")
 @data_option
 @click.option(
-    "--lease", type=click.FloatRange(min=MIN_LEASE), default=DEFAULT_LEASE, show_default=True,
+    "--lease", type=Seconds(MIN_LEASE, MAX_LEASE), default=DEFAULT_LEASE, show_default=True,
     metavar="SECONDS",
     help="End every task when no server has spoken for this long (a server sets its own).",
 )  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -124,6 +125,19 @@ def _parse_timeouts(pairs: tuple[str, ...]) -> dict[str, float]:
     return outd
 
 
+class Seconds(click.FloatRange):
+    """A number of seconds: a finite number within the range (``nan`` and ``inf`` pass
+    a plain FloatRange)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        got = super().convert(value, param, ctx)
+        if not math.isfinite(got):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return got
+
+
 @click.command("run")
 @click.argument("path", type=click.Path(dir_okay=False))
 @var_option
@@ -138,7 +152,7 @@ def _parse_timeouts(pairs: tuple[str, ...]) -> dict[str, float]:
 @click.option(
     "--for",
     "duration",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=None,
     metavar="SECONDS",
     help="Stay this long, then stop and tear down (default: until Ctrl-C).",

@@ -22,10 +22,11 @@ import uvicorn
 from rich.console import Console
 
 from corral.api.app import create_app
-from corral.backends.agent import DEFAULT_LEASE, socket_path
+from corral.backends.agent import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE, socket_path
 from corral.backends.remote import AgentBackend, AgentUnavailable, start_agent
 from corral.backends.sim import SimBackend
 from corral.cli.run import (
+    Seconds,
     data_option,
     inventory_option,
     parse_priorities,
@@ -68,7 +69,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     help="Nodes of the simulated farm (with --backend sim).",
 )  # fmt: skip
 @click.option(
-    "--sim-latency", type=click.FloatRange(0, 10), default=0.0, show_default=True,
+    "--sim-latency", type=Seconds(0, 10), default=0.0, show_default=True,
     metavar="SECONDS", help="How long each call to a simulated node takes (with --backend "
     "sim; the round trip to a real node agent, for benchmarks).",
 )  # fmt: skip
@@ -78,12 +79,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     help="Directory of the workflow templates environments are created from.",
 )  # fmt: skip
 @click.option(
-    "--agent-lease", type=click.FloatRange(min=1), default=DEFAULT_LEASE, show_default=True,
+    "--agent-lease", type=Seconds(MIN_LEASE, MAX_LEASE), default=DEFAULT_LEASE, show_default=True,
     metavar="SECONDS", help="How long the node agent keeps the tasks running without a "
     "server (a restart within it takes them over; after it they are ended).",
 )  # fmt: skip
 @click.option(
-    "--reconcile", "reconcile_every", type=click.FloatRange(min=0), default=10.0,
+    "--reconcile", "reconcile_every", type=Seconds(min=0), default=10.0,
     show_default=True, metavar="SECONDS",
     help="Compare what runs with what the store says this often (0: never).",
 )  # fmt: skip

@@ -79,7 +79,7 @@ def priority_of(plan: Plan, classes: Mapping[str, int] = PRIORITY_CLASSES) -> tu
     return name, classes[name]
 
 
-MIN_LEASE = 1.0  # seconds (as a node agent takes them)
+MIN_LEASE, MAX_LEASE = 1.0, 1e7  # seconds (as a node agent takes them)
 
 
 def lease_of(plan: Plan) -> float | None:
@@ -92,6 +92,8 @@ def lease_of(plan: Plan) -> float | None:
         seconds = parse_duration(value)
     except ValueError:
         raise ValueError(f"lease {value!r} is not a duration (e.g. 90s, 5m)") from None
+    if not seconds <= MAX_LEASE:  # (nan too)
+        raise ValueError(f"lease {value!r} is over {MAX_LEASE:g} seconds")
     if seconds < MIN_LEASE:
         raise ValueError(
             f"lease {value!r} is under {MIN_LEASE:g}s: an ordinary pause of the controller "

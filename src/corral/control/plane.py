@@ -326,6 +326,14 @@ class ControlPlane:
         that an agent still runs is ended. Returns a line per environment saying what
         happened.
         """
+        # what runs first: the inventory waits for the orders a previous process left
+        # under way; until it has answered, its transitions stay recorded as under way
+        # (a crash meanwhile leaves them so for the next start)
+        running: dict[str, dict[int, tuple[int, str | None]]] = {}
+        for tid, pid, state in await self.backend.inventory():
+            env_id, _, idx = tid.partition(":")
+            if idx.isdigit():
+                running.setdefault(env_id, {})[int(idx)] = (pid, state)
         now = self.clock()
         cut = self.store.interrupted()
         if cut:
@@ -337,11 +345,6 @@ class ControlPlane:
             self.journal.write(lambda: self.store.end_interrupted(ids, text, now, evs))
         cut_of = {t["env"]: t["event"] for t in cut}
         unfinished = self.store.unfinished()
-        running: dict[str, dict[int, tuple[int, str | None]]] = {}
-        for tid, pid, state in await self.backend.inventory():
-            env_id, _, idx = tid.partition(":")
-            if idx.isdigit():
-                running.setdefault(env_id, {})[int(idx)] = (pid, state)
         notes: list[str] = []
         rest = []
         for row in unfinished:
