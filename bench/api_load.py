@@ -19,15 +19,14 @@ import asyncio
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import httpx
 
+from serving import sim_server
 from sim_150k import CLASS, WORKFLOW  # the same farm: hosts x tasks pinned to them
 
 
@@ -146,34 +145,14 @@ async def main(args: argparse.Namespace) -> None:
             f.write(WORKFLOW)
         with open(os.path.join(tmp, "wf", "tasks", "proc.yaml"), "w") as f:
             f.write(CLASS)
-        log = open(os.path.join(tmp, "server.log"), "w+")  # noqa: SIM115
-        server = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--data", os.path.join(tmp, "data"),
-             "--listen", "127.0.0.1:0", "--backend", "sim", "--sim-nodes", str(nodes),
-             "--workflows", os.path.join(tmp, "wf")],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            url = token = ""
-            for _ in range(300):
-                log.seek(0)
-                text = log.read()
-                m = re.search(r"serving on (http://[\d.:]+)", text)
-                if m:
-                    url = m.group(1)
-                    token = re.search(r"keep it\): (\S+)", text).group(1)  # type: ignore[union-attr]
-                    break
-                await asyncio.sleep(0.05)
-            assert url, "the server did not start"
+        wf = os.path.join(tmp, "wf")
+        async with sim_server(tmp, nodes, wf) as (url, token, server):
             await run(url, token, hosts, per_node, args)
             with open(f"/proc/{server.pid}/stat") as st:
                 fields = st.read().rsplit(")", 1)[1].split()
             tick = os.sysconf("SC_CLK_TCK")
             server_cpu = (int(fields[11]) + int(fields[12])) / tick
             print(f"cpu: server {server_cpu:.1f} s, load generator {time.process_time():.1f} s")
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(60)
 
 
 async def run(url: str, token: str, hosts: list[str], per_node: int,

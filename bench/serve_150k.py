@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agents_150k import LATENCY, create_to_running, farm
 from corral.templates import DictSources, expand
+from serving import sim_server
 
 DONE = re.compile(
     rb'"kind":"transition".*"transition":"START_ACTIVITY"|"transition":"START_ACTIVITY".*"kind":"transition"'
@@ -72,27 +71,7 @@ async def through_server(nodes: int, per_node: int) -> dict[str, float]:
         for name, text in files.items():
             with open(os.path.join(wf, name.replace("wf.yaml", "farm.yaml")), "w") as f:
                 f.write(text)
-        log = open(os.path.join(tmp, "server.log"), "w+")  # noqa: SIM115
-        server = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--data", os.path.join(tmp, "data"),
-             "--listen", "127.0.0.1:0", "--backend", "sim", "--sim-nodes", str(nodes),
-             "--sim-latency", str(LATENCY), "--workflows", wf],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            url = token = ""
-            for _ in range(600):
-                log.seek(0)
-                text = log.read()
-                m = re.search(r"serving on (http://[\d.:]+)", text)
-                t = re.search(r"keep it\): (\S+)", text)
-                if m and t:
-                    url, token = m.group(1), t.group(1)
-                    break
-                if server.poll() is not None:
-                    raise SystemExit(f"the server ended: {text}")
-                await asyncio.sleep(0.05)
-            assert url, "the server did not start"
+        async with sim_server(tmp, nodes, wf, "--sim-latency", str(LATENCY)) as (url, token, _):
             seen = asyncio.Event()
             frames = [0]
             sub = asyncio.ensure_future(subscribe(url, token, seen, frames))
@@ -117,9 +96,6 @@ async def through_server(nodes: int, per_node: int) -> dict[str, float]:
                 env = (await c.get(f"/api/environments/{env_id}")).json()
                 assert env["state"] == "RUNNING", env["state"]
             sub.cancel()
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(120)
     return out
 
 

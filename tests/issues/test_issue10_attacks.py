@@ -201,7 +201,9 @@ def test_a_frozen_server_is_fenced(tmp_path: Path) -> None:
         finally:
             s.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: state_of(c, env_id)["state"] == "ERROR", "the environment in ERROR")
-        assert all(t["state"] not in ("RUNNING", "CONFIGURED") for t in tasks_of(c, env_id))
+        tasks = tasks_of(c, env_id)
+        assert all(t["state"] not in ("RUNNING", "CONFIGURED") for t in tasks)
+        assert any("fenced" in (t["reason"] or "") for t in tasks), tasks  # says why
 
 
 def test_an_order_under_way_at_a_crash_is_awaited_by_the_re_attach(tmp_path: Path) -> None:

@@ -92,6 +92,7 @@ class _Proc:
     ending: bool = False  # asked to end (EXIT answered, or stopped): EOF is expected
     state: str | None = None  # the last state a direct task confirmed (hello, answers)
     lease: float | None = None  # its environment's fencing lease (None: the agent's)
+    note: str | None = None  # why it is being ended, said with its exit (fencing)
 
     @property
     def pid(self) -> int:
@@ -341,10 +342,13 @@ class LocalBackend:
         """A node agent has heard nothing from a controller for ``silent`` seconds: end
         every task whose lease (its environment's, else ``default_lease``) ran out.
         Returns how many are ended."""
-        out = [
-            t for t, p in self._procs.items()
-            if p.exited is None and silent >= (p.lease if p.lease is not None else default_lease)
-        ]  # fmt: skip
+        out = []
+        for t, p in self._procs.items():
+            lease = p.lease if p.lease is not None else default_lease
+            if p.exited is None and silent >= lease:
+                p.note = (f"fenced: its agent heard nothing from a controller for "
+                          f"{silent:.1f} s (lease {lease:g} s)")  # fmt: skip
+                out.append(t)
         if out:
             await self.stop(NODE, out, 2.0)
         return len(out)
@@ -689,7 +693,8 @@ class LocalBackend:
         h = self._health.get(proc.task_id)
         if h is not None and h.pid == proc.pid:
             del self._health[proc.task_id]
-        self._emit([Report(proc.task_id, "exited", f"process {proc.pid} {why}", code, proc.pid)])
+        said = f"process {proc.pid} {why}" + ("" if proc.note is None else f": {proc.note}")
+        self._emit([Report(proc.task_id, "exited", said, code, proc.pid)])
 
     def _forget(self, proc: _Proc) -> None:
         loop = self._loop
