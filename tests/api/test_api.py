@@ -187,6 +187,16 @@ def test_detector_locks(server: Server) -> None:
             c.close()
 
 
+def test_a_detector_named_twice_is_one_lock(server: Server) -> None:
+    """Issue 11: the same detector twice in one request answered 500 (a UNIQUE
+    constraint in the store)."""
+    with server.client(server.tokens["op"]) as op:  # type: ignore[attr-defined]
+        r = op.post("/api/locks", json={"detectors": ["ZDC", "ZDC"], "action": "take"})
+        assert r.status_code == 200 and r.json()["ZDC"]["holder"] == "op", r.text
+        r = op.post("/api/locks", json={"detectors": ["ZDC", "ZDC"], "action": "release"})
+        assert r.status_code == 200 and "ZDC" not in r.json(), r.text
+
+
 def test_tokens_are_revoked(server: Server) -> None:
     t = server.tokens  # type: ignore[attr-defined]
     with server.client(t["admin"]) as c:
@@ -248,8 +258,12 @@ def test_the_event_stream_is_live_and_resumes_without_gaps(server: Server) -> No
 
 
 def test_metrics(server: Server) -> None:
-    with server.client() as c:
-        text = c.get("/metrics").text
+    with server.client() as anonymous:
+        assert anonymous.get("/metrics").status_code == 401  # issue 11: a token is needed
+    with server.client(server.tokens["view"]) as c:  # type: ignore[attr-defined]
+        r = c.get("/metrics")
+        assert r.status_code == 200
+        text = r.text
     for family in ["corral_environments", "corral_tasks", "corral_transition_seconds_bucket",
                    "corral_events_total", "corral_api_request_seconds_bucket",
                    "corral_call_seconds_bucket"]:  # fmt: skip

@@ -477,7 +477,7 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     # -- metrics ----
 
     @app.get("/metrics", tags=["metrics"], response_class=Response)
-    async def prometheus() -> Response:
+    async def prometheus(who: Viewer) -> Response:  # any token: what runs is not public
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -126,7 +126,7 @@ class ControlService:
         held = self.store.locks()
         take: list[str] = []
         drop: list[str] = []
-        for d in detectors:
+        for d in dict.fromkeys(detectors):  # each once, in the order given
             if not d or len(d) > 64:
                 raise ServiceError(422, "Bad detector", f"detector name {d!r} is empty or too long")
             owner = held.get(d, {}).get("holder")
