@@ -251,13 +251,14 @@ def test_a_stalled_agent_does_not_fence_a_controller_that_spoke(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0.5", "2e7"])
-def test_a_lease_must_be_a_finite_number_of_seconds_in_range(value: str) -> None:
+def test_a_lease_must_be_a_finite_number_of_seconds_in_range(value: str, tmp_path: Path) -> None:
     for argv in (["serve", "--agent-lease", value], ["agent", "--lease", value]):
         r = subprocess.run(
-            [sys.executable, "-m", "corral", *argv, "--data", "/nonexistent/never-made"],
+            [sys.executable, "-m", "corral", *argv, "--data", str(tmp_path / "data")],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 2 and "lease" in r.stderr, r.stderr
+        assert not (tmp_path / "data").exists()  # refused before anything is made
 
 
 def test_a_crash_during_the_re_attach_keeps_the_transition_under_way(tmp_path: Path) -> None:
