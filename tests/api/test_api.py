@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.api.server import Server
+from tests.faults.test_server_kill import wait_for
 
 # The example pins its tasks to its hosts (machine_id): name simulated nodes.
 ON_SIM = {"hosts": '["sim-000"]', "epn_hosts": '["sim-001", "sim-002"]'}
@@ -335,10 +336,7 @@ def test_after_a_crash_of_the_server_and_its_agent_the_restart_says_what_it_lost
         agent = s.agent_pid()
         assert agent is not None and Path(f"/proc/{pid}").exists(), "the agent keeps the task"
         os.kill(agent, signal.SIGKILL)  # the node agent dies too: its task with it
-    deadline = time.monotonic() + 60  # only stops a hung test
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), "a task outlived its agent"
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the task ended with its agent")
     with Server(data) as s2:
         assert "was RUNNING" in s2.log.read_text()
         with s2.client(s.admin) as c:

@@ -31,6 +31,7 @@ that left the group), in one scan per batch, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -163,6 +164,9 @@ class LocalBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._setpriv = shutil.which("setpriv") if die_with_me else None
         self._procs: dict[str, _Proc] = {}
+        # the leases of the processes alive, counted (a few distinct values: fencing
+        # asks for the shortest twice a second, never a walk over every task)
+        self._leases: collections.Counter[float | None] = collections.Counter()
         self._sink: ReportSink | None = None
         self._queue: list[Report] = []
         self._flush_scheduled = False
@@ -238,6 +242,7 @@ class LocalBackend:
                 continue
             self._procs[spec.task_id] = proc
             proc.lease = spec.lease
+            self._leases[spec.lease] += 1
             if spec.health is not None and spec.control == "basic":
                 self._watch_health(spec.task_id, spec.health, proc.pid)
             if proc.sock is None:
@@ -332,6 +337,7 @@ class LocalBackend:
         for proc in self._procs.values():
             self._forget(proc)
         self._procs.clear()
+        self._leases.clear()
         if self._own_run_dir and self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
@@ -355,9 +361,9 @@ class LocalBackend:
 
     def next_lease_end(self, default_lease: float) -> float | None:
         """The shortest lease of a running task (None: nothing runs)."""
-        leases = [p.lease if p.lease is not None else default_lease
-                  for p in self._procs.values() if p.exited is None]  # fmt: skip
-        return min(leases) if leases else None
+        if not self._leases:
+            return None
+        return min(default_lease if lease is None else lease for lease in self._leases)
 
     async def end_leftovers(self, env_ids: Sequence[str]) -> int:
         """SIGKILL what a previous control process left running for these environments:
@@ -681,6 +687,9 @@ class LocalBackend:
         if code is None:
             return  # not yet (spurious wakeup)
         proc.exited = code
+        self._leases[proc.lease] -= 1
+        if not self._leases[proc.lease]:
+            del self._leases[proc.lease]
         self._forget(proc)
         why = describe_status(code)
         waiting, proc.waiting = proc.waiting, None

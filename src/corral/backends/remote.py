@@ -225,16 +225,20 @@ class AgentBackend:
     async def launch(
         self, node: str, batch: Sequence[Launch], timeout: float, slow_after: float
     ) -> list[Outcome]:
-        args = {"node": node, "batch": wire.encode_launches(batch), "timeout": timeout,
-                "slow_after": slow_after}  # fmt: skip
-        return wire.decode_outcomes(await self._call("launch", args, timeout + CALL_MARGIN))
+        return await self._batch("launch", node, wire.encode_launches(batch), timeout, slow_after)
 
     async def transition(
         self, node: str, batch: Sequence[Order], timeout: float, slow_after: float
     ) -> list[Outcome]:
-        args = {"node": node, "batch": wire.encode_orders(batch), "timeout": timeout,
-                "slow_after": slow_after}  # fmt: skip
-        return wire.decode_outcomes(await self._call("transition", args, timeout + CALL_MARGIN))
+        encoded = wire.encode_orders(batch)
+        return await self._batch("transition", node, encoded, timeout, slow_after)
+
+    async def _batch(
+        self, op: str, node: str, encoded: Any, timeout: float, slow_after: float
+    ) -> list[Outcome]:
+        """A node's batch that answers an outcome per task, within its deadline."""
+        args = {"node": node, "batch": encoded, "timeout": timeout, "slow_after": slow_after}
+        return wire.decode_outcomes(await self._call(op, args, timeout + CALL_MARGIN))
 
     async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
         args = {"node": node, "ids": list(task_ids), "grace": grace}
