@@ -58,7 +58,9 @@ def test_resolved_commands(example_defaults: dict[str, str]) -> None:
     assert logger.control == "hook" and not logger.critical
     assert str(logger.trigger) == "after_START_ACTIVITY" and logger.timeout == 5.0
     assert logger.command.shell
-    assert logger.command.value == 'echo "run started on flp1 for ITS"'
+    # the callers' values (hosts, detector) reach the shell as variables, not as script
+    assert logger.command.value == 'echo "run started on ${CORRAL_VALUE_1} for ${CORRAL_VALUE_2}"'
+    assert dict(logger.command.env) == {"CORRAL_VALUE_1": "flp1", "CORRAL_VALUE_2": "ITS"}
     proc = by["datataking.epn-localhost.proc-1"]
     assert not proc.critical and proc.collection == "datataking.epn-*"
 

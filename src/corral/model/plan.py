@@ -135,9 +135,11 @@ class CallSpec:
     timeout: float
     critical: bool
     return_var: str | None = None
+    # variables the call's process reads callers' values from (``exec.Shell``)
+    env: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> JSON:
-        return {
+        out: JSON = {
             "path": self.path,
             "func": self.func,
             "trigger": str(self.trigger),
@@ -146,6 +148,9 @@ class CallSpec:
             "critical": self.critical,
             "return": self.return_var,
         }
+        if self.env:
+            out["env"] = dict(self.env)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

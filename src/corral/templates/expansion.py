@@ -16,6 +16,17 @@ little more than the dictionary work they need.
 
 Errors are collected, not raised, until the end: ``expand`` raises one
 ``TemplateError`` listing every problem as ``FILE:LINE:COL: message (role path)``.
+
+Bounds. Every value and expression result is at most ``MAX_VALUE`` characters, the
+inputs of one CEL evaluation at most ``MAX_EXPRESSION_INPUT``, the plan at most
+``max_tasks`` tasks, and the walk stops at ``time_limit`` seconds of ``clock``: a
+template that doubles a string forty times ends in an error, not in the OOM killer.
+
+Callers' values. A value from ``variables`` (the caller's) is carried bracketed by
+taint marks (``templates.text``), and so is any result computed from one; the marks
+are taken out of everything the plan holds, and where a shell script or a call's
+arguments are parsed again, ``templates.quoting`` keeps the caller's characters out of
+the parse.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import contextlib
 import gc
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -53,6 +64,7 @@ from corral.templates.expressions import (
     render,
 )
 from corral.templates.library import Library, Sources
+from corral.templates.quoting import RAW_SAFE, call_func, marked, shell_script
 from corral.templates.schema import (
     ADDRESSING,
     CHANNEL_TYPES,
@@ -65,13 +77,19 @@ from corral.templates.schema import (
     TaskClassDef,
     VarDef,
 )
-from corral.templates.text import Hole, Text
+from corral.templates.text import TAINT_END, TAINT_START, Hole, Text, unmark
 
 DEFAULT_CALL_TIMEOUT = 30.0
 MAX_ITERATIONS = 1_000_000
 MAX_INCLUDE_DEPTH = 64
+MAX_VALUE = 1 << 20  # characters in one variable value or expression result
+MAX_EXPRESSION_INPUT = 16 << 10  # characters of variables one CEL evaluation reads
+MAX_TASKS = 1_000_000  # the default cap on the tasks of one plan
+_CLOCK_EVERY = 1024  # evaluations between two looks at the clock
 
 _ROLE_NAME = re.compile(r"^[^\s.:/]+$")
+# a role name made from a caller's value: it reaches commands through This().Path
+_CALLER_ROLE_NAME = re.compile(r"[A-Za-z0-9_+@%=,~-]+")
 _HOLE = re.compile(r"\{\{.*?\}\}", re.S)
 _FUNC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\(.*\)$", re.S)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -81,6 +99,41 @@ _COMPLEMENT = {"push": "pull", "pull": "push", "pub": "sub", "sub": "pub"}
 
 class _Skip(Exception):
     """An error was reported; skip the rest of this role."""
+
+
+class _Abort(Exception):
+    """A bound of the whole expansion was passed (tasks, time); stop the walk."""
+
+    def __init__(self, loc: Loc, message: str, role: str | None) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+        self.role = role
+
+
+class _Unmarked(Mapping[str, str]):
+    """A variable stack as CEL sees it: the caller's values without their marks."""
+
+    __slots__ = ("_stack",)
+
+    def __init__(self, stack: Mapping[str, str]) -> None:
+        self._stack = stack
+
+    def __getitem__(self, key: str) -> str:
+        return unmark(self._stack[key])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self._stack.get(key)
+        return default if v is None else unmark(v)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._stack
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stack)
+
+    def __len__(self) -> int:
+        return len(self._stack)
 
 
 @dataclass(slots=True)
@@ -181,6 +234,9 @@ def expand(
     global_defaults: Mapping[str, str] | None = None,
     global_vars: Mapping[str, str] | None = None,
     seed: str = "0",
+    max_tasks: int = MAX_TASKS,
+    time_limit: float | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Plan:
     """Expand the workflow at ``path``; raise TemplateError listing every problem."""
     plan, diags = check(
@@ -190,6 +246,9 @@ def expand(
         global_defaults=global_defaults,
         global_vars=global_vars,
         seed=seed,
+        max_tasks=max_tasks,
+        time_limit=time_limit,
+        clock=clock,
     )
     if plan is None:
         raise TemplateError(diags)
@@ -204,8 +263,14 @@ def check(
     global_defaults: Mapping[str, str] | None = None,
     global_vars: Mapping[str, str] | None = None,
     seed: str = "0",
+    max_tasks: int = MAX_TASKS,
+    time_limit: float | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[Plan | None, list[Diagnostic]]:
-    """Expand and return (plan or None, errors): the plan only when there is no error."""
+    """Expand and return (plan or None, errors): the plan only when there is no error.
+
+    ``time_limit`` (seconds of ``clock``, both or neither) bounds the walk; ``variables``
+    are the caller's: see the module's notes on quoting."""
     ex = _Expander(
         path,
         sources,
@@ -214,6 +279,11 @@ def check(
         dict(global_vars or {}),
         seed,
     )
+    ex.max_tasks = max_tasks
+    if time_limit is not None and clock is not None:
+        ex.clock = clock
+        ex.time_limit = time_limit
+        ex.deadline = clock() + time_limit
     # The walk allocates millions of small acyclic objects; the cyclic collector would
     # rescan the growing heap again and again (4.6 s instead of 2.5 s at 150,000
     # tasks). Nothing it builds holds a cycle, so collection waits until the end.
@@ -241,10 +311,17 @@ class _Expander:
         self.lib = Library(path, sources, self.diags)
         self.ev = Evaluator(seed)
         self.seed = seed
-        self.user = {str(k): str(v) for k, v in user.items()}
+        self.variables = {str(k): unmark(str(v)) for k, v in user.items()}
+        self.user = {k: TAINT_START + v + TAINT_END for k, v in self.variables.items()}
+        gdefaults = {k: unmark(v) for k, v in gdefaults.items()}
         gdefaults.setdefault("environment_id", _environment_id(seed))
         self.gdefaults = gdefaults
-        self.gvars = gvars
+        self.gvars = {k: unmark(v) for k, v in gvars.items()}
+        self.max_tasks = MAX_TASKS
+        self.clock: Callable[[], float] | None = None
+        self.time_limit = 0.0
+        self.deadline = 0.0
+        self._evals = 0
         self.tasks: list[TaskSpec] = []
         self.calls: list[CallSpec] = []
         self.binds: dict[tuple[str, str], tuple[Bind, Loc]] = {}
@@ -260,18 +337,29 @@ class _Expander:
     # -- evaluation helpers ----------------------------------------------------
 
     def text(self, t: Text, stack: Mapping[str, str], pos: RolePos | None) -> str:
-        """The string value of a template text. The hot path of expansion."""
+        """The string value of a template text, caller's marks taken out."""
+        const = t.const
+        if const is not None:
+            return const
+        s = self.mtext(t, stack, pos)
+        if TAINT_START in s or TAINT_END in s:
+            return unmark(s)
+        return s
+
+    def mtext(self, t: Text, stack: Mapping[str, str], pos: RolePos | None) -> str:
+        """The string value of a template text, a caller's values still marked (for
+        variables, which pass them on). The hot path of expansion."""
         const = t.const
         if const is not None:
             return const
         hole = t.single
         if hole is not None:
             e = hole.expr
-            if e is not None and e.bare is not None:
+            if e is not None and e.bare is not None and not hole.raw:
                 value = stack.get(e.bare)
                 if value is not None:
                     return value
-            return render(self._eval(hole, stack, pos))
+            return self._hole(hole, stack, pos)
         out = []
         for p in t.parts:
             if type(p) is str:
@@ -279,20 +367,76 @@ class _Expander:
             else:
                 assert type(p) is Hole
                 e = p.expr
-                value = None if e is None or e.bare is None else stack.get(e.bare)
-                out.append(value if value is not None else render(self._eval(p, stack, pos)))
-        return "".join(out)
+                value = None if e is None or e.bare is None or p.raw else stack.get(e.bare)
+                out.append(value if value is not None else self._hole(p, stack, pos))
+        s = "".join(out)
+        if len(s) > MAX_VALUE:
+            self.fail(t.loc, f"this value is {len(s)} characters; the limit is {MAX_VALUE}", pos)
+        return s
 
-    def _eval(self, hole: Hole, stack: Mapping[str, str], pos: RolePos | None) -> Any:
+    def _hole(self, hole: Hole, stack: Mapping[str, str], pos: RolePos | None) -> str:
+        """One hole's value as text: marked when it read a caller's value."""
         e = hole.expr
         if e is None:
             e = hole.expr = self.ev.expr(hole.source)
+        self._evals += 1
+        if self.clock is not None and self._evals % _CLOCK_EVERY == 0:
+            self.check_time(hole.loc, pos)
+        tainted = False
+        if e.bare is None:
+            size = 0
+            for n in e.analysis.names:
+                v = stack.get(n)
+                if v is not None:
+                    size += len(v)
+                    if TAINT_START in v or TAINT_END in v:
+                        tainted = True
+            if e.analysis.volatile and not tainted:  # reads variables by name at run time
+                tainted = any(TAINT_START in v or TAINT_END in v for v in stack.values())
+            if size > MAX_EXPRESSION_INPUT:
+                self.fail(
+                    hole.loc,
+                    f"in {{{{ {hole.source} }}}}: the variables it reads hold {size} "
+                    f"characters; an expression may read at most {MAX_EXPRESSION_INPUT}",
+                    pos,
+                )
         try:
-            return self.ev.evaluate(e, stack, pos)
-        except ExprError as e:
-            role = pos.path if pos is not None and pos.path else _parent_path(pos)
-            self.diags.error(hole.loc, f"in {{{{ {hole.source} }}}}: {e}", role)
-            raise _Skip from None
+            value = self.ev.evaluate(e, _Unmarked(stack) if tainted else stack, pos)
+        except ExprError as err:
+            self.fail(hole.loc, f"in {{{{ {hole.source} }}}}: {err}", pos)
+        s = render(value)
+        if len(s) > MAX_VALUE:
+            self.fail(
+                hole.loc,
+                f"{{{{ {hole.source} }}}} gives {len(s)} characters; the limit is {MAX_VALUE}",
+                pos,
+            )
+        if hole.raw:
+            if marked(s):
+                s = unmark(s)
+                bad = sorted({c for c in s if not RAW_SAFE.fullmatch(c)})
+                if bad:
+                    shown = " ".join(repr(c) for c in bad[:8])
+                    self.fail(
+                        hole.loc,
+                        f"raw({hole.source}): a caller's value here may hold letters, digits, "
+                        f"spaces and _@%+=:,./- only, not {shown}",
+                        pos,
+                    )
+            return s
+        if tainted:
+            return TAINT_START + s + TAINT_END
+        return s
+
+    def check_time(self, loc: Loc, pos: RolePos | None) -> None:
+        assert self.clock is not None
+        if self.clock() > self.deadline:
+            raise _Abort(
+                loc,
+                f"expansion took longer than {self.time_limit:g} s, the limit; "
+                f"stopped here after {len(self.tasks)} tasks",
+                _role_of(pos),
+            )
 
     def bool_text(
         self, t: Text | None, default: bool, stack: Mapping[str, str], pos: RolePos, what: str
@@ -341,9 +485,7 @@ class _Expander:
             self.fail(t.loc, str(e), pos)
 
     def fail(self, loc: Loc, message: str, pos: RolePos | None) -> NoReturn:
-        self.diags.error(
-            loc, message, pos.path if pos is not None and pos.path else _parent_path(pos)
-        )
+        self.diags.error(loc, message, _role_of(pos))
         raise _Skip
 
     def build(
@@ -373,12 +515,15 @@ class _Expander:
                 self.children(wf.root.roles or [], scope)
         except _Skip:
             pass
+        except _Abort as a:
+            self.diags.error(a.loc, a.message, a.role)
+            return None
         self.resolve_channels()
         return Plan(
             name=root_name,
             description=wf.description,
             seed=self.seed,
-            variables=dict(self.user),
+            variables=dict(self.variables),
             tasks=tuple(self.tasks),
             calls=tuple(self.calls),
             binds=tuple(b for b, _ in self.binds.values()),
@@ -406,6 +551,9 @@ class _Expander:
         pre = RolePos(
             None, parent.pos if parent.pos.name is not None else parent.pos.parent, r.name.raw
         )
+        self._evals += 1
+        if self.clock is not None and self._evals % _CLOCK_EVERY == 0:
+            self.check_time(r.name.loc, pre)
         enabled = r.enabled if check_enabled else None
         if enabled is not None and not self.bool_text(enabled, True, parent.stack, pre, "enabled"):
             return None
@@ -417,7 +565,16 @@ class _Expander:
         d, v, stack = self.layer(
             r.defaults, r.vars, parent.defaults, parent.vars, loc_vars, s0, pre
         )
-        name = self.text(r.name, stack, pre)
+        name = self.mtext(r.name, stack, pre)
+        if marked(name):
+            name = unmark(name)
+            if not _CALLER_ROLE_NAME.fullmatch(name):
+                self.fail(
+                    r.name.loc,
+                    f"role name {name!r} comes from a caller's value, and may then hold "
+                    "letters, digits and _-+@%=,~ only",
+                    pre,
+                )
         if not _ROLE_NAME.match(name):
             self.fail(
                 r.name.loc,
@@ -460,13 +617,13 @@ class _Expander:
         if defaults:
             d = dict(pd)
             for vd in defaults:
-                d[vd.name] = self.text(vd.value, s0, pos)
+                d[vd.name] = self.mtext(vd.value, s0, pos)
         v = pv
         if vars_:
             s1 = self.build(d, pv, loc_vars) if defaults else s0
             v = dict(pv)
             for vd in vars_:
-                v[vd.name] = self.text(vd.value, s1, pos)
+                v[vd.name] = self.mtext(vd.value, s1, pos)
         return d, v, self.build(d, v, loc_vars)
 
     def role(self, r: RoleDef, parent: _Scope) -> None:
@@ -487,7 +644,7 @@ class _Expander:
             return
         items: list[str]
         if it.range is not None:
-            raw = self.text(it.range, parent.stack, pre)
+            raw = self.mtext(it.range, parent.stack, pre)
             items = self.range_items(raw, it.range.loc, pre)
         else:
             assert it.begin is not None and it.end is not None
@@ -528,17 +685,29 @@ class _Expander:
             self.fail(t.loc, f"{what} must be an integer, not {s!r}", pos)
 
     def range_items(self, raw: str, loc: Loc, pos: RolePos) -> list[str]:
+        """The items of a ``for`` range. A caller's value stays marked in each item that
+        holds it (or in every item, when the marks do not sit inside the JSON strings)."""
         s = raw.strip()
-        if not s:
+        if not unmark(s).strip():
             return []
+        mark_all = False
         try:
             value = json.loads(s)
         except ValueError:
-            self.fail(loc, f'for range must be a JSON list, e.g. ["a","b"], not {raw!r}', pos)
+            value = None
+            mark_all = marked(s)
+            if mark_all:
+                with contextlib.suppress(ValueError):
+                    value = json.loads(unmark(s))
+            if value is None:
+                shown = unmark(raw)
+                self.fail(loc, f'for range must be a JSON list, e.g. ["a","b"], not {shown!r}', pos)
         if not isinstance(value, list):
-            self.fail(loc, f"for range must be a list, not {raw!r}", pos)
+            self.fail(loc, f"for range must be a list, not {unmark(raw)!r}", pos)
         if len(value) > MAX_ITERATIONS:
             self.fail(loc, f"for range of {len(value)} items exceeds {MAX_ITERATIONS}", pos)
+        if mark_all:
+            return [TAINT_START + unmark(render(x)) + TAINT_END for x in value]
         return [render(x) for x in value]
 
     def body(self, r: RoleDef, scope: _Scope) -> None:
@@ -612,7 +781,8 @@ class _Expander:
         c = r.call
         assert c is not None and c.trigger is not None
         st, pos = scope.stack, scope.pos
-        func = self.text(c.func, st, pos).strip()
+        func, env = call_func(self.mtext(c.func, st, pos))
+        func = func.strip()
         if not _FUNC.match(func):
             self.fail(c.func.loc, f"call func {func!r} must look like plugin.Method(...)", pos)
         trig = self.trigger(c.trigger, st, pos)
@@ -624,7 +794,9 @@ class _Expander:
         critical = self.bool_text(c.critical, True, st, pos, "critical")
         ret = None if c.return_var is None else (self.text(c.return_var, st, pos).strip() or None)
         assert pos.path is not None
-        self.calls.append(CallSpec(pos.path, func, trig, awaited, timeout, critical, ret))
+        self.calls.append(
+            CallSpec(pos.path, func, trig, awaited, timeout, critical, ret, tuple(env))
+        )
 
     # -- tasks -----------------------------------------------------------------
 
@@ -634,6 +806,12 @@ class _Expander:
         pos = scope.pos
         path = pos.path
         assert path is not None
+        if len(self.tasks) >= self.max_tasks:
+            raise _Abort(
+                r.name.loc,
+                f"the plan has more than {self.max_tasks} tasks, the limit; stopped here",
+                path,
+            )
         name = self.text(ref.load, scope.stack, pos).strip()
         tc = self.lib.task_class(name, ref.load.loc)
         if tc is None:
@@ -697,12 +875,12 @@ class _Expander:
         if not tc.defaults and not tc.vars:
             return scope.stack
         pos = scope.pos
-        cd = {vd.name: self.text(vd.value, scope.stack, pos) for vd in tc.defaults}
+        cd = {vd.name: self.mtext(vd.value, scope.stack, pos) for vd in tc.defaults}
         g, u = self.gdefaults, self.user
         if not tc.vars:
             return {**g, **cd, **scope.defaults, **self.gvars, **scope.vars, **u, **scope.locals}
         s1 = {**g, **cd, **scope.defaults, **self.gvars, **scope.vars, **u, **scope.locals}
-        cv = {vd.name: self.text(vd.value, s1, pos) for vd in tc.vars}
+        cv = {vd.name: self.mtext(vd.value, s1, pos) for vd in tc.vars}
         return {**g, **cd, **scope.defaults, **self.gvars, **cv, **scope.vars, **u, **scope.locals}
 
     def resolve_class(
@@ -740,8 +918,8 @@ class _Expander:
     def _command(self, tc: TaskClassDef, stack: Mapping[str, str], pos: RolePos) -> Command:
         c = tc.command
         assert c is not None
-        value = self.text(c.value, stack, pos)
-        if not value.strip():
+        value = self.mtext(c.value, stack, pos)
+        if not unmark(value).strip():
             self.fail(c.value.loc, f"task class {tc.name!r}: command value is empty", pos)
         args = tuple([self.text(a, stack, pos) for a in c.arguments])
         env = []
@@ -752,6 +930,11 @@ class _Expander:
                 self.fail(e.loc, f"env entry {s!r} must look like NAME=value", pos)
             env.append((k.strip(), val))
         shell = self.bool_text(c.shell, False, stack, pos, "shell")
+        if shell:  # a caller's value is read from a variable, never parsed
+            value, values = shell_script(value)
+            env.extend(values)
+        else:
+            value = unmark(value)
         user = None if c.user is None else (self.text(c.user, stack, pos).strip() or None)
         cwd = None if c.cwd is None else (self.text(c.cwd, stack, pos).strip() or None)
         return Command(value, args, tuple(env), shell, user, cwd)
@@ -1000,6 +1183,10 @@ def _merge_channels(defaults: list[ChannelDef], own: list[ChannelDef]) -> list[C
         )
         out[out.index(base)] = merged
     return out
+
+
+def _role_of(pos: RolePos | None) -> str | None:
+    return pos.path if pos is not None and pos.path else _parent_path(pos)
 
 
 def _parent_path(pos: RolePos | None) -> str | None:

@@ -1,4 +1,9 @@
-"""Template strings: literal text with ``{{ expr }}`` holes, split once at load time."""
+"""Template strings: literal text with ``{{ expr }}`` holes, split once at load time.
+
+``{{ raw(expr) }}`` is a raw hole: where a caller's value would be kept out of a
+command's parse (see ``templates.quoting``), a raw hole pastes it as written, provided
+it holds no shell or literal syntax.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,65 @@ if TYPE_CHECKING:
     from corral.templates.expressions import Expr
 
 
+# Private-use characters that bracket a caller's value inside expanded strings, so that
+# quoting knows which characters came from a caller. Never in a template's own text.
+TAINT_START = "\ue000"
+TAINT_END = "\ue001"
+_MARKS = str.maketrans("", "", TAINT_START + TAINT_END)
+
+
+def unmark(s: str) -> str:
+    """``s`` without taint marks."""
+    if TAINT_START in s or TAINT_END in s:
+        return s.translate(_MARKS)
+    return s
+
+
 class Hole:
     """One ``{{ expr }}``: its expression text and where that text starts.
 
     ``expr`` is filled in by the expander on first use: definitions are parsed per
-    expansion, so the compiled expression can live on the hole itself.
+    expansion, so the compiled expression can live on the hole itself. ``raw`` is set
+    for ``{{ raw(expr) }}``, whose ``source`` is then the inner expression.
     """
 
-    __slots__ = ("expr", "loc", "source")
+    __slots__ = ("expr", "loc", "raw", "source")
 
     def __init__(self, source: str, loc: Loc) -> None:
-        self.source = source
+        inner = _raw_inner(source)
+        self.raw = inner is not None
+        self.source = source if inner is None else inner
         self.loc = loc
         self.expr: Expr | None = None
+
+
+def _raw_inner(source: str) -> str | None:
+    """The expression inside ``raw( ... )`` when that call is the whole hole."""
+    s = source.strip()
+    if not s.startswith("raw") or not s.endswith(")"):
+        return None
+    rest = s[3:].lstrip()
+    if not rest.startswith("("):
+        return None
+    depth, quote, i = 0, "", 0
+    while i < len(rest):
+        c = rest[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                inner = rest[1:i].strip()
+                return inner if i == len(rest) - 1 and inner else None
+        i += 1
+    return None
 
 
 class TextSyntaxError(ValueError):
@@ -37,6 +88,8 @@ class Text:
     __slots__ = ("const", "loc", "parts", "raw", "single")
 
     def __init__(self, raw: str, loc: Loc, parts: tuple[str | Hole, ...]) -> None:
+        raw = unmark(raw)
+        parts = tuple(unmark(p) if type(p) is str else p for p in parts)
         self.raw = raw
         self.loc = loc
         self.parts = parts
