@@ -8,6 +8,7 @@ is tested against the wire format itself. Behaviour is chosen by argv[1]:
   crash     exits 3 when told to CONFIGURE
   slowhello waits argv[2] seconds before its hello
   eos       sends END_OF_STREAM after START
+  flood     sends 200,000 END_OF_STREAM at once after START, then obeys
   child     also starts a grandchild (sleep) in its process group, writes its pid to argv[2]
 """
 
@@ -50,6 +51,11 @@ for line in f:
     send({"id": m["id"], "state": answers[t]})
     if t == "START" and mode == "eos":
         send({"event": "END_OF_STREAM"})
+    if t == "START" and mode == "flood":
+        try:
+            s.sendall(b'{"event": "END_OF_STREAM"}\n' * 200000)
+        except OSError:
+            pass
     if t == "EXIT":
         sys.exit(0)
 """

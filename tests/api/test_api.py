@@ -373,7 +373,7 @@ def test_priorities_through_the_api(tmp_path: Path) -> None:
         online = {"workflow": "work", "vars": {"priority_class": "online"}}
         assert c.post("/api/environments", json=online).status_code == 409
         dry = c.post("/api/environments", json={**online, "dry_run": True}).json()
-        assert dry == {"dry_run": True, "fits": True, "evict": [batch["id"]]}
+        assert dry == {"dry_run": True, "fits": True, "evict": [batch["id"]], "protected": {}}
         r = c.post("/api/environments", json={**online, "preempt": True})
         assert r.status_code == 201 and r.json()["evicted"] == [batch["id"]]
         assert c.get(f"/api/environments/{batch['id']}").json()["state"] == "DONE"

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from corral.backends.local import LocalBackend
+from corral.backends.local import MESSAGE_BURST, LocalBackend
 from corral.model.plan import Command
 from corral.ports.backend import ChannelRequest, Launch, Order, Report
 from tests.fake_tasks import alive, python, write_program
@@ -180,6 +180,31 @@ def test_channel_addresses(tmp_path: Path) -> None:
         assert addrs[0].startswith("ipc://") and addrs[0].endswith("0-out")
         assert addrs[1].startswith("tcp://127.0.0.1:") and addrs[1] != addrs[2]
         await b.release(NODE, "env1")
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_flooding_task_fails_and_the_others_go_on(tmp_path: Path) -> None:
+    """200,000 END_OF_STREAM messages at once: the task is failed for flooding after its
+    burst (so the server's loop does bounded work for it), and the other task answers."""
+
+    async def main() -> None:
+        b = LocalBackend(run_dir=str(tmp_path / "run"))
+        sink = Collector()
+        b.subscribe(sink)
+        ls = [launch(tmp_path, "e:0", "flood"), launch(tmp_path, "e:1", "good")]
+        await b.launch(NODE, ls, PATIENCE, 5)
+        for name in ("CONFIGURE", "START"):
+            outs = await b.transition(NODE, [Order(x.task_id, name) for x in ls], PATIENCE, 2)
+            assert all(o.ok for o in outs), outs
+        await wait_for(lambda: "error" in sink.kinds("e:0"))
+        [err] = [r for r in sink.reports if r.task_id == "e:0" and r.kind == "error"]
+        assert "a flood" in err.reason and "10000 messages" in err.reason
+        # its burst, and what the rate refilled meanwhile: nowhere near its 200,000
+        assert sink.kinds("e:0").count("end_of_stream") < 2 * MESSAGE_BURST
+        outs = await b.transition(NODE, [Order("e:1", "STOP")], PATIENCE, 2)
+        assert outs[0].state == "CONFIGURED"
         await b.close()
 
     asyncio.run(main())

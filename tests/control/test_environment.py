@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from corral.control.environment import TransitionError
+from corral.model.plan import Plan
 from corral.templates import DictSources, expand
 from tests.control.harness import Harness, plan_of, run
-from tests.fake_tasks import alive
+from tests.fake_tasks import alive, write_program
 
 TWO = """
 name: wf
@@ -87,16 +88,25 @@ def test_a_whole_life_with_two_runs(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def recording_plan(tmp: Path, workflow: str, cls: str) -> Plan:
+    """A plan whose fake tasks (class ``fake``, given) write their CONFIGURE arguments to
+    TMP/args.json.PATH: the file is named in the class's env (tasks inherit nothing
+    else of this process's environment)."""
+    cls += f"  env: ['CORRAL_ARGS_FILE={tmp / 'args.json'}']\n"
+    return expand("wf.yaml", DictSources({"wf.yaml": workflow, "tasks/fake.yaml": cls}),
+                  global_defaults={"python": sys.executable,
+                                   "program": write_program(tmp)})  # fmt: skip
+
+
 def test_channels_get_concrete_addresses_in_configure(tmp_path: Path) -> None:
+    cls = ("name: fake\ncontrol: {mode: direct}\ncommand:\n"
+           "  value: '{{ python }}'\n  arguments: ['{{ program }}', good]\n")  # fmt: skip
+    plan = recording_plan(tmp_path, CHAIN.lstrip("\n"), cls)
+
     async def body(h: Harness) -> None:
-        env = h.create(plan_of(tmp_path, CHAIN))
-        argfile = tmp_path / "args.json"
-        os.environ["CORRAL_ARGS_FILE"] = str(argfile)
-        try:
-            await env.transition("DEPLOY")
-            await env.transition("CONFIGURE")
-        finally:
-            del os.environ["CORRAL_ARGS_FILE"]
+        env = h.create(plan)
+        await env.transition("DEPLOY")
+        await env.transition("CONFIGURE")
         src_addr = env.addresses[("wf.src", "out")]
         assert src_addr.startswith("ipc://")
         src = json.loads((tmp_path / "args.json.wf.src").read_text())
@@ -271,24 +281,15 @@ def test_a_task_written_in_c_runs_through_the_whole_life(tmp_path: Path) -> None
 
 
 def test_tasks_get_the_ports_placement_gave_them(tmp_path: Path) -> None:
-    from tests.fake_tasks import write_program
-
-    cls = ("name: fake\ncontrol: {mode: direct}\nwants: {ports: 2}\n"
-           "command: {value: '{{ python }}', arguments: ['{{ program }}', good]}\n")  # fmt: skip
+    cls = ("name: fake\ncontrol: {mode: direct}\nwants: {ports: 2}\ncommand:\n"
+           "  value: '{{ python }}'\n  arguments: ['{{ program }}', good]\n")  # fmt: skip
     wf = "name: wf\nroles:\n" + "".join(f"  - name: {n}\n    task: {{load: fake}}\n" for n in "ab")
-
-    plan = expand("wf.yaml", DictSources({"wf.yaml": wf, "tasks/fake.yaml": cls}),
-                  global_defaults={"python": sys.executable,
-                                   "program": write_program(tmp_path)})  # fmt: skip
+    plan = recording_plan(tmp_path, wf, cls)
 
     async def body(h: Harness) -> None:
         env = h.create(plan)
-        os.environ["CORRAL_ARGS_FILE"] = str(tmp_path / "args.json")
-        try:
-            await env.transition("DEPLOY")
-            await env.transition("CONFIGURE")
-        finally:
-            del os.environ["CORRAL_ARGS_FILE"]
+        await env.transition("DEPLOY")
+        await env.transition("CONFIGURE")
         a = json.loads((tmp_path / "args.json.wf.a").read_text())["ports"].split(",")
         b = json.loads((tmp_path / "args.json.wf.b").read_text())["ports"].split(",")
         assert len(a) == len(b) == 2 and not set(a) & set(b)

@@ -7,6 +7,7 @@ run`` end to end); "PWNED" is a file the hostile values try to create.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.calls import parse_func
+from corral.calls import CallContext, parse_func
+from corral.calls.builtin import ExecPlugin
+from corral.model.plan import CallSpec
 from corral.templates import DictSources, check
 from corral.templates.expansion import MAX_EXPRESSION_INPUT, MAX_VALUE
 from tests.conftest import ROOT, errors_of, expand_text
@@ -117,6 +120,7 @@ def test_template_own_text_is_the_script() -> None:
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_exec_calls_keep_a_value_one_argument(value: str, tmp_path: Path) -> None:
+    """Both exec methods, run for real by the plugin, with the call's variables."""
     files = {
         "wf.yaml": """
             name: w
@@ -127,19 +131,25 @@ def test_exec_calls_keep_a_value_one_argument(value: str, tmp_path: Path) -> Non
                   trigger: START_ACTIVITY
               - name: shell
                 call:
-                  func: "exec.Shell('echo {{ msg }}')"
+                  func: "exec.Shell('cd {{ dir }} && echo {{ msg }}')"
                   trigger: START_ACTIVITY
             """
     }
-    plan = expand_text(files, variables={"msg": value})
+    plan = expand_text(files, variables={"msg": value}, global_defaults={"dir": str(tmp_path)})
     run, shell = plan.calls
     shown = value.replace("\ue000", "").replace("\ue001", "")
     assert parse_func(run.func).args == ("/bin/echo", shown, shown, shown)
-    (script,) = parse_func(shell.func).args
-    assert isinstance(script, str)
-    out = sh(script, shell.env, tmp_path)
+
+    async def invoke(spec: CallSpec) -> str | None:
+        parsed = parse_func(spec.func)
+        ctx = CallContext("e", "START_ACTIVITY", "START_ACTIVITY", spec.path, spec.func, None,
+                          {}, spec.env)  # fmt: skip
+        return await ExecPlugin({}).call(parsed.method, parsed.args, ctx)
+
+    assert asyncio.run(invoke(run)) == " ".join([shown] * 3).strip()
+    assert asyncio.run(invoke(shell)) == shown.strip()
     assert not (tmp_path / "PWNED").exists()
-    assert out.strip() == shown.strip() or out == shown + "\n"
+    assert not (Path(ROOT) / "PWNED").exists()
 
 
 def test_a_number_outside_a_literal_stays_a_number() -> None:

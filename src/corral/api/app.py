@@ -9,23 +9,32 @@ refusals into problem-details JSON (RFC 9457). The event stream is Server-Sent
 Events: it replays the persisted events after ``Last-Event-ID`` (or ``?after=``), then
 follows the live bus; a subscriber that falls behind is cut off and resumes from the
 store on reconnect, so nothing is lost or repeated.
+
+Every request passes ``BodyLimit`` first (a body over ``--max-body`` gets 413), and
+every one that needs a token passes ``caller``, which refuses an address with too many
+failed logins (429, see ``FailedLogins``) before it looks at the token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import math
 import os
+import re
 import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral import __version__
 from corral.api.metrics import Metrics
@@ -37,6 +46,13 @@ PROBLEM = "application/problem+json"
 MAX_LOG_LINES = 10_000
 MAX_INT = 2**62  # SQLite integers are 64-bit
 QUEUE = 10_000
+MAX_BODY = 1 << 20  # bytes of a request's body, by default (``corral serve --max-body``)
+LOGIN_FAILURES = 10  # failed token checks from one address ...
+LOGIN_WINDOW = 60.0  # ... within this many seconds, and it is refused for a while
+LOGIN_ADDRESSES = 10_000  # addresses remembered at most (the oldest are forgotten)
+# what ``ControlService.create_token`` makes: only a token of this shape can be valid,
+# so only a refused token of this shape is a guess (and counts as a failed login)
+TOKEN_SHAPE = re.compile(r"crl_[A-Za-z0-9_-]{32}")
 
 
 class Problem(BaseModel):
@@ -50,12 +66,142 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# -- OpenAPI examples and links ----------------------------------------------------------------
+# Only the document: what a valid value looks like (the workflows of examples/, the shape
+# of an environment's, a task's and a token's id) and which response supplies it (links),
+# for people, generated clients and schema-driven fuzzers (tests/api/test_schemathesis.py).
+
+EXAMPLE_ENV = "3kq2v7b1xza"  # an environment id: 11 characters of [0-9a-z]
+EXAMPLE_TASK = f"{EXAMPLE_ENV}:0"  # a task id: ENVIRONMENT:INDEX
+EXAMPLE_TOKEN = "62328389"  # a token id: 8 hex digits (never the secret)
+WORKFLOWS = ["hello", "datataking"]  # the workflows of examples/
+DETECTORS = ["TPC", "ITS"]
+NODES = ["localhost", "flp1"]  # the local backend's node; one of examples/inventory's
+STATES = ["RUNNING", "CONFIGURED", "ERROR", "DONE"]
+
+
+def _op(name: str, path: str, method: str) -> str:
+    """The operationId FastAPI gives a route (``fastapi.utils.generate_unique_id``),
+    so that a link can name its target."""
+    return re.sub(r"\W", "_", f"{name}{path}") + f"_{method}"
+
+
+_GET_ENV = _op("environment", "/api/environments/{env_id}", "get")
+_TRANSITION = _op("transition", "/api/environments/{env_id}/transitions", "post")
+_DESTROY = _op("destroy", "/api/environments/{env_id}", "delete")
+_TASKS = _op("tasks", "/api/tasks", "get")
+_TASK = _op("task", "/api/tasks/{task_id}", "get")
+_TASK_LOG = _op("task_log", "/api/tasks/{task_id}/log", "get")
+_RUNS = _op("runs", "/api/runs", "get")
+_EVENTS = _op("events", "/api/events", "get")
+_WORKFLOW = _op("workflow", "/api/workflows/{name}", "get")
+_VALIDATE = _op("validate", "/api/workflows/validate", "post")
+_RENDER = _op("render", "/api/workflows/render", "post")
+_CREATE = _op("create", "/api/environments", "post")
+_REVOKE = _op("revoke_token", "/api/tokens/{token_id}", "delete")
+
+
+def _link(
+    operation: str, description: str, body: dict[str, Any] | None = None, **parameters: Any
+) -> dict[str, Any]:
+    """An OpenAPI link: ``parameters`` and ``body`` fill the target's request from this
+    response (runtime expressions such as ``$response.body#/id``). ``body`` is the whole
+    request body, as OpenAPI means it; ``x-schemathesis`` says so to schemathesis, which
+    would otherwise merge it into a body it makes up (with variables a non-admin may not
+    set)."""
+    out: dict[str, Any] = {"operationId": operation, "description": description}
+    if parameters:
+        out["parameters"] = parameters
+    if body is not None:
+        out["requestBody"] = body
+        out["x-schemathesis"] = {"merge_body": False}
+    return out
+
+
+def _environment_links(pointer: str, *names: str) -> dict[str, dict[str, Any]]:
+    """The links named in ``names`` from an environment's id at ``pointer`` in a
+    response (only a few per response: each is a path a fuzzer may take)."""
+    ref = f"$response.body#{pointer}"
+    links = {
+        "GetEnvironment": _link(_GET_ENV, "the environment", env_id=ref),
+        "Deploy": _link(_TRANSITION, "deploy it", {"event": "DEPLOY", "wait": True}, env_id=ref),
+        "Transition": _link(_TRANSITION, "a transition of it", env_id=ref),
+        "Destroy": _link(_DESTROY, "destroy it", env_id=ref),
+        "Tasks": _link(_TASKS, "its tasks (the first page)", env=ref, offset="0"),
+        "Runs": _link(_RUNS, "its runs", env=ref),
+        "Events": _link(_EVENTS, "its events", env=ref),
+    }
+    return {name: links[name] for name in names}
+
+
+def _workflow_links(pointer: str, *names: str) -> dict[str, dict[str, Any]]:
+    """The links named in ``names`` from a workflow's name at ``pointer``."""
+    ref = f"$response.body#{pointer}"
+    links = {
+        "GetWorkflow": _link(_WORKFLOW, "its public variables", name=ref),
+        "Validate": _link(_VALIDATE, "validate it", {"workflow": ref}),
+        "Render": _link(_RENDER, "render it", {"workflow": ref}),
+        "CreateEnvironment": _link(_CREATE, "an environment of it", {"workflow": ref}),
+    }
+    return {name: links[name] for name in names}
+
+
+def _task_links(pointer: str) -> dict[str, dict[str, Any]]:
+    """The links from a task's id at ``pointer`` in a response."""
+    ref = f"$response.body#{pointer}"
+    return {
+        "GetTask": _link(_TASK, "the task", task_id=ref),
+        "TaskLog": _link(_TASK_LOG, "the end of its log", task_id=ref),
+    }
+
+
+def _ok(status: int, description: str, links: dict[str, dict[str, Any]]) -> dict[int | str, Any]:
+    return {status: {"description": description, "links": links}}
+
+
+def _problems(**statuses: str) -> dict[int | str, Any]:
+    """Refusals an operation may answer besides the common ones (``create_app``):
+    ``_problems(e404="no such environment")``."""
+    return {int(k[1:]): {"model": Problem, "description": v} for k, v in statuses.items()}
+
+
+EnvId = Annotated[str, Path(description="an environment's id", examples=[EXAMPLE_ENV])]
+TaskId = Annotated[str, Path(description="a task's id: ENVIRONMENT:INDEX", examples=[EXAMPLE_TASK])]
+ByEnv = Annotated[
+    str | None, Query(description="only those of this environment", examples=[EXAMPLE_ENV])
+]
+
+
 class WorkflowRequest(_Strict):
-    workflow: str = Field(min_length=1, max_length=512, description="name in the workflows dir")
-    vars: dict[str, Annotated[str, Field(max_length=65536)]] = Field(default_factory=dict)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"workflow": "hello"},
+                {"workflow": "hello", "vars": {"greeting": "hi from the API"}},
+                {"workflow": "datataking", "vars": {"detector": "TPC", "qc_enabled": "false"}},
+            ]
+        }
+    )
+    workflow: str = Field(
+        min_length=1, max_length=512, description="name in the workflows dir", examples=WORKFLOWS
+    )
+    vars: dict[str, Annotated[str, Field(max_length=65536)]] = Field(
+        default_factory=dict,
+        description="variables (a non-admin only the workflow's `!public` ones)",
+        examples=[{"greeting": "hi from the API"}, {"detector": "TPC"}],
+    )
 
 
 class CreateRequest(WorkflowRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"workflow": "hello"},
+                {"workflow": "datataking", "vars": {"detector": "TPC"}},
+                {"workflow": "hello", "dry_run": True, "preempt": True},
+            ]
+        }
+    )
     preempt: bool = Field(
         default=False, description="evict lower-priority environments if it takes that"
     )
@@ -63,10 +209,20 @@ class CreateRequest(WorkflowRequest):
 
 
 class CordonRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"cordoned": True}]})
     cordoned: bool = True
 
 
 class TransitionRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"event": "DEPLOY"},
+                {"event": "CONFIGURE", "wait": True},
+                {"event": "START_ACTIVITY", "wait": False},
+            ]
+        }
+    )
     event: Literal[
         "DEPLOY", "CONFIGURE", "START_ACTIVITY", "STOP_ACTIVITY", "RESET", "EXIT", "GO_ERROR",
         "RECOVER",
@@ -75,24 +231,130 @@ class TransitionRequest(_Strict):
 
 
 class TokenRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"role": "operator", "name": "shifter"}, {"role": "viewer", "name": "qc"}]
+        }
+    )
     role: Literal["viewer", "operator", "admin"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$", examples=["shifter"]
+    )
 
 
 class LockRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"detectors": ["TPC"], "action": "take"},
+                {"detectors": ["TPC", "ITS"], "action": "release"},
+                {"detectors": ["TPC"], "action": "release", "force": True},
+            ]
+        }
+    )
     detectors: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        min_length=1, max_length=64
+        min_length=1, max_length=64, examples=[DETECTORS]
     )
     action: Literal["take", "release"]
-    force: bool = False
+    force: bool = Field(default=False, description="release another's lock (admin)")
+
+
+class RateLimited(ServiceError):
+    """429: too many failed logins from the caller's address; ``Retry-After`` says when
+    to come back."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(
+            429, "Too many failed logins",
+            f"too many refused tokens from this address: try again in {self.retry_after} s",
+        )  # fmt: skip
+
+
+class FailedLogins:
+    """The failed token checks of each client address, in memory, bounded.
+
+    An address with ``limit`` failures within ``window`` seconds is limited until the
+    oldest of them is ``window`` seconds old: so at most ``limit`` guesses a window.
+    While it is limited, every request from it that needs a token is refused (429)
+    before its token is looked at, a valid one too: the answer does not depend on the
+    token, so a guesser learns nothing from it. A success does not clear the failures
+    (one valid token must not buy more guesses at another). At most ``size`` addresses
+    are remembered; beyond that, the one whose last failure is oldest is forgotten.
+    """
+
+    def __init__(
+        self,
+        limit: int = LOGIN_FAILURES,
+        window: float = LOGIN_WINDOW,
+        *,
+        size: int = LOGIN_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.size = size
+        self.clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def retry_after(self, address: str) -> float | None:
+        """Seconds until ``address`` may try again, or None when it is not limited."""
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        now = self.clock()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        if len(times) < self.limit:
+            return None
+        return times[0] + self.window - now
+
+    def failed(self, address: str) -> None:
+        times = self._failures.pop(address, None)
+        if times is None:
+            times = deque(maxlen=self.limit)
+        times.append(self.clock())
+        self._failures[address] = times  # the newest last
+        while len(self._failures) > self.size:
+            self._failures.popitem(last=False)
+
+
+def client_address(request: Request) -> str:
+    """Whom failed logins are counted against: the peer's address (an IPv6 one by its
+    /64, what one host usually has)."""
+    host = request.client.host if request.client else ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 async def caller(
     request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    # in the document as the security scheme ``bearer`` (see ``create_app``), not a parameter
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     token: Annotated[str | None, Query(include_in_schema=False)] = None,
 ) -> Principal:
-    """The token's owner, from ``Authorization: Bearer`` (or ``?token=`` for EventSource)."""
+    """The token's owner, from ``Authorization: Bearer`` (or ``?token=`` for EventSource).
+
+    An address with too many failed logins is refused first, whatever its token (see
+    ``FailedLogins``); a refused token of a real token's shape counts as a failure."""
+    logins: FailedLogins = request.app.state.logins
+    address = client_address(request)
+    wait = logins.retry_after(address)
+    if wait is not None:
+        raise RateLimited(wait)
     raw = None
     if authorization:
         scheme, _, value = authorization.partition(" ")
@@ -106,6 +368,8 @@ async def caller(
     service: ControlService = request.app.state.service
     who = service.authenticate(raw)
     if who is None:
+        if TOKEN_SHAPE.fullmatch(raw):
+            logins.failed(address)
         raise ServiceError(401, "Unauthorized", "unknown or revoked token")
     return who
 
@@ -144,21 +408,125 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
-def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAPI:
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuses a request whose body is larger than ``limit`` bytes: 413, problem details.
+
+    A ``Content-Length`` over the limit is refused before any of the body is read; a
+    body without one (chunked) is counted as the application reads it, and refused
+    once past the limit (the application's own answer to the cut body is dropped).
+    The connection is closed after a 413: the rest of the body is never read."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(413, "Request too large", f"the request body exceeds {self.limit} bytes")
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.strip().isdigit() and int(value) > self.limit:
+                await self.refuse(scope, receive, send)
+                return
+        seen = 0
+        over = started = refused = False
+
+        async def counted() -> Message:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise BodyTooLarge(f"more than {self.limit} bytes")
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started, refused
+            if refused:
+                return
+            if over and not started:
+                refused = True
+                await self.refuse(scope, receive, send)
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over and not started and not refused:
+            await self.refuse(scope, receive, send)
+
+
+def create_app(
+    service: ControlService,
+    *,
+    log_dir: str | None = None,
+    max_body: int = MAX_BODY,
+    logins: FailedLogins | None = None,
+) -> FastAPI:
+    """``max_body``: the largest request body, in bytes; ``logins``: the table of failed
+    logins (one with the default limits if not given)."""
     app = FastAPI(
         title="corral",
         version=__version__,
         description="Control of an experiment's computing farm: workflows, environments, "
         "tasks, runs and events. Send `Authorization: Bearer TOKEN`.",
         responses={
+            400: {"model": Problem, "description": "the body cannot be read (not UTF-8 JSON)"},
             401: {"model": Problem, "description": "no or unknown token"},
             403: {"model": Problem, "description": "the token's role may not do this"},
+            413: {"model": Problem, "description": "the request body is too large"},
             422: {"model": Problem, "description": "bad input"},
+            429: {"model": Problem, "description": "too many failed logins: see Retry-After"},
+            503: {
+                "model": Problem,
+                "description": "the store refuses writes for now, too many template expansions "
+                "wait, or a destroy could not end everything: try again",
+            },
         },
     )
+
+    def openapi() -> dict[str, Any]:
+        """The generated document, with the bearer token as its security scheme, and
+        refusals as what they are: problem details (``problem``)."""
+        if app.openapi_schema is None:
+            doc = FastAPI.openapi(app)
+            for item in doc["paths"].values():
+                for op in item.values():
+                    for status, answer in op.get("responses", {}).items():
+                        content = answer.get("content", {})
+                        if status[:1] in ("4", "5") and "application/json" in content:
+                            content[PROBLEM] = content.pop("application/json")
+            doc.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a token from `corral serve` (the first admin's) or "
+                    "`POST /api/tokens`; the event stream also takes `?token=`",
+                }
+            }
+            doc["security"] = [{"bearer": []}]
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     metrics = Metrics(service)
     app.state.metrics = metrics
     app.state.service = service
+    app.state.logins = logins if logins is not None else FailedLogins()
     app.state.closing = False
     trees: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # role trees by state version
 
@@ -166,7 +534,10 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return problem(exc.status, exc.title, exc.detail, **exc.extra)
+        response = problem(exc.status, exc.title, exc.detail, **exc.extra)
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(StoreUnavailable)
     async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -200,32 +571,52 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         metrics.request(request.method, path, response.status_code, time.perf_counter() - t0)
         return response
 
+    app.add_middleware(BodyLimit, limit=max_body)  # outermost: before anything reads
+
     # -- who, workflows ---------------------------------------------------------------------------
 
     @app.get("/api/whoami", tags=["auth"])
     async def whoami(who: Viewer) -> dict[str, str]:
         return {"id": who.id, "name": who.name, "role": who.role}
 
-    @app.get("/api/workflows", tags=["workflows"])
+    @app.get(
+        "/api/workflows", tags=["workflows"],
+        responses=_ok(200, "the workflows",
+                      _workflow_links("/0/name", "GetWorkflow", "CreateEnvironment")),
+    )  # fmt: skip
     async def workflows(who: Viewer) -> list[dict[str, Any]]:
         return service.list_workflows()
 
-    @app.get("/api/workflows/{name}", tags=["workflows"])
-    async def workflow(name: str, who: Viewer) -> dict[str, Any]:
-        plan, diags, _ = service.expand(name, {})
+    @app.get(
+        "/api/workflows/{name}", tags=["workflows"],
+        responses=_ok(200, "its public variables",
+                      _workflow_links("/name", "Validate", "Render", "CreateEnvironment"))
+        | _problems(e404="no such workflow"),
+    )  # fmt: skip
+    async def workflow(
+        name: Annotated[str, Path(description="a workflow's name", examples=WORKFLOWS)],
+        who: Viewer,
+    ) -> dict[str, Any]:
+        plan, diags, _ = await service.expand_async(name, {}, who)
         public = [] if plan is None else [p.to_dict() for p in plan.public]
         return {"name": name, "public": public, "errors": [str(d) for d in diags]}
 
-    @app.post("/api/workflows/validate", tags=["workflows"])
+    @app.post(
+        "/api/workflows/validate", tags=["workflows"],
+        responses=_problems(e404="no such workflow", e403="a variable only an admin may set"),
+    )  # fmt: skip
     async def validate(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
-        plan, diags, _ = service.expand(req.workflow, req.vars)
+        plan, diags, _ = await service.expand_async(req.workflow, req.vars, who)
         if plan is None:
             return {"ok": False, "errors": [str(d) for d in diags]}
         return {"ok": True, "errors": [], "tasks": len(plan.tasks), "calls": len(plan.calls)}
 
-    @app.post("/api/workflows/render", tags=["workflows"])
+    @app.post(
+        "/api/workflows/render", tags=["workflows"],
+        responses=_problems(e404="no such workflow", e403="a variable only an admin may set"),
+    )  # fmt: skip
     async def render(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
-        plan, diags, _ = service.expand(req.workflow, req.vars)
+        plan, diags, _ = await service.expand_async(req.workflow, req.vars, who)
         if plan is None:
             raise ServiceError(
                 422, "Template errors", f"{len(diags)} errors", errors=[str(d) for d in diags]
@@ -234,25 +625,45 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
 
     # -- environments ----
 
-    @app.post("/api/environments", tags=["environments"], status_code=201)
+    @app.post(
+        "/api/environments", tags=["environments"], status_code=201,
+        responses=_ok(201, "the environment", _environment_links(
+            "/id", "GetEnvironment", "Deploy", "Transition", "Destroy", "Tasks", "Runs", "Events",
+        ))
+        | {200: {"description": "a dry run: what it would evict"}}
+        | _problems(
+            e404="no such workflow", e409="does not fit (per-task reasons in `errors`)",
+            e423="a detector it uses is locked by someone else",
+        ),
+    )  # fmt: skip
     async def create(req: CreateRequest, who: Operator, response: Response) -> dict[str, Any]:
         if req.preempt or req.dry_run:
-            evicted, env = await service.create_preempting(
+            evicted, env, protected = await service.create_preempting(
                 req.workflow, req.vars, who, dry_run=req.dry_run
             )
             if env is None:
                 response.status_code = 200
-                return {"dry_run": True, "fits": True, "evict": evicted}
-            return dict(summary(env.id), evicted=evicted)
-        env = service.create(req.workflow, req.vars, who)
+                return {"dry_run": True, "fits": True, "evict": evicted, "protected": protected}
+            return dict(summary(env.id), evicted=evicted, protected=protected)
+        env = await service.create(req.workflow, req.vars, who)
         return summary(env.id)
 
-    @app.get("/api/environments", tags=["environments"])
+    @app.get(
+        "/api/environments", tags=["environments"],
+        responses=_ok(200, "every environment", _environment_links(
+            "/0/id", "GetEnvironment", "Transition", "Destroy", "Tasks",
+        )),
+    )  # fmt: skip
     async def environments(who: Viewer) -> list[dict[str, Any]]:
         return [summary(e["id"], e) for e in service.store.environments()]
 
-    @app.get("/api/environments/{env_id}", tags=["environments"])
-    async def environment(env_id: str, who: Viewer) -> dict[str, Any]:
+    @app.get(
+        "/api/environments/{env_id}", tags=["environments"],
+        responses=_ok(200, "the environment, its roles, channels and transitions",
+                      _environment_links("/id", "Transition", "Destroy", "Tasks"))
+        | _problems(e404="no such environment"),
+    )  # fmt: skip
+    async def environment(env_id: EnvId, who: Viewer) -> dict[str, Any]:
         out = summary(env_id)
         live = service.plane.environments.get(env_id)
         if live is not None:
@@ -266,12 +677,28 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         out["transitions"] = service.store.transitions(env_id)
         return out
 
-    @app.post("/api/environments/{env_id}/transitions", tags=["environments"])
-    async def transition(env_id: str, req: TransitionRequest, who: Operator) -> dict[str, Any]:
+    @app.post(
+        "/api/environments/{env_id}/transitions", tags=["environments"],
+        responses=_ok(200, "its state after the transition (or at once, `wait: false`)",
+                      _environment_links("/id", "GetEnvironment", "Transition", "Destroy", "Tasks"))
+        | _problems(
+            e404="no such environment", e409="not allowed now, failed, or busy",
+            e423="a detector it uses is locked by someone else",
+        ),
+    )  # fmt: skip
+    async def transition(env_id: EnvId, req: TransitionRequest, who: Operator) -> dict[str, Any]:
         return await service.transition(env_id, req.event, who, wait=req.wait)
 
-    @app.delete("/api/environments/{env_id}", tags=["environments"])
-    async def destroy(env_id: str, who: Operator) -> dict[str, Any]:
+    @app.delete(
+        "/api/environments/{env_id}", tags=["environments"],
+        responses=_ok(200, "the environment, ended",
+                      _environment_links("/id", "GetEnvironment", "Tasks"))
+        | _problems(
+            e404="no such environment", e409="not run by this server (it ended)",
+            e423="a detector it uses is locked by someone else",
+        ),
+    )  # fmt: skip
+    async def destroy(env_id: EnvId, who: Operator) -> dict[str, Any]:
         await service.destroy(env_id, who)
         return summary(env_id)
 
@@ -296,14 +723,16 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
 
     # -- tasks, runs ----
 
-    @app.get("/api/tasks", tags=["tasks"])
+    @app.get(
+        "/api/tasks", tags=["tasks"], responses=_ok(200, "a page of tasks", _task_links("/0/id"))
+    )
     async def tasks(
         who: Viewer,
-        env: str | None = None,
-        state: str | None = None,
-        node: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+        env: ByEnv = None,
+        state: Annotated[str | None, Query(description="in this state", examples=STATES)] = None,
+        node: Annotated[str | None, Query(description="on this node", examples=NODES)] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000, examples=[100])] = 1000,
+        offset: Annotated[int, Query(ge=0, le=MAX_INT, examples=[0])] = 0,
     ) -> list[dict[str, Any]]:
         return service.find_tasks(env=env, state=state, node=node, limit=limit, offset=offset)
 
@@ -316,13 +745,25 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
             raise ServiceError(404, "No such task", f"no task {task_id!r}")
         return found[0]
 
-    @app.get("/api/tasks/{task_id}", tags=["tasks"])
-    async def task(task_id: str, who: Viewer) -> dict[str, Any]:
+    @app.get(
+        "/api/tasks/{task_id}", tags=["tasks"],
+        responses=_ok(200, "the task", {
+            "TaskLog": _task_links("/id")["TaskLog"],
+            "GetEnvironment": _link(_GET_ENV, "its environment", env_id="$response.body#/env"),
+        })
+        | _problems(e404="no such task"),
+    )  # fmt: skip
+    async def task(task_id: TaskId, who: Viewer) -> dict[str, Any]:
         return one_task(task_id)
 
-    @app.get("/api/tasks/{task_id}/log", tags=["tasks"])
+    @app.get(
+        "/api/tasks/{task_id}/log", tags=["tasks"],
+        responses=_problems(e404="no such task, or this server keeps no logs"),
+    )  # fmt: skip
     async def task_log(
-        task_id: str, who: Viewer, lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES)] = 100
+        task_id: TaskId,
+        who: Viewer,
+        lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, examples=[50])] = 100,
     ) -> dict[str, Any]:
         t = one_task(task_id)
         if log_dir is None:
@@ -334,8 +775,12 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     async def nodes(who: Viewer) -> list[dict[str, Any]]:
         return service.plane.ledger.table()
 
-    @app.post("/api/nodes/{name}/cordon", tags=["nodes"])
-    async def cordon(name: str, req: CordonRequest, who: Admin) -> dict[str, Any]:
+    @app.post("/api/nodes/{name}/cordon", tags=["nodes"], responses=_problems(e404="no such node"))
+    async def cordon(
+        name: Annotated[str, Path(description="a node's name", examples=NODES)],
+        req: CordonRequest,
+        who: Admin,
+    ) -> dict[str, Any]:
         try:
             service.plane.cordon(name, req.cordoned)
         except KeyError:
@@ -343,8 +788,14 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         service.record({"kind": "node", "node": name, "cordoned": req.cordoned}, who.name)
         return {"node": name, "cordoned": req.cordoned}
 
-    @app.post("/api/nodes/{name}/drain", tags=["nodes"])
-    async def drain(name: str, who: Admin, dry_run: bool = False) -> dict[str, Any]:
+    @app.post("/api/nodes/{name}/drain", tags=["nodes"], responses=_problems(e404="no such node"))
+    async def drain(
+        name: Annotated[str, Path(description="a node's name", examples=NODES)],
+        who: Admin,
+        dry_run: Annotated[
+            bool, Query(description="only say what it would evict", examples=[True])
+        ] = False,
+    ) -> dict[str, Any]:
         try:
             evicted = await service.plane.drain(name, dry_run=dry_run, actor=who.name)
         except KeyError:
@@ -352,7 +803,7 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
         return {"node": name, "dry_run": dry_run, "evict": evicted}
 
     @app.get("/api/runs", tags=["runs"])
-    async def runs(who: Viewer, env: str | None = None) -> list[dict[str, Any]]:
+    async def runs(who: Viewer, env: ByEnv = None) -> list[dict[str, Any]]:
         return service.store.runs(env)
 
     # -- events ----
@@ -360,9 +811,9 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     @app.get("/api/events", tags=["events"])
     async def events(
         who: Viewer,
-        after: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-        env: str | None = None,
+        after: Annotated[int, Query(ge=0, le=MAX_INT, examples=[0])] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000, examples=[100])] = 1000,
+        env: ByEnv = None,
     ) -> list[dict[str, Any]]:
         return service.store.events(env=env, after=after, limit=limit)
 
@@ -370,9 +821,11 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     async def stream(
         request: Request,
         who: Viewer,
-        after: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
-        env: str | None = None,
-        last_event_id: Annotated[str | None, Header()] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_INT, examples=[0])] = None,
+        env: ByEnv = None,
+        last_event_id: Annotated[
+            str | None, Header(description="resume after this event", examples=["1234"])
+        ] = None,
     ) -> StreamingResponse:
         start = after or 0
         if last_event_id is not None:
@@ -441,7 +894,12 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
 
     # -- tokens and locks ----
 
-    @app.post("/api/tokens", tags=["auth"], status_code=201)
+    @app.post(
+        "/api/tokens", tags=["auth"], status_code=201,
+        responses=_ok(201, "the token, shown once", {
+            "Revoke": _link(_REVOKE, "revoke it", token_id="$response.body#/id"),
+        }),
+    )  # fmt: skip
     async def create_token(req: TokenRequest, who: Admin) -> dict[str, str]:
         token_id, token = service.create_token(req.role, req.name, by=who.name)
         return {"id": token_id, "name": req.name, "role": req.role, "token": token}
@@ -450,8 +908,11 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     async def list_tokens(who: Admin) -> list[dict[str, Any]]:
         return service.store.tokens()
 
-    @app.delete("/api/tokens/{token_id}", tags=["auth"])
-    async def revoke_token(token_id: str, who: Admin) -> dict[str, str]:
+    @app.delete("/api/tokens/{token_id}", tags=["auth"], responses=_problems(e404="no such token"))
+    async def revoke_token(
+        token_id: Annotated[str, Path(description="a token's id", examples=[EXAMPLE_TOKEN])],
+        who: Admin,
+    ) -> dict[str, str]:
         service.revoke_token(token_id, by=who.name)
         return {"id": token_id, "status": "revoked"}
 
@@ -459,7 +920,10 @@ def create_app(service: ControlService, *, log_dir: str | None = None) -> FastAP
     async def locks(who: Viewer) -> dict[str, Any]:
         return service.store.locks()
 
-    @app.post("/api/locks", tags=["locks"])
+    @app.post(
+        "/api/locks", tags=["locks"],
+        responses=_problems(e409="a detector is locked by someone else (release: held by another)"),
+    )  # fmt: skip
     async def lock(req: LockRequest, who: Operator) -> dict[str, Any]:
         if req.force and not who.can("admin"):
             raise ServiceError(403, "Forbidden", "only an admin may force-release a lock")

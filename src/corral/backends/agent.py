@@ -201,6 +201,11 @@ class Agent:
         if lease is not None and MIN_LEASE <= lease <= MAX_LEASE and lease != self.lease:
             log.info("the controller sets the lease to %g s (was %g s)", lease, self.lease)
             self.lease = float(lease)
+        passed = task_env_of(args)
+        if passed is not None and passed != self.backend.task_env:
+            log.info("the controller passes these variables to the tasks: %s",
+                     " ".join(sorted(passed)) or "none")  # fmt: skip
+            self.backend.task_env = passed
         self._heard()
 
     def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
@@ -299,6 +304,17 @@ class Agent:
             return
         if self._lease_timer is None:
             self._schedule_fence()
+
+
+def task_env_of(args: dict[str, Any]) -> dict[str, str] | None:
+    """The variables a controller's hello passes through to the tasks (``--task-env``,
+    with the server's values), or None when it says nothing of them (or nonsense)."""
+    got = args.get("task_env")
+    if not isinstance(got, dict):
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in got.items()):
+        return None
+    return dict(got)
 
 
 async def dispatch(b: LocalBackend, op: str, a: dict[str, Any]) -> Any:

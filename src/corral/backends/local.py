@@ -5,7 +5,8 @@ with no thread and no asyncio task per child:
 
 - a child is spawned with ``subprocess.Popen`` (argv, no shell unless the task class
   says ``shell: true``) in a new session, so that its process group can be ended as a
-  whole; stdout and stderr go to its log file;
+  whole, with a minimal environment (``corral.ports.taskenv``: never this process's
+  whole one); stdout and stderr go to its log file;
 - a direct task also inherits one end of a Unix socketpair, named by
   ``CORRAL_CONTROL_FD``; the other end is registered with ``loop.add_reader``;
 - the child's exit is seen through a pidfd (``os.pidfd_open``) registered with
@@ -42,7 +43,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from corral.backends import sweep
@@ -59,8 +60,16 @@ from corral.ports.backend import (
     Report,
     ReportSink,
 )
+from corral.ports.taskenv import task_environment
 
 MAX_LINE = 1 << 20  # the protocol's longest line: 1 MiB
+# A task's messages cost the server's loop time, so a task may send at most a burst of
+# MESSAGE_BURST messages, refilled at MESSAGE_RATE a second (an honest task sends a few
+# per transition); past that it floods, and is failed. One wake-up reads at most
+# READ_PER_WAKE bytes of one task, so that a flood shares the loop with everything else.
+MESSAGE_RATE = 1000.0
+MESSAGE_BURST = 10_000
+READ_PER_WAKE = 1 << 18
 NODE = "localhost"
 
 
@@ -94,6 +103,8 @@ class _Proc:
     state: str | None = None  # the last state a direct task confirmed (hello, answers)
     lease: float | None = None  # its environment's fencing lease (None: the agent's)
     note: str | None = None  # why it is being ended, said with its exit (fencing)
+    budget: float = MESSAGE_BURST  # messages it may still send now (MESSAGE_RATE)
+    refilled: float = 0.0  # loop time of the budget's last refill
 
     @property
     def pid(self) -> int:
@@ -111,6 +122,7 @@ class _Health:
     spec: HealthCheck
     due: float
     pid: int  # the process this check watches
+    env: dict[str, str]  # the task's environment: the check runs with it
     fails: int = 0
     busy: bool = False
 
@@ -153,14 +165,20 @@ class LocalBackend:
         host: str = "127.0.0.1",
         die_with_me: bool = False,
         marker: str | None = None,
+        task_env: Mapping[str, str] | None = None,
     ) -> None:
         """``die_with_me``: each task is killed by the kernel when this process dies, even
         by SIGKILL (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` before the task
         execs): what a node agent that outlives its controller needs. The kernel ends
         only the task's own process: ``marker`` (``CORRAL_AGENT`` in every task's
         environment, inherited by its descendants) lets the next agent find and end
-        the descendants that outlived a killed one."""
+        the descendants that outlived a killed one.
+
+        A task gets a minimal environment, never this process's whole one
+        (``corral.ports.taskenv``): ``task_env`` holds the variables passed through to
+        every task (``--task-env``; a node agent's controller sets them in its hello)."""
         self.marker = marker
+        self.task_env: dict[str, str] = dict(task_env or {})
         self._loop: asyncio.AbstractEventLoop | None = None
         self._setpriv = shutil.which("setpriv") if die_with_me else None
         self._procs: dict[str, _Proc] = {}
@@ -215,24 +233,23 @@ class LocalBackend:
     ) -> list[Outcome]:
         loop = self._bind_loop()
         b = _Batch(len(batch), "launch", loop)
-        base_env = dict(os.environ)
-        if self.marker is not None:
-            base_env["CORRAL_AGENT"] = self.marker
-        missing: dict[str, str | None] = {}  # (behind setpriv, a missing program is told here)
+        missing: dict[tuple[str, str], str | None] = {}  # (behind setpriv, told here)
         for pos, spec in enumerate(batch):
             old = self._procs.get(spec.task_id)
             if old is not None and old.exited is None:
                 b.set_now(pos, Outcome(spec.task_id, error="already running", pid=old.pid))
                 continue
+            env = self._environment(spec)
             if self._setpriv is not None and not spec.command.shell:
-                why = missing.get(spec.command.value, "")
+                key = (spec.command.value, env["PATH"])
+                why = missing.get(key, "")
                 if why == "":
-                    why = missing[spec.command.value] = _not_runnable(spec)
+                    why = missing[key] = _not_runnable(spec, env["PATH"])
                 if why is not None:
                     b.set_now(pos, Outcome(spec.task_id, error=why))
                     continue
             try:
-                proc = self._spawn(spec, base_env)
+                proc = self._spawn(spec, env)
             except OSError as e:
                 b.set_now(pos, Outcome(spec.task_id, error=self._spawn_error(spec, e)))
                 continue
@@ -244,7 +261,7 @@ class LocalBackend:
             proc.lease = spec.lease
             self._leases[spec.lease] += 1
             if spec.health is not None and spec.control == "basic":
-                self._watch_health(spec.task_id, spec.health, proc.pid)
+                self._watch_health(spec.task_id, spec.health, proc.pid, env)
             if proc.sock is None:
                 b.set_now(pos, Outcome(spec.task_id, state="STANDBY", pid=proc.pid))
             else:
@@ -390,16 +407,23 @@ class LocalBackend:
 
     # -- spawning ---------------------------------------------------------------------
 
-    def _spawn(self, spec: Launch, base_env: dict[str, str]) -> _Proc:
-        env = dict(base_env)
-        env.update(spec.command.env)
-        env.update(spec.env)
+    def _environment(self, spec: Launch) -> dict[str, str]:
+        """What the task's process inherits: the minimal environment, the variables
+        passed through, its class's, and corral's own (its ids, the agent's mark)."""
+        corral = spec.env if self.marker is None else (*spec.env, ("CORRAL_AGENT", self.marker))
+        return task_environment(
+            spec.command.env, corral, passed=self.task_env, user=spec.command.user
+        )
+
+    def _spawn(self, spec: Launch, env: dict[str, str]) -> _Proc:
+        """Start the task's process with ``env`` (``_environment``; a direct task's
+        control socket is added to it)."""
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
         pass_fds: tuple[int, ...] = ()
         if spec.control == "direct":
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            env["CORRAL_CONTROL_FD"] = str(theirs.fileno())
+            env = {**env, "CORRAL_CONTROL_FD": str(theirs.fileno())}
             pass_fds = (theirs.fileno(),)
         log = None
         try:
@@ -557,11 +581,15 @@ class LocalBackend:
         if not proc.out:
             self._bind_loop().remove_writer(sock.fileno())
 
-    def _on_readable(self, proc: _Proc) -> None:
+    def _on_readable(self, proc: _Proc, limit: int = READ_PER_WAKE) -> None:
         sock = proc.sock
         if sock is None or proc.broken:
             return
-        while True:
+        now = self._bind_loop().time()
+        proc.budget = min(MESSAGE_BURST, proc.budget + (now - proc.refilled) * MESSAGE_RATE)
+        proc.refilled = now
+        read = 0
+        while read < limit:  # the rest at the next wake-up (the fd stays readable)
             try:
                 data = sock.recv(1 << 16)
             except BlockingIOError:
@@ -572,6 +600,7 @@ class LocalBackend:
             if not data:
                 self._closed(proc, "closed its control connection")
                 return
+            read += len(data)
             proc.buf += data
             while not proc.broken:
                 nl = proc.buf.find(b"\n")
@@ -585,6 +614,14 @@ class LocalBackend:
                     self._broken(proc, f"protocol error: a line longer than {MAX_LINE} bytes")
                     break
                 if line.strip():
+                    proc.budget -= 1
+                    if proc.budget < 0:
+                        self._broken(
+                            proc,
+                            f"protocol error: it sent more than {MESSAGE_BURST} messages at "
+                            f"once or {MESSAGE_RATE:g} a second (a flood)",
+                        )
+                        break
                     self._on_message(proc, line)
             if proc.broken:
                 return
@@ -680,7 +717,7 @@ class LocalBackend:
     def _on_exit(self, proc: _Proc) -> None:
         # Read what it said last (an EXIT answer comes just before the exit).
         if proc.sock is not None and not proc.broken:
-            self._on_readable(proc)
+            self._on_readable(proc, 1 << 62)  # all of it: there is no next wake-up
         # Kill what it left in its group before reaping (its pid cannot be reused yet).
         _killpg(proc.pid, signal.SIGKILL)
         code = proc.popen.poll()
@@ -721,11 +758,11 @@ class LocalBackend:
 
     # -- health checks ----------------------------------------------------------------
 
-    def _watch_health(self, task_id: str, spec: HealthCheck, pid: int) -> None:
+    def _watch_health(self, task_id: str, spec: HealthCheck, pid: int, env: dict[str, str]) -> None:
         if not spec.command:
             return
         loop = self._bind_loop()
-        self._health[task_id] = _Health(spec, loop.time() + spec.interval, pid)
+        self._health[task_id] = _Health(spec, loop.time() + spec.interval, pid, env)
         if self._health_loop is None or self._health_loop.done():
             self._health_loop = asyncio.ensure_future(self._run_health())
 
@@ -753,6 +790,7 @@ class LocalBackend:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                env=h.env,
                 start_new_session=True,
             )
         except OSError as e:
@@ -801,11 +839,12 @@ class LocalBackend:
             self._sink(reports)
 
 
-def _not_runnable(spec: Launch) -> str | None:
-    """Why the task's program cannot be started, or None (it can, as far as we see)."""
+def _not_runnable(spec: Launch, search: str) -> str | None:
+    """Why the task's program cannot be started, or None (it can, as far as we see);
+    ``search``: the task's PATH."""
     value = spec.command.value
     if "/" not in value:
-        found = shutil.which(value)
+        found = shutil.which(value, path=search)
         return None if found else f"cannot start {value!r}: not found on PATH"
     path = value if os.path.isabs(value) else os.path.join(spec.command.cwd or ".", value)
     if not os.path.exists(path):

@@ -28,11 +28,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from corral.backends import sweep, wire
-from corral.backends.agent import DEFAULT_LEASE, MAX_BUFFERED, MAX_LEASE, MIN_LEASE, dispatch
+from corral.backends.agent import (
+    DEFAULT_LEASE,
+    MAX_BUFFERED,
+    MAX_LEASE,
+    MIN_LEASE,
+    dispatch,
+    task_env_of,
+)
 from corral.backends.local import LocalBackend
 from corral.model.inventory import Node
 from corral.ports.backend import (
@@ -85,18 +92,24 @@ class NodeAgentActor:
         if self.wake is not None:
             self.wake.set()
 
-    async def hello(self, lease: float | None = None) -> dict[str, Any]:
-        """A controller starts speaking (``lease``: its lease from now on). The first
-        hello of a new agent ends what a dead one on this node left behind (the
-        descendants of its tasks)."""
+    async def hello(
+        self, lease: float | None = None, task_env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A controller starts speaking (``lease``: its lease from now on; ``task_env``:
+        the variables passed through to the tasks, ``--task-env``). The first hello of a
+        new agent ends what a dead one on this node left behind (the descendants of its
+        tasks)."""
         if not self.swept and self.marker is not None:
             self.swept = True
             left = await asyncio.to_thread(sweep.end, agents=(self.marker,))
             if left:
                 log.warning("%d processes a previous agent left behind ended", left)
-        self._ready()
+        backend = self._ready()
         if lease is not None and MIN_LEASE <= lease <= MAX_LEASE:
             self.lease = float(lease)
+        passed = task_env_of({"task_env": task_env})
+        if passed is not None:
+            backend.task_env = passed
         return {"pid": os.getpid(), "node": self.node, "lease": self.lease}
 
     async def call(self, op: str, args: dict[str, Any]) -> Any:
@@ -157,10 +170,18 @@ class RayBackend:
     name = "ray"
 
     def __init__(
-        self, address: str, *, lease: float = DEFAULT_LEASE, namespace: str = NAMESPACE
+        self,
+        address: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        namespace: str = NAMESPACE,
+        task_env: Mapping[str, str] | None = None,
     ) -> None:
+        """``task_env``: the variables (with this process's values) every node's agent
+        passes through to its tasks (``--task-env``)."""
         self.address = address
         self.lease = lease
+        self.task_env = dict(task_env or {})
         self.namespace = namespace
         self._sink: ReportSink | None = None
         self._nodes: dict[str, Node] = {}
@@ -228,7 +249,7 @@ class RayBackend:
             max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
         ).remote(name, str(n["NodeManagerAddress"]), self.lease, f"{self.namespace}:{n['NodeID']}")
-        await handle.hello.remote(self.lease)
+        await handle.hello.remote(self.lease, self.task_env)
         return handle
 
     # -- the port -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from corral.backends import agent, wire
@@ -55,13 +55,17 @@ class AgentBackend:
         start: Callable[[], None] | None = None,
         lease: float | None = None,
         ping: float = PING,
+        task_env: Mapping[str, str] | None = None,
     ) -> None:
         """``path``: the agent's socket. ``start``: starts an agent when none answers.
         ``lease``: the agent's lease (fencing) from now on. ``ping``: how often to speak
-        when there is nothing else to say (the agent's lease counts from the last word)."""
+        when there is nothing else to say (the agent's lease counts from the last word).
+        ``task_env``: the variables (with their values) the agent passes through to its
+        tasks from now on (``--task-env``; None: whatever it passes already)."""
         self.path = path
         self._start = start
         self.lease = lease
+        self.task_env = None if task_env is None else dict(task_env)
         self._ping_every = ping
         self._pinging: asyncio.Task[None] | None = None
         self._sink: ReportSink | None = None
@@ -114,9 +118,12 @@ class AgentBackend:
                 break
             self._reader, self._writer = reader, writer
             self._reading = asyncio.ensure_future(self._read(reader))
-            hello = await self._request(
-                "hello", {} if self.lease is None else {"lease": self.lease}
-            )
+            said: dict[str, Any] = {}
+            if self.lease is not None:
+                said["lease"] = self.lease
+            if self.task_env is not None:
+                said["task_env"] = self.task_env
+            hello = await self._request("hello", said)
             before = self.agent_pid
             self.agent_pid = int(hello["pid"])
             self._nodes = wire.decode_nodes(hello["nodes"])

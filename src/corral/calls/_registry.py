@@ -30,6 +30,9 @@ class CallContext:
     func: str
     run_number: int | None
     variables: Mapping[str, str]
+    # variables the call's process reads callers' values from (``CORRAL_VALUE_n``: see
+    # templates.quoting); a plugin that runs a command puts them in its environment
+    env: tuple[tuple[str, str], ...] = ()
 
 
 class CallError(Exception):

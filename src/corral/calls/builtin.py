@@ -2,7 +2,9 @@
 
 ``exec`` runs a command in its own process group; on cancellation (the call's timeout)
 it kills the group and reaps the process before re-raising, so a timed-out call leaves
-nothing behind.
+nothing behind. The command gets a minimal environment (``corral.ports.taskenv``), never
+the server's whole one: PATH, HOME, LANG, the variables passed through with
+``--task-env``, and the call's own ``CORRAL_*`` variables.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 
 from corral.calls._registry import CallContext, CallError
+from corral.ports.taskenv import default_passed, task_environment
 
 OUTPUT_CAP = 64 * 1024
 
@@ -51,6 +55,11 @@ class ExecPlugin:
 
     methods = frozenset({"Run", "Shell"})
 
+    def __init__(self, passed: Mapping[str, str] | None = None) -> None:
+        """``passed``: the variables passed through to the commands (default: what this
+        process was told by ``--task-env``, ``taskenv.set_default_passed``)."""
+        self.passed = None if passed is None else dict(passed)
+
     async def call(self, method: str, args: tuple[object, ...], ctx: CallContext) -> str | None:
         if method == "Shell":
             _want(method, args, 1, 1)
@@ -59,15 +68,16 @@ class ExecPlugin:
             if not args:
                 raise CallError("exec.Run wants a command and its arguments")
             argv = [str(a) for a in args]
-        env = dict(os.environ)
-        env.update(
-            CORRAL_ENVIRONMENT_ID=ctx.environment_id,
-            CORRAL_EVENT=ctx.event,
-            CORRAL_TRIGGER=ctx.trigger,
-            CORRAL_CALL_PATH=ctx.path,
-        )
+        corral = [
+            ("CORRAL_ENVIRONMENT_ID", ctx.environment_id),
+            ("CORRAL_EVENT", ctx.event),
+            ("CORRAL_TRIGGER", ctx.trigger),
+            ("CORRAL_CALL_PATH", ctx.path),
+        ]
         if ctx.run_number is not None:
-            env["CORRAL_RUN_NUMBER"] = str(ctx.run_number)
+            corral.append(("CORRAL_RUN_NUMBER", str(ctx.run_number)))
+        passed = default_passed() if self.passed is None else self.passed
+        env = task_environment(ctx.env, corral, passed=passed)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -1,14 +1,18 @@
 """The command line against a control server: ``corral env|task|token|lock ...``.
 
 The server comes from ``--server`` or ``CORRAL_SERVER``, the token from ``--token`` or
-``CORRAL_TOKEN``. Listings print tables, or JSON with ``-o json``. Exit codes scripts
-can rely on: 0 done; 1 the server refused or the action failed (its problem detail is
-printed); 2 the command line is wrong; 3 the server cannot be reached.
+``CORRAL_TOKEN``; an https server's certificate is checked against ``--ca-cert`` (or
+``CORRAL_CA_CERT``) when given, else against the system's CAs. Listings print tables,
+or JSON with ``-o json``. Exit codes scripts can rely on: 0 done; 1 the server refused or
+the action failed (its problem detail is printed); 2 the command line is wrong; 3 the
+server cannot be reached (or its certificate is not trusted).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -23,6 +27,12 @@ from corral.cli.template import parse_vars, var_option
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+CA_CERT = "corral.ca_cert"  # where --ca-cert is kept, in the click context's meta
+
+
+def _remember_ca(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[CA_CERT] = value
 
 
 def server_options(f: F) -> F:
@@ -33,6 +43,11 @@ def server_options(f: F) -> F:
     f = click.option(
         "--token", envvar="CORRAL_TOKEN", metavar="TOKEN", help="Access token (or CORRAL_TOKEN)."
     )(f)
+    f = click.option(
+        "--ca-cert", envvar="CORRAL_CA_CERT", metavar="FILE", expose_value=False,
+        callback=_remember_ca, help="Trust an https server whose certificate this CA "
+        "(PEM) signed (or CORRAL_CA_CERT); by default the system's CAs.",
+    )(f)  # fmt: skip
     return f
 
 
@@ -40,19 +55,50 @@ output_option = click.option("-o", "--output", type=click.Choice(["table", "json
                              default="table", show_default=True)  # fmt: skip
 
 
+def trust(ca_cert: str | None) -> ssl.SSLContext | bool:
+    """What an https server's certificate is checked against: the CA certificate given
+    (``--ca-cert``, ``CORRAL_CA_CERT``), else the system's CAs."""
+    if ca_cert is None:
+        ctx = click.get_current_context(silent=True)
+        ca_cert = ctx.meta.get(CA_CERT) if ctx is not None else None
+    ca_cert = ca_cert or os.environ.get("CORRAL_CA_CERT") or None
+    if ca_cert is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_cert)
+    except (OSError, ssl.SSLError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        fail(2, f"cannot use the CA certificate {ca_cert} (--ca-cert, CORRAL_CA_CERT): {reason}")
+
+
+def unreachable(server: str, e: httpx.HTTPError) -> str:
+    """Why ``server`` could not be reached, with what to do about a certificate this
+    client does not trust."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (f"cannot reach {server}: its TLS certificate is not trusted "
+                f"({cause.verify_message or cause.reason}); give the CA that signed it with "
+                "--ca-cert FILE or CORRAL_CA_CERT")  # fmt: skip
+    return f"cannot reach {server}: {e}"
+
+
 class Api:
-    def __init__(self, server: str | None, token: str | None) -> None:
+    def __init__(self, server: str | None, token: str | None, ca_cert: str | None = None) -> None:
         if not server:
             raise click.UsageError("no server: give --server URL or set CORRAL_SERVER")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=300)
+        self.client = httpx.Client(
+            base_url=server.rstrip("/"), headers=headers, timeout=300, verify=trust(ca_cert)
+        )
         self.server = server
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self.client.request(method, path, **kw)
         except httpx.HTTPError as e:
-            fail(3, f"cannot reach {self.server}: {e}")
+            fail(3, unreachable(self.server, e))
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -75,6 +121,8 @@ class Api:
                     if line.startswith("data: "):
                         yield json.loads(line[6:])
         except httpx.HTTPError as e:
+            if isinstance(e, httpx.ConnectError):
+                fail(3, unreachable(self.server, e))
             fail(3, f"the event stream from {self.server} ended: {e}")
 
 

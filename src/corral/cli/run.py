@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import click
@@ -26,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from corral.backends.local import LocalBackend
 from corral.calls import CallError, Registry
 from corral.cli.client import remote_events, server_options
-from corral.cli.template import builtin_defaults, parse_vars, report, var_option
+from corral.cli.template import TIME_LIMIT, builtin_defaults, parse_vars, report, var_option
 from corral.control import recipes
 from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
@@ -34,6 +35,7 @@ from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
 from corral.lifecycle import task as tasksm
 from corral.model.inventory import Node
+from corral.ports import taskenv
 from corral.store.files import DiskSources
 from corral.store.inventory import InventoryError, load_inventory
 from corral.store.lock import DataDirInUse, DataLock
@@ -75,6 +77,32 @@ priority_option = click.option(
     metavar="NAME=RANK",
     help="Priority classes to use instead of online=300 async=200 batch=100 (repeatable).",
 )
+
+
+task_env_option = click.option(
+    "--task-env",
+    "task_env",
+    multiple=True,
+    metavar="NAME",
+    help="Pass this variable of this process's environment through to the tasks and "
+    "exec calls (repeatable; they get only PATH, HOME, LANG, their class's env and "
+    "corral's own otherwise).",
+)
+
+
+def parse_task_env(names: tuple[str, ...]) -> dict[str, str]:
+    """The ``--task-env`` variables with their values here (a name not set here is
+    said, and not passed), made what this process's exec calls get too."""
+    for name in names:
+        if not name or "=" in name or "\0" in name:
+            raise click.BadParameter(
+                f"{name!r}: expected a variable's name", param_hint="--task-env"
+            )
+    values = taskenv.passed(names)
+    for name in sorted(set(names) - set(values)):
+        err.print(f"[yellow]note[/]: --task-env {name}: not set here, so not passed to tasks")
+    taskenv.set_default_passed(values)
+    return values
 
 
 def parse_priorities(pairs: tuple[str, ...]) -> dict[str, int] | None:
@@ -166,6 +194,7 @@ class Seconds(click.FloatRange):
 )
 @inventory_option
 @priority_option
+@task_env_option
 def run(
     path: str,
     variables: tuple[str, ...],
@@ -175,8 +204,10 @@ def run(
     timeouts: tuple[str, ...],
     inventory: str | None,
     priority_classes: tuple[str, ...],
+    task_env: tuple[str, ...],
 ) -> None:
     """Run the workflow at PATH on this machine until Ctrl-C."""
+    passed = parse_task_env(task_env)
     user = parse_vars(variables)
     limits = _parse_timeouts(timeouts)
     nodes = read_inventory(inventory)
@@ -185,7 +216,10 @@ def run(
     gdefaults = builtin_defaults(path)
     gdefaults["environment_id"] = env_id
     sources = recipes.RecordingSources(DiskSources())
-    plan, diags = check(path, sources, variables=user, global_defaults=gdefaults, seed=env_id)
+    plan, diags = check(
+        path, sources, variables=user, global_defaults=gdefaults, seed=env_id,
+        time_limit=TIME_LIMIT, clock=time.monotonic,
+    )  # fmt: skip
     if plan is None:
         report(diags)
         sys.exit(1)
@@ -218,6 +252,7 @@ def run(
             nodes,
             classes,
             recipes.make(path, sources.files, user, gdefaults, env_id),
+            passed,
         )
     )
     sys.exit(code)
@@ -235,11 +270,12 @@ async def _run(
     nodes: list[Node] | None,
     classes: dict[str, int] | None = None,
     recipe: str | None = None,
+    task_env: dict[str, str] | None = None,
 ) -> int:
     install_child_watcher()
     loop = asyncio.get_running_loop()
     store = SqliteStore(os.path.join(data, "corral.db"))
-    backend = LocalBackend()
+    backend = LocalBackend(task_env=task_env)
     logs = os.path.join(os.path.abspath(data), "logs")
     plane = ControlPlane(
         store, backend, calls=registry, log_dir=logs, inventory=nodes, priority_classes=classes

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Iterator
 
@@ -21,7 +22,7 @@ import click
 import uvicorn
 from rich.console import Console
 
-from corral.api.app import create_app
+from corral.api.app import MAX_BODY, create_app
 from corral.backends.agent import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE, socket_path
 from corral.backends.remote import AgentBackend, AgentUnavailable, start_agent
 from corral.backends.sim import SimBackend
@@ -30,12 +31,15 @@ from corral.cli.run import (
     data_option,
     inventory_option,
     parse_priorities,
+    parse_task_env,
     priority_option,
     read_inventory,
+    task_env_option,
 )
 from corral.control.plane import ControlPlane, install_child_watcher
-from corral.control.service import ControlService, ServiceError
+from corral.control.service import ROLES, ControlService, ServiceError
 from corral.model.inventory import Node
+from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import Backend
 from corral.store.lock import DataDirInUse, DataLock
 from corral.store.sqlite import SqliteStore
@@ -50,11 +54,44 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def parse_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
+    """``--tls-cert`` and ``--tls-key``: both (checked now: readable, and a certificate
+    with its key) or neither (plain HTTP)."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise click.UsageError("--tls-cert and --tls-key go together: give both, or neither")
+    for path, hint in ((cert, "--tls-cert"), (key, "--tls-key")):
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            msg = f"cannot read {path}: {e.strerror or e}"
+            raise click.BadParameter(msg, param_hint=hint) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as e:
+        raise click.BadParameter(
+            f"{cert} and {key} are not a PEM certificate and its private key: {e}",
+            param_hint="--tls-cert/--tls-key",
+        ) from None
+    return cert, key
+
+
 @click.command("serve")
 @data_option
 @click.option(
     "--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
     help="Address to serve the API on (port 0: any free port).",
+)  # fmt: skip
+@click.option(
+    "--tls-cert", metavar="FILE", help="Serve HTTPS with this PEM certificate (chain); "
+    "with --tls-key.",
+)  # fmt: skip
+@click.option("--tls-key", metavar="FILE", help="The PEM private key of --tls-cert.")
+@click.option(
+    "--max-body", type=click.IntRange(1), default=MAX_BODY, show_default=True,
+    metavar="BYTES", help="The largest request body; a larger one is refused (413).",
 )  # fmt: skip
 @click.option(
     "--backend", type=click.Choice(["local", "ray", "sim"]), default="local",
@@ -90,9 +127,18 @@ def parse_listen(value: str) -> tuple[str, int]:
 )  # fmt: skip
 @inventory_option
 @priority_option
+@click.option(
+    "--role-priority", "role_priority", multiple=True, metavar="ROLE=CLASS",
+    help="The highest priority class a role may create environments with (repeatable; "
+    "CLASS none: no class). Defaults: operator=async, admin=online, viewer=none.",
+)  # fmt: skip
+@task_env_option
 def serve(
     data: str,
     listen: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    max_body: int,
     backend: str,
     ray_address: str,
     sim_nodes: int,
@@ -102,11 +148,16 @@ def serve(
     reconcile_every: float,
     inventory: str | None,
     priority_classes: tuple[str, ...],
+    role_priority: tuple[str, ...],
+    task_env: tuple[str, ...],
 ) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
     host, port = parse_listen(listen)
+    tls = parse_tls(tls_cert, tls_key)
+    passed = parse_task_env(task_env)
     nodes = read_inventory(inventory)
     classes = parse_priorities(priority_classes)
+    limits = parse_role_priorities(role_priority, classes)
     try:  # one control process per data directory, for as long as this one runs
         DataLock(data, f"corral serve --listen {listen}").acquire()
     except DataDirInUse as e:
@@ -114,7 +165,8 @@ def serve(
         sys.exit(1)
     sys.exit(asyncio.run(_serve(
         data, host, port, backend, sim_nodes, workflows, nodes, classes, agent_lease,
-        reconcile_every, ray_address, sim_latency,
+        reconcile_every, ray_address, sim_latency, passed, tls=tls, max_body=max_body,
+        role_priority=limits,
     )))  # fmt: skip
 
 
@@ -140,14 +192,24 @@ async def _serve(
     reconcile_every: float = 10.0,
     ray_address: str = "auto",
     sim_latency: float = 0.0,
+    task_env: dict[str, str] | None = None,
+    *,
+    tls: tuple[str, str] | None = None,
+    max_body: int = MAX_BODY,
+    role_priority: dict[str, str | None] | None = None,
 ) -> int:
+    """``task_env``: the ``--task-env`` variables with their values, passed through to
+    every task (the agents are told in their hello)."""
+    task_env = task_env or {}
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
     log_dir = os.path.join(os.path.abspath(data), "logs")
     backend: Backend
     agent: AgentBackend | None = None
     if backend_name == "local":  # the tasks belong to a node agent that outlives us
-        agent = AgentBackend(socket_path(data), start=start_agent(data, lease=lease), lease=lease)
+        agent = AgentBackend(
+            socket_path(data), start=start_agent(data, lease=lease), lease=lease, task_env=task_env
+        )
         try:
             await agent.connect()
         except AgentUnavailable as e:
@@ -158,7 +220,7 @@ async def _serve(
     elif backend_name == "ray":  # a node agent actor on every node of a Ray cluster
         from corral.backends.ray_engine import RayBackend
 
-        ray_backend = RayBackend(ray_address, lease=lease)
+        ray_backend = RayBackend(ray_address, lease=lease, task_env=task_env)
         try:
             await ray_backend.start()
         except Exception as e:
@@ -173,7 +235,7 @@ async def _serve(
             transition_latency=sim_latency,
         )
     plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
-    service = ControlService(plane, workflows=workflows)
+    service = ControlService(plane, workflows=workflows, role_priority=role_priority)
     keep = False  # at the end: leave the environments to the agent, or tear them down
     try:
         for note in await plane.adopt_leftovers():
@@ -189,10 +251,14 @@ async def _serve(
             return 1
         if token is not None:
             print(f"admin token (shown once, keep it): {token}", flush=True)
-        app = create_app(service, log_dir=log_dir)
+        app = create_app(service, log_dir=log_dir, max_body=max_body)
+        # no access log (a ?token= would be in it); the peer's address is the one the
+        # failed logins count against (X-Forwarded-For from a local process would let it
+        # pick a new one each time)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", lifespan="off",
-            timeout_graceful_shutdown=3,
+            timeout_graceful_shutdown=3, access_log=False, proxy_headers=False,
+            ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
         )  # fmt: skip
         server = _Server(config)
         loop = asyncio.get_running_loop()
@@ -211,7 +277,8 @@ async def _serve(
             err.print("[bold red]error[/]: the server did not start")
             return 1
         bound = server.servers[0].sockets[0].getsockname()
-        print(f"corral serving on http://{bound[0]}:{bound[1]} ({backend_name} backend, "
+        scheme = "https" if tls else "http"
+        print(f"corral serving on {scheme}://{bound[0]}:{bound[1]} ({backend_name} backend, "
               f"data in {data})", flush=True)  # fmt: skip
         await job
         live = [e for e in plane.environments.values() if e.state != "DONE"]
@@ -229,3 +296,27 @@ async def _serve(
         else:
             await service.close()
         store.close()
+
+
+def parse_role_priorities(
+    pairs: tuple[str, ...], classes: dict[str, int] | None
+) -> dict[str, str | None]:
+    """``--role-priority ROLE=CLASS``: a role's highest priority class (``none``: none),
+    one of the priority classes (``--priority-class``, else the standard ones)."""
+    known = classes if classes is not None else dict(PRIORITY_CLASSES)
+    out: dict[str, str | None] = {}
+    for pair in pairs:
+        role, eq, name = (x.strip() for x in pair.partition("="))
+        if not eq or role not in ROLES:
+            raise click.BadParameter(
+                f"{pair!r}: expected ROLE=CLASS, ROLE one of {', '.join(ROLES)}",
+                param_hint="--role-priority",
+            )
+        if name != "none" and name not in known:
+            raise click.BadParameter(
+                f"{pair!r}: no priority class {name!r} (classes: "
+                f"{', '.join(f'{k} ({v})' for k, v in known.items())}; or none)",
+                param_hint="--role-priority",
+            )
+        out[role] = None if name == "none" else name
+    return out

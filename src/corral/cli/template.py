@@ -16,6 +16,8 @@ from corral.model.plan import Plan
 from corral.store.files import DiskSources
 from corral.templates import Diagnostic, check
 
+TIME_LIMIT = 60.0  # seconds an expansion may take (docs/templates.md, Bounds)
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -48,6 +50,8 @@ def expand_file(
         variables=variables,
         global_defaults=builtin_defaults(path),
         seed=seed,
+        time_limit=TIME_LIMIT,
+        clock=time.monotonic,
     )
     if plan is None and not diags and sources.problems:  # pragma: no cover - defensive
         return None, diags

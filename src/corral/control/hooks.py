@@ -104,6 +104,7 @@ class Hooks:
             func=item.func,
             run_number=env.run_number,
             variables=env.variables,
+            env=item.env,
         )
         loop = asyncio.get_running_loop()
         t0 = loop.time()

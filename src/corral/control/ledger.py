@@ -10,7 +10,7 @@ resources back when it ends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 
 from corral.model.inventory import Node
@@ -135,13 +135,26 @@ class Ledger:
         raise RuntimeError("the ledger kept changing while placing (5 attempts)")
 
     def preemption(
-        self, plan: Plan, *, seed: str, priority: int, strategy: str = "spread"
+        self,
+        plan: Plan,
+        *,
+        seed: str,
+        priority: int,
+        strategy: str = "spread",
+        protected: Collection[str] = (),
     ) -> Preemption | NoFit:
-        """What would have to be evicted for the plan to fit (pure: nothing changes)."""
+        """What would have to be evicted for the plan to fit (pure: nothing changes).
+        ``protected``: environments never to evict (with what was placed for them since)."""
         request = Request(demands_of(plan), strategy)
+        spared = {k for k in self._held if k.partition("/")[0] in protected}
         return plan_preemption(
-            self.snapshot(), request, list(self._held.values()), priority=priority, seed=seed
-        )
+            self.snapshot(), request, list(self._held.values()), priority=priority, seed=seed,
+            protected=spared,
+        )  # fmt: skip
+
+    def holders(self) -> list[Reservation]:
+        """What each environment holds (and what was placed for it since), oldest first."""
+        return sorted(self._held.values(), key=lambda h: h.order)
 
     def _commit(self, key: str, p: Placement, request: Request, priority: int = 0) -> bool:
         if p.version != self.version:

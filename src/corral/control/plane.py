@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from corral.calls import Registry
@@ -49,6 +49,9 @@ from corral.ports.backend import BUSY, Backend, Report
 from corral.store.sqlite import SqliteStore
 
 log = logging.getLogger("corral.plane")
+# judges a placement before the environment exists: the plan and each task's node; raises
+# to refuse it (e.g. a detector lock; see ControlService)
+Admit = Callable[[Plan, Sequence[str]], None]
 RESTARTED = "the control process restarted after a crash"
 
 
@@ -107,6 +110,9 @@ class ControlPlane:
             if name in known:  # cordons set through the API outlive a restart
                 self.ledger.cordon(name, True)
         self.priority_classes = dict(priority_classes or PRIORITY_CLASSES)
+        # judges where RECOVER moves tasks whose node was lost (the environment, then
+        # each moved task's path and new node); raises to refuse (a detector lock)
+        self.admit_moves: Callable[[Environment, Sequence[tuple[str, str]]], None] | None = None
         backend.subscribe(self._on_reports)
         if inventory is None and hasattr(backend, "on_nodes"):  # a cluster's nodes change
             backend.on_nodes = lambda: self.ledger.update_nodes(backend.nodes())
@@ -120,13 +126,17 @@ class ControlPlane:
         timeouts: dict[str, float] | None = None,
         created_by: str | None = None,
         recipe: str | None = None,
+        admit: Admit | None = None,
     ) -> Environment:
         """Place the plan's tasks (all or none: PlacementError says why not), then
         create the environment in the store (StoreUnavailable if it refuses).
-        ``recipe`` (control.recipes) lets a later control process take it over."""
+        ``recipe`` (control.recipes) lets a later control process take it over.
+        ``admit(plan, nodes)`` (the node of each task, in plan order) may refuse the
+        placement by raising: it runs once the placement is known and before anything
+        is stored or launched, with no await in between (no other request can slip in)."""
         env_id = env_id or new_environment_id()
         with heap.building():
-            env = self._placed(env_id, plan, source=source, timeouts=timeouts)
+            env = self._placed(env_id, plan, source=source, timeouts=timeouts, admit=admit)
             env.created_by = created_by
             env.recipe = recipe
             try:
@@ -144,12 +154,19 @@ class ControlPlane:
         *,
         source: str | None = None,
         timeouts: dict[str, float] | None = None,
+        admit: Admit | None = None,
     ) -> Environment:
         _, priority = priority_of(plan, self.priority_classes)
         lease = lease_of(plan)
         reservation = self.ledger.reserve(
             env_id, plan, seed=env_id, strategy=strategy_of(plan), priority=priority
         )
+        if admit is not None:
+            try:
+                admit(plan, reservation.nodes)
+            except BaseException:
+                self.ledger.release(env_id)
+                raise
         env = Environment(
             env_id,
             plan,
@@ -179,6 +196,13 @@ class ControlPlane:
         got = self.ledger.reserve_more(
             env.id, [demands[t.idx] for t in lost], seed=env.id, priority=priority
         )
+        if self.admit_moves is not None:
+            try:
+                moves = [(t.spec.path, n) for t, n in zip(lost, got.nodes, strict=True)]
+                self.admit_moves(env, moves)
+            except BaseException:
+                self.ledger.release(got.key)
+                raise
         paths = {t.spec.path for t in lost}
         for key in [k for k in env.addresses if k[0] in paths]:
             del env.addresses[key]  # their channels get addresses on the new nodes
@@ -195,21 +219,29 @@ class ControlPlane:
         dry_run: bool = False,
         env_id: str | None = None,
         actor: str | None = None,
+        protected: Collection[str] = (),
+        admit: Admit | None = None,
         **kw: Any,
     ) -> tuple[list[str], Environment | None]:
         """Create the environment, evicting lower-priority environments if it takes that.
 
         Returns the evicted environment ids and the new environment; with ``dry_run``,
         only what would be evicted (nothing changes). Eviction is per environment: its
-        run is stopped and its processes ended with their grace period.
+        run is stopped and its processes ended with their grace period. Environments in
+        ``protected`` are never evicted. ``admit`` (as for ``create``) judges the
+        placement the eviction makes room for, before anything is evicted, and the
+        final placement again.
         """
         env_id = env_id or new_environment_id()
         cls, priority = priority_of(plan, self.priority_classes)
         result = self.ledger.preemption(
-            plan, seed=env_id, priority=priority, strategy=strategy_of(plan)
-        )
+            plan, seed=env_id, priority=priority, strategy=strategy_of(plan),
+            protected=protected,
+        )  # fmt: skip
         if isinstance(result, NoFit):
             raise PlacementError(result)
+        if admit is not None:
+            admit(plan, result.placement.nodes)
         evict = list(result.evict)
         if dry_run:
             return evict, None
@@ -218,7 +250,7 @@ class ControlPlane:
             self.record({"kind": "environment", "env": victim, "note": note, "actor": actor})
             if victim in self.environments:
                 await self.destroy(victim, actor=actor or f"preemption for {env_id}")
-        return evict, self.create(plan, env_id=env_id, created_by=actor, **kw)
+        return evict, self.create(plan, env_id=env_id, created_by=actor, admit=admit, **kw)
 
     def cordon(self, node: str, on: bool = True) -> None:
         """Cordon (or uncordon) a node, and remember it across restarts: stored first

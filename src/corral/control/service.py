@@ -5,35 +5,64 @@ plane (store, backend, bus), the workflows directory, the access tokens and the
 detector locks. API handlers call its methods and never touch the store or the
 backend themselves. Transitions run as asyncio tasks of their own (one per request,
 not per task), so a request can start one and answer at once, or wait for it.
+
+Template expansion (create, validate, render) is the one long piece of CPU work a
+request asks for: it runs in a worker thread (``asyncio.to_thread``), at most
+``max_expansions`` at once; more wait their turn, up to ``max_waiting``, and beyond
+that are refused (503). So the loop keeps seeing failures and answering while a big
+template expands.
+
+Policy comes from what the server knows, never from what a caller says alone: the
+detectors an environment uses are those of the nodes its tasks are placed on (their
+``detector`` label), plus those its template files declare, plus those the caller's
+variables name (a variable adds to the check, never removes); they are checked against
+the locks once the placement is known and before anything is stored or launched, in
+one synchronous step (no other request runs in between). The priority class is the one
+the plan resolves to, limited per role (``role_priority``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import heapq
+import hmac
 import itertools
+import json
 import logging
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from corral.calls import CallError
 from corral.control import heap, recipes
 from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
-from corral.control.ledger import PlacementError
-from corral.control.plane import ControlPlane, new_environment_id
+from corral.control.ledger import PlacementError, priority_of
+from corral.control.plane import Admit, ControlPlane, new_environment_id
 from corral.model.plan import Plan
+from corral.planning.preemption import PRIORITY_CLASSES
 from corral.store.files import DiskSources
 from corral.templates import Diagnostic, check
+from corral.templates.public import bad_values, refusals
 
 ROLES = ("viewer", "operator", "admin")
+# the highest priority class each role may create environments with (None: none);
+# ``corral serve --role-priority ROLE=CLASS`` changes it
+DEFAULT_ROLE_PRIORITY: Mapping[str, str | None] = {
+    "viewer": None,
+    "operator": "async",
+    "admin": "online",
+}
+DETECTOR_KEYS = ("detector", "detectors")  # variables and node labels that name detectors
 log = logging.getLogger("corral.service")
 
 
@@ -61,6 +90,10 @@ class Principal:
 
 
 def digest(token: str) -> str:
+    """What the store keeps of a token: its SHA-256, in hex; never the token itself.
+
+    A token is 192 random bits (``create_token``): no salt or slow hash is needed, as
+    there is nothing to guess from a digest."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -71,12 +104,28 @@ class ControlService:
         *,
         workflows: str,
         clock: Callable[[], float] = time.time,
+        role_priority: Mapping[str, str | None] | None = None,
+        max_expansions: int = 2,
+        max_waiting: int = 16,
+        expansion_time_limit: float = 60.0,
     ) -> None:
+        """``role_priority``: the highest priority class per role (ValueError for a
+        class the plane does not know), over DEFAULT_ROLE_PRIORITY. ``max_expansions``
+        template expansions run at once (in threads); ``max_waiting`` more may wait."""
         self.plane = plane
         self.store = plane.store
         self.workflows = os.path.abspath(workflows)
         self.clock = clock
         self._jobs: dict[str, asyncio.Task[str]] = {}
+        self.priority_limits = priority_limits(plane.priority_classes, role_priority or {})
+        self.max_expansions = max_expansions
+        self.max_waiting = max_waiting
+        self.expansion_time_limit = expansion_time_limit  # seconds one expansion may take
+        self._expansions = asyncio.Semaphore(max_expansions)
+        self._waiting = 0
+        self._running = 0  # expansions in worker threads now
+        self._declared: dict[str, dict[str, str]] = {}  # environment -> its template's detectors
+        plane.admit_moves = self._admit_moves
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -115,10 +164,16 @@ class ControlService:
         self._record({"kind": "token", "status": "REVOKED", "token": token_id}, by)
 
     def authenticate(self, token: str | None) -> Principal | None:
+        """The holder of an active token, or None. The store finds the row by the token's
+        digest (so its lookup's timing depends on a hash, not on the token); the digest
+        found is then compared with ``hmac.compare_digest``, in constant time."""
         if not token:
             return None
-        row = self.store.token_by_hash(digest(token))
-        return None if row is None else Principal(row["id"], row["name"], row["role"])
+        wanted = digest(token)
+        row = self.store.token_by_hash(wanted)
+        if row is None or not hmac.compare_digest(str(row["hash"]), wanted):
+            return None
+        return Principal(row["id"], row["name"], row["role"])
 
     # -- locks -------------------------------------------------------------------------------
 
@@ -157,14 +212,130 @@ class ControlService:
                 raise ServiceError(503, "Store unavailable", str(e)) from None
             self.plane.journal.publish(stored)
 
-    def check_locks(self, detectors: list[str], who: Principal) -> None:
+    def check_locks(self, detectors: Mapping[str, str] | Iterable[str], who: Principal) -> None:
+        """423 when one of these detectors is locked by someone else; with a mapping,
+        the message says what uses the detector (its value)."""
+        self._check_locks(detectors, who.name)
+
+    def _check_locks(self, detectors: Mapping[str, str] | Iterable[str], name: str | None) -> None:
         held = self.store.locks()
-        for d in detectors:
+        why = detectors if isinstance(detectors, Mapping) else {}
+        for d in sorted(detectors):
             owner = held.get(d, {}).get("holder")
-            if owner is not None and owner != who.name:
+            if owner is not None and owner != name:
+                use = why.get(d)
+                detail = f"detector {d} is locked by {owner}" + (f": {use}" if use else "")
                 raise ServiceError(
-                    423, "Detector locked", f"detector {d} is locked by {owner}", holder=owner
+                    423, "Detector locked", detail, holder=owner, detector=d, used_by=use
                 )
+
+    def _node_detectors(self) -> dict[str, list[str]]:
+        """The detectors of each node that has any (its ``detector``/``detectors`` label)."""
+        out: dict[str, list[str]] = {}
+        for n in self.plane.ledger.nodes:
+            names = [d for key in DETECTOR_KEYS for d in detector_names(n.label(key) or "")]
+            if names:
+                out[n.name] = names
+        return out
+
+    def _uses(
+        self, placed: Iterable[tuple[str, str]], plan: Plan, declared: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The detectors an environment uses, each with what makes it use it: the nodes
+        its tasks are placed on (``placed``: task path and node), what its template
+        files declare, and what the caller's variables name."""
+        labels = self._node_detectors()
+        out: dict[str, str] = {}
+        if labels:
+            seen: set[str] = set()
+            for path, node in placed:
+                if node not in seen:
+                    seen.add(node)
+                    for d in labels.get(node, ()):
+                        out.setdefault(d, f"task {path} runs on node {node} (detector {d})")
+        for d, why in declared.items():
+            out.setdefault(d, why)
+        for key in DETECTOR_KEYS:
+            value = plan.variables.get(key)
+            if value:
+                for d in detector_names(value):
+                    out.setdefault(d, f"the variable {key}={value} names it")
+        return out
+
+    def uses(self, env: Environment) -> dict[str, str]:
+        """The detectors an environment uses, where its tasks are now (see ``_uses``)."""
+        declared = self._declared.get(env.id)
+        if declared is None:
+            declared = self._declared[env.id] = declared_of(env.recipe, env.plan)
+        return self._uses(((t.spec.path, t.node) for t in env.tasks), env.plan, declared)
+
+    def _admit_moves(self, env: Environment, moved: Sequence[tuple[str, str]]) -> None:
+        """RECOVER moves tasks off lost nodes: 423 (the transition fails) when a new
+        node's detector is locked by someone other than who asked for the RECOVER."""
+        labels = self._node_detectors()
+        uses: dict[str, str] = {}
+        for path, node in moved:
+            for d in labels.get(node, ()):
+                uses.setdefault(d, f"task {path} would move to node {node} (detector {d})")
+        if uses:
+            self._check_locks(uses, env.actor)
+
+    def _admission(self, who: Principal, declared: Mapping[str, str]) -> Admit:
+        """What judges a placement: 423 when it uses a detector someone else locked."""
+
+        def admit(plan: Plan, nodes: Sequence[str]) -> None:
+            placed = zip((t.path for t in plan.tasks), nodes, strict=True)
+            self.check_locks(self._uses(placed, plan, declared), who)
+
+        return admit
+
+    def _protected(self, who: Principal, priority: int) -> dict[str, str]:
+        """The lower-priority environments a preemption by ``who`` may not evict, and
+        why: those that use a detector locked by someone other than ``who``, and those
+        whose owner holds the lock on a detector they use. An admin's preemption may
+        evict anything of lower priority."""
+        if who.can("admin"):
+            return {}
+        held = {d: str(row["holder"]) for d, row in self.store.locks().items()
+                if row.get("holder") is not None}  # fmt: skip
+        if not held:
+            return {}
+        out: dict[str, str] = {}
+        for h in self.plane.ledger.holders():
+            env = self.plane.environments.get(h.key)
+            if h.priority >= priority or env is None or h.key in out:
+                continue
+            uses = self.uses(env)
+            for d in sorted(uses):
+                holder = held.get(d)
+                if holder is not None and holder != who.name:
+                    out[h.key] = f"it uses detector {d}, locked by {holder}: {uses[d]}"
+                    break
+                if holder is not None and holder == env.created_by:
+                    out[h.key] = (f"its owner {holder} holds the lock on detector {d}, "
+                                  f"which it uses: {uses[d]}")  # fmt: skip
+                    break
+        return out
+
+    # -- priorities ----------------------------------------------------------------------------
+
+    def check_priority(self, plan: Plan, who: Principal) -> tuple[str, int]:
+        """The plan's priority class (as placement resolves it), if ``who`` may use it:
+        403 when it is above the role's highest, 422 when there is no such class."""
+        try:
+            name, rank = priority_of(plan, self.plane.priority_classes)
+        except ValueError as e:
+            raise ServiceError(422, "Bad variable", str(e)) from None
+        limit = self.priority_limits.get(who.role)
+        if limit is None or rank > limit[1]:
+            highest = "none" if limit is None else f"{limit[0]} ({limit[1]})"
+            raise ServiceError(
+                403, "Priority not allowed", f"priority class {name} ({rank}) is not allowed "
+                f"for {who.name}, a {who.role}: the highest a {who.role} may use is {highest}",
+                priority_class=name, role=who.role,
+                allowed=None if limit is None else limit[0],
+            )  # fmt: skip
+        return name, rank
 
     # -- workflows -----------------------------------------------------------------------------
 
@@ -192,13 +363,77 @@ class ControlService:
     def expand(
         self, name: str, variables: dict[str, str], *, env_id: str = ""
     ) -> tuple[Plan | None, list[Diagnostic], str]:
-        plan, diags, path, _ = self._expand(name, variables, env_id=env_id)
+        """Expand on the calling thread (blocks it; on the loop, prefer ``expand_async``)."""
+        plan, diags, path, _, _ = self._expand(name, variables, env_id=env_id)
         return plan, diags, path
+
+    async def expand_async(
+        self, name: str, variables: dict[str, str], who: Principal
+    ) -> tuple[Plan | None, list[Diagnostic], str]:
+        """Expand in a worker thread (see ``_expanded``): the loop goes on meanwhile.
+        Refused (403) when ``who`` may not set one of the variables."""
+        plan, diags, path, _, _ = await self._expanded(name, variables)
+        self.check_variables(plan, variables, who)
+        return plan, diags, path
+
+    def check_variables(self, plan: Plan | None, variables: dict[str, str], who: Principal) -> None:
+        """Only an admin sets variables the workflow does not declare ``!public`` (403),
+        or public ones with a value not of their type or not among their values (422).
+        A template that did not expand has its errors said instead."""
+        if plan is None or who.can("admin") or not variables:
+            return
+        problems = refusals(plan.public, variables)
+        if problems:
+            raise ServiceError(
+                403, "Variable not allowed", "; ".join(problems),
+                errors=[{"message": p} for p in problems], role=who.role,
+            )  # fmt: skip
+        problems = bad_values(plan.public, variables)
+        if problems:
+            raise ServiceError(
+                422, "Bad variable", "; ".join(problems), errors=[{"message": p} for p in problems]
+            )
+
+    async def _expanded(
+        self, name: str, variables: dict[str, str], *, env_id: str = ""
+    ) -> tuple[Plan | None, list[Diagnostic], str, str, dict[str, str]]:
+        """``_expand`` in a worker thread, at most ``max_expansions`` at once; up to
+        ``max_waiting`` more wait for their turn, and beyond that it is refused (503).
+        A request that goes away does not free its slot before its expansion ends."""
+        self.workflow_path(name)  # a bad name is refused at once, without a turn
+        if self._expansions.locked() and self._waiting >= self.max_waiting:
+            raise ServiceError(
+                503, "Too many expansions", f"{self.max_expansions} template expansions are "
+                f"under way and {self._waiting} more wait: try again later",
+            )  # fmt: skip
+        self._waiting += 1
+        try:
+            await self._expansions.acquire()
+        finally:
+            self._waiting -= 1
+        job = asyncio.ensure_future(asyncio.to_thread(self._expand, name, variables, env_id=env_id))
+        self._running += 1
+
+        def done(j: asyncio.Future[Any]) -> None:
+            self._running -= 1
+            self._expansions.release()
+            if not j.cancelled():
+                j.exception()  # seen here when the request went away
+            if self._running == 0 and not gc.isenabled():
+                # The expander and heap.building switch the collector off and back on
+                # around their work; from two threads at once, a switch between one's
+                # "is it on?" and its "off" can leave it off for good. Here (on the loop,
+                # never inside a building step) with no expansion left, it must be on.
+                gc.enable()
+
+        job.add_done_callback(done)
+        return await asyncio.shield(job)
 
     def _expand(
         self, name: str, variables: dict[str, str], *, env_id: str = ""
-    ) -> tuple[Plan | None, list[Diagnostic], str, str]:
-        """The plan, the errors, the workflow's path and the recipe to expand it again."""
+    ) -> tuple[Plan | None, list[Diagnostic], str, str, dict[str, str]]:
+        """The plan, the errors, the workflow's path, the recipe to expand it again and
+        the detectors its template files declare (see ``declared_detectors``)."""
         path = self.workflow_path(name)
         defaults = {"python": sys.executable, "workflow_dir": os.path.dirname(path)}
         if env_id:
@@ -207,36 +442,48 @@ class ControlService:
         sources = recipes.RecordingSources(DiskSources())
         with heap.building():  # a plan lives as long as its environment
             plan, diags = check(
-                path, sources, variables=variables, global_defaults=defaults, seed=seed
-            )
+                path, sources, variables=variables, global_defaults=defaults, seed=seed,
+                time_limit=self.expansion_time_limit, clock=time.monotonic,
+            )  # fmt: skip
         recipe = recipes.make(path, sources.files, variables, defaults, seed)
-        return plan, diags, path, recipe
+        declared = declared_detectors(sources.files) if plan is not None else {}
+        return plan, diags, path, recipe, declared
 
     # -- environments ----------------------------------------------------------------------------
 
-    def create(self, name: str, variables: dict[str, str], who: Principal) -> Environment:
-        plan, env_id, recipe = self._checked_plan(name, variables, who)
-        return self._placed(plan, lambda: self.plane.create(
-            plan, env_id=env_id, source=self.workflow_path(name), created_by=who.name,
-            recipe=recipe))  # fmt: skip
+    async def create(self, name: str, variables: dict[str, str], who: Principal) -> Environment:
+        """Expand (off the loop), check the priority class, place, check the detector
+        locks against the placement, create: the last three with no await between."""
+        c = await self._checked_plan(name, variables, who)
+        env = self._placed(c.plan, lambda: self.plane.create(
+            c.plan, env_id=c.env_id, source=c.path, created_by=who.name, recipe=c.recipe,
+            admit=self._admission(who, c.declared)))  # fmt: skip
+        self._declared[env.id] = c.declared
+        return env
 
     async def create_preempting(
         self, name: str, variables: dict[str, str], who: Principal, *, dry_run: bool
-    ) -> tuple[list[str], Environment | None]:
-        """Create, evicting lower-priority environments if needed (their holders' locks
-        are not checked: priority decides); a dry run only says what would go."""
-        plan, env_id, recipe = self._checked_plan(name, variables, who)
+    ) -> tuple[list[str], Environment | None, dict[str, str]]:
+        """Create, evicting lower-priority environments if needed; a dry run only says
+        what would go. Returns the evicted, the environment (None for a dry run) and the
+        environments protected from eviction, with why: for anyone but an admin, those
+        that use a detector someone other than the caller locked."""
+        c = await self._checked_plan(name, variables, who)
+        protected = self._protected(who, c.priority)  # (no await from here to the decision)
         try:
-            return await self.plane.create_preempting(
-                plan, dry_run=dry_run, env_id=env_id, actor=who.name,
-                source=self.workflow_path(name), recipe=recipe,
+            evicted, env = await self.plane.create_preempting(
+                c.plan, dry_run=dry_run, env_id=c.env_id, actor=who.name, source=c.path,
+                recipe=c.recipe, protected=protected, admit=self._admission(who, c.declared),
             )  # fmt: skip
         except ValueError as e:
             raise ServiceError(422, "Bad variable", str(e)) from None
         except PlacementError as e:
-            raise _nofit(e, len(plan.tasks)) from None
+            raise _nofit(e, len(c.plan.tasks), protected=protected) from None
         except StoreUnavailable as e:
             raise ServiceError(503, "Store unavailable", str(e)) from None
+        if env is not None:
+            self._declared[env.id] = c.declared
+        return evicted, env, protected
 
     def _placed(self, plan: Plan, make: Callable[[], Environment]) -> Environment:
         try:
@@ -248,11 +495,19 @@ class ControlService:
         except StoreUnavailable as e:
             raise ServiceError(503, "Store unavailable", str(e)) from None
 
-    def _checked_plan(
-        self, name: str, variables: dict[str, str], who: Principal
-    ) -> tuple[Plan, str, str]:
+    async def _checked_plan(self, name: str, variables: dict[str, str], who: Principal) -> _Checked:
+        """The plan (expanded off the loop) and what goes with it; refused when its
+        priority class is not the caller's to use, a call is unknown, or a detector its
+        template or the caller's variables name is locked by someone else. The nodes'
+        detectors are checked once the tasks are placed (``_admission``)."""
+        if self.priority_limits.get(who.role) is None:  # no class at all: do not expand
+            raise ServiceError(
+                403, "Priority not allowed", f"{who.name}, a {who.role}, may use no priority "
+                f"class: the highest a {who.role} may use is none", role=who.role, allowed=None,
+            )  # fmt: skip
         env_id = new_environment_id()
-        plan, diags, _, recipe = self._expand(name, variables, env_id=env_id)
+        plan, diags, path, recipe, declared = await self._expanded(name, variables, env_id=env_id)
+        self.check_variables(plan, variables, who)
         if plan is None:
             raise ServiceError(
                 422, "Template errors", f"{len(diags)} errors in {name}",
@@ -266,8 +521,12 @@ class ControlService:
                 problems.append({"message": f"call {c.path}: {e}", "role": c.path})
         if problems:
             raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
-        self.check_locks(detectors_of(plan), who)
-        return plan, env_id, recipe
+        _, rank = self.check_priority(plan, who)
+        # what the template and the caller name, at once (the placement adds its nodes')
+        self.check_locks(self._uses((), plan, declared), who)
+        for gone in [k for k in self._declared if k not in self.plane.environments]:
+            del self._declared[gone]  # (environments that ended since)
+        return _Checked(plan, env_id, recipe, path, declared, rank)
 
     def get(self, env_id: str) -> Environment:
         env = self.plane.environments.get(env_id)
@@ -325,7 +584,7 @@ class ControlService:
         self, env_id: str, event: str, who: Principal, *, wait: bool
     ) -> dict[str, Any]:
         env = self.get(env_id)
-        self.check_locks(detectors_of(env.plan), who)
+        self.check_locks(self.uses(env), who)
         job = self._jobs.get(env_id)
         if job is not None and not job.done():
             raise ServiceError(
@@ -364,7 +623,7 @@ class ControlService:
             await self.plane.destroy(env_id, actor=who.name)
             return
         env = self.get(env_id)
-        self.check_locks(detectors_of(env.plan), who)
+        self.check_locks(self.uses(env), who)
         job = self._jobs.pop(env_id, None)
         if job is not None and not job.done():
             job.cancel()
@@ -372,6 +631,7 @@ class ControlService:
                 await job
         try:
             await self.plane.destroy(env_id, actor=who.name)
+            self._declared.pop(env_id, None)
         except Exception as e:
             log.exception("destroying environment %s", env_id)
             raise ServiceError(
@@ -410,22 +670,132 @@ def _consumed(job: asyncio.Task[str]) -> None:
         log.error("a transition ended on an unexpected error", exc_info=exc)
 
 
-def detectors_of(plan: Plan) -> list[str]:
-    """The detectors an environment uses: its ``detector``/``detectors`` variables
-    (as the user set them, else the template's public default)."""
-    public = {p.name: p.value for p in plan.public}
-    out: list[str] = []
-    for key in ("detector", "detectors"):
-        value = plan.variables.get(key, public.get(key))
-        if value:
-            out.extend(d.strip() for d in value.replace(";", ",").split(",") if d.strip())
-    return sorted(set(out))
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A plan ready to place: its id, recipe, workflow path, the detectors its template
+    declares (detector -> where) and its priority rank."""
+
+    plan: Plan
+    env_id: str
+    recipe: str
+    path: str
+    declared: dict[str, str]
+    priority: int
 
 
-def _nofit(e: PlacementError, total: int) -> ServiceError:
+def priority_limits(
+    classes: Mapping[str, int], configured: Mapping[str, str | None]
+) -> dict[str, tuple[str, int] | None]:
+    """Each role's highest priority class (name, rank), or None for none. A configured
+    class must be one of ``classes`` (ValueError); a default one a site's own classes
+    lack stands for the highest of them at most as high as the standard class."""
+    out: dict[str, tuple[str, int] | None] = {}
+    for role in ROLES:
+        if role in configured:
+            name = configured[role]
+            if name is not None and name not in classes:
+                known = ", ".join(f"{k} ({v})" for k, v in classes.items())
+                raise ValueError(f"{role}={name}: no priority class {name!r} (classes: {known})")
+            out[role] = None if name is None else (name, classes[name])
+            continue
+        name = DEFAULT_ROLE_PRIORITY.get(role)
+        if name is None:
+            out[role] = None
+        elif name in classes:
+            out[role] = (name, classes[name])
+        else:
+            fits = [(rank, k) for k, rank in classes.items() if rank <= PRIORITY_CLASSES[name]]
+            out[role] = None if not fits else (max(fits)[1], max(fits)[0])
+    return out
+
+
+def detector_names(value: str) -> list[str]:
+    """Detectors in a variable's or label's value: a comma (or semicolon) list, or a
+    JSON list."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if isinstance(items, list):
+            return [str(i).strip() for i in items if str(i).strip()]
+    return [d.strip() for d in text.replace(";", ",").split(",") if d.strip()]
+
+
+def declared_detectors(files: Mapping[str, str]) -> dict[str, str]:
+    """The detectors template files declare, each with where: every ``detector`` or
+    ``detectors`` variable that a ``defaults`` or ``vars`` mapping of any of the files
+    (workflow, includes, task classes) sets to a literal value (a ``!public`` one by
+    its ``value``). A value computed by an expression is not known before expansion:
+    the nodes the tasks land on speak for it."""
+    out: dict[str, str] = {}
+    for path in sorted(files):
+        try:
+            root = yaml.compose(files[path], Loader=yaml.CSafeLoader)
+        except yaml.YAMLError:
+            continue
+        seen: set[int] = set()
+        todo = [root] if root is not None else []
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                todo.extend(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    todo.append(v)
+                    if k.value not in ("defaults", "vars") or not isinstance(v, yaml.MappingNode):
+                        continue
+                    for name, value in v.value:
+                        if name.value in DETECTOR_KEYS:
+                            text = _literal(value)
+                            for d in detector_names(text) if "{{" not in text else ():
+                                out.setdefault(d, f"the template {os.path.basename(path)} "
+                                               f"sets {name.value}={text}")  # fmt: skip
+    return out
+
+
+def _literal(node: yaml.Node) -> str:
+    """A variable's value in a template file, as text: a scalar, a list (as JSON), or
+    the ``value`` of a ``!public`` mapping."""
+    if isinstance(node, yaml.ScalarNode):
+        return str(node.value)
+    if isinstance(node, yaml.SequenceNode):
+        return json.dumps([str(i.value) for i in node.value if isinstance(i, yaml.ScalarNode)])
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if k.value == "value":
+                return _literal(v)
+    return ""
+
+
+def declared_of(recipe: str | None, plan: Plan) -> dict[str, str]:
+    """What an environment's template declares (see ``declared_detectors``), from the
+    files kept in its recipe; without one, its public ``detector`` defaults."""
+    files: Any = None
+    if recipe:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            files = json.loads(recipe).get("files")
+    if isinstance(files, dict):
+        return declared_detectors({str(k): str(v) for k, v in files.items()})
+    out: dict[str, str] = {}
+    for p in plan.public:
+        if p.name in DETECTOR_KEYS:
+            for d in detector_names(p.value):
+                out.setdefault(d, f"the template sets {p.name}={p.value}")
+    return out
+
+
+def _nofit(
+    e: PlacementError, total: int, *, protected: Mapping[str, str] | None = None
+) -> ServiceError:
+    extra: dict[str, Any] = {} if protected is None else {"protected": dict(protected)}
     return ServiceError(
         409, "Does not fit", f"{e.nofit.failed} of {total} tasks do not fit",
-        errors=[{"task": t, "message": f"{t}: {why}"} for t, why in e.nofit.reasons],
+        errors=[{"task": t, "message": f"{t}: {why}"} for t, why in e.nofit.reasons], **extra,
     )  # fmt: skip
 
 

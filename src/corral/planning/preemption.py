@@ -1,17 +1,19 @@
 """Preemption: which lower-priority work to evict so that a request fits. Pure.
 
-``plan_preemption(snapshot, request, holders, priority=..., seed=...)`` evicts nothing
-when the request fits as it is. Otherwise it evicts holders of strictly lower priority,
-lowest first (and, at one priority, the newest first), until the request fits; then it
-gives back every evicted holder that turns out not to be needed. The result is the
-eviction list and the placement that follows it, or a NoFit when even evicting all
-lower-priority work leaves no room. A dry run is this function alone: what it says is
+``plan_preemption(snapshot, request, holders, priority=..., seed=..., protected=...)``
+evicts nothing when the request fits as it is. Otherwise it evicts holders of strictly
+lower priority, lowest first (and, at one priority, the newest first), until the
+request fits; then it gives back every evicted holder that turns out not to be needed.
+Holders whose key is in ``protected`` (the caller decides which: e.g. environments on
+another user's locked detector) are never evicted. The result is the eviction list and
+the placement that follows it, or a NoFit when even evicting all the lower-priority work
+that may be evicted leaves no room. A dry run is this function alone: what it says is
 what the applier then does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from corral.planning.placement import (
@@ -68,12 +70,16 @@ def plan_preemption(
     *,
     priority: int,
     seed: str = "0",
+    protected: Collection[str] = (),
 ) -> Preemption | NoFit:
     first = place(snapshot, request, seed=seed)
     if isinstance(first, Placement):
         return Preemption((), first)
-    lower = sorted((h for h in holders if h.priority < priority),
+    below = [h for h in holders if h.priority < priority]
+    lower = sorted((h for h in below if h.key not in protected),
                    key=lambda h: (h.priority, -h.order, h.key))  # fmt: skip
+    kept = len(below) - len(lower)
+    spared = f"; {kept} more protected from eviction" if kept else ""
     evicted: list[Holder] = []
     fitted: Placement | None = None
     for h in lower:
@@ -84,10 +90,13 @@ def plan_preemption(
             break
     if fitted is None:
         if not lower:
-            return first
+            if not kept:
+                return first
+            note = f" (no lower-priority environment may be evicted: {kept} protected)"
+            return NoFit(tuple((path, why + note) for path, why in first.reasons), first.failed)
         last = place(without(snapshot, lower), request, seed=seed)
         assert isinstance(last, NoFit)  # it did not fit with every one of them evicted
-        note = f" (even with all {len(lower)} lower-priority environments evicted)"
+        note = f" (even with all {len(lower)} lower-priority environments evicted{spared})"
         return NoFit(tuple((path, why + note) for path, why in last.reasons), last.failed)
     # give back what is not needed, newest-evicted first
     for h in list(reversed(evicted[:-1])):

@@ -465,9 +465,11 @@ class SqliteStore:
 
     def token_by_hash(self, digest: str) -> dict[str, Any] | None:
         row = self._db.execute(
-            "SELECT id, name, role FROM tokens WHERE hash=? AND revoked IS NULL", (digest,)
+            "SELECT id, name, role, hash FROM tokens WHERE hash=? AND revoked IS NULL", (digest,)
         ).fetchone()
-        return None if row is None else {"id": row[0], "name": row[1], "role": row[2]}
+        if row is None:
+            return None
+        return {"id": row[0], "name": row[1], "role": row[2], "hash": row[3]}
 
     def tokens(self) -> list[dict[str, Any]]:
         cur = self._db.execute(

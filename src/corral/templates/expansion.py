@@ -64,6 +64,7 @@ from corral.templates.expressions import (
     render,
 )
 from corral.templates.library import Library, Sources
+from corral.templates.public import public_var
 from corral.templates.quoting import RAW_SAFE, call_func, marked, shell_script
 from corral.templates.schema import (
     ADDRESSING,
@@ -1122,19 +1123,7 @@ class _Expander:
         for vd in defs:
             if vd.public is None or vd.name in self.public:
                 continue
-            spec = vd.public
-            self.public[vd.name] = PublicVar(
-                name=vd.name,
-                value=vd.value.raw,
-                type=spec.get("type", "string"),
-                label=spec.get("label"),
-                description=spec.get("description"),
-                widget=spec.get("widget"),
-                values=spec.get("values", ()),
-                panel=spec.get("panel"),
-                index=spec.get("index"),
-                visible_if=spec.get("visibleif"),
-            )
+            self.public[vd.name] = public_var(vd)
 
 
 def _command_texts(tc: TaskClassDef) -> list[Text]:

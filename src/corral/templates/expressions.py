@@ -34,6 +34,10 @@ from cel_expr_python import cel
 from cel_expr_python.ext import ext_strings
 
 MAX_EXPRESSION_LENGTH = 4096
+# json.Unmarshal's values: deeper nesting would overflow the Python stack when the result
+# is converted and rendered; integers are CEL's (int64, or uint64 when positive)
+MAX_JSON_NESTING = 100
+_INT_RANGE = range(-(2**63), 2**64)
 
 _NAMESPACES = frozenset({"strings", "json", "uid", "util"})
 _ROLE_FUNCTIONS = frozenset({"Up", "Parent", "This"})
@@ -378,9 +382,17 @@ def is_falsy(s: str) -> bool:
 
 def _atoi(s: str) -> int:
     try:
-        return int(s.strip())
+        n = int(s.strip())
     except ValueError:
-        raise ExprError(f"strings.Atoi: {s!r} is not an integer") from None
+        raise ExprError(f"strings.Atoi: {_short(s)} is not an integer") from None
+    if not -(2**63) <= n < 2**63:
+        raise ExprError(f"strings.Atoi: {_short(s)} is out of the 64-bit integer range")
+    return n
+
+
+def _short(s: str) -> str:
+    """repr of a value for a message, cut short."""
+    return repr(s) if len(s) <= 80 else repr(s[:60]) + f"... ({len(s)} characters)"
 
 
 def _marshal(v: Any) -> str:
@@ -388,10 +400,23 @@ def _marshal(v: Any) -> str:
 
 
 def _unmarshal(s: str) -> Any:
+    too_deep = f"json.Unmarshal: lists and maps nest more than {MAX_JSON_NESTING} levels deep"
     try:
-        return json.loads(s)
+        value = json.loads(s)
     except ValueError as e:
         raise ExprError(f"json.Unmarshal: not JSON: {e}") from None
+    except RecursionError:
+        raise ExprError(too_deep) from None
+    todo = [(value, 1)]
+    while todo:  # iterative: the value may nest as deep as the JSON decoder allows
+        v, depth = todo.pop()
+        if isinstance(v, list | dict):
+            if depth > MAX_JSON_NESTING:
+                raise ExprError(too_deep)
+            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+        elif type(v) is int and v not in _INT_RANGE:
+            raise ExprError("json.Unmarshal: a number is out of the 64-bit integer range")
+    return value
 
 
 def _decl(name: str, params: list[Any], ret: Any, impl: Callable[..., Any] | None) -> Any:

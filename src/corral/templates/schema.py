@@ -9,6 +9,7 @@ error so that one run shows them all.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -34,6 +35,12 @@ ADDRESSING = ("tcp", "ipc")
 CONTROL_MODES = ("direct", "basic", "hook")
 CONSTRAINT_OPERATORS = ("equals", "regex", "in")
 PUBLIC_TYPES = ("string", "bool", "number", "list", "map")
+# A file is refused before anything walks it recursively when its lists and maps nest
+# deeper than this (libyaml's composer recurses in C and crashes the process past some
+# 25,000 levels; the parser and `_plain` recurse in Python), or when its aliases repeat
+# more than this many values (a "billion laughs": 30 levels of `b: [*a, *a]` are 2**30).
+MAX_NESTING = 200
+MAX_ALIAS_EXPANSION = 100_000
 # FairMQ-style channel options carried through to the task as channel properties
 CHANNEL_OPTIONS = (
     "rateLogging",
@@ -231,6 +238,11 @@ class Parser:
 
     def compose(self, text: str) -> yaml.Node | None:
         try:
+            deep = _too_deep(text)
+            if deep is not None:
+                message = f"lists and maps nest more than {MAX_NESTING} levels deep"
+                self.error(Loc(self.file, *deep), message)
+                return None
             node = yaml.compose(text, Loader=_Loader)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
@@ -246,6 +258,11 @@ class Parser:
             return None
         if node is None:
             self.diags.error(Loc(self.file, 1, 1), "the file is empty")
+            return None
+        bad = _graph_problem(node)
+        if bad is not None:
+            self.error(*bad)
+            return None
         return node
 
     def mapping(
@@ -776,12 +793,86 @@ def _plain(node: yaml.Node) -> Any:
     if isinstance(node, yaml.ScalarNode):
         if node.tag.startswith("!"):
             raise _NotPlain(f"unknown tag {node.tag!r}", node)
-        return yaml.load(yaml.serialize(node), Loader=_Loader)
+        return _scalar_value(node)
     if isinstance(node, yaml.SequenceNode):
         return [_plain(n) for n in node.value]
     if isinstance(node, yaml.MappingNode):
         return {str(_plain(k)): _plain(v) for k, v in node.value}
     raise _NotPlain("unsupported value", node)  # pragma: no cover
+
+
+def _scalar_value(node: yaml.ScalarNode) -> Any:
+    """A scalar inside a list or map, typed as YAML types it, if JSON can carry it."""
+    tag = node.tag.removeprefix("tag:yaml.org,2002:")
+    try:
+        value = yaml.constructor.SafeConstructor().construct_object(node)
+    except Exception:  # PyYAML's constructors fail in several ways on a bad explicit tag
+        raise _NotPlain(f"{node.value!r} is not a valid {tag}", node) from None
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, datetime.date):  # dates and timestamps stay as written
+        return node.value
+    raise _NotPlain(f"a {tag} value cannot be part of a variable", node)
+
+
+def _too_deep(text: str) -> tuple[int, int] | None:
+    """(line, column) where ``text`` first nests lists and maps deeper than MAX_NESTING.
+
+    Read as a stream of events, before libyaml composes the tree recursively. (Not a
+    complete parse: a syntax error is raised here as by ``yaml.compose``.)
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                m = event.start_mark
+                return (m.line + 1, m.column + 1) if m is not None else (0, 0)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+def _graph_problem(root: yaml.Node) -> tuple[yaml.Node, str] | None:
+    """Why a composed file cannot be walked: a recursive alias, nesting too deep through
+    aliases, or aliases that repeat too many values. Iterative, linear in the nodes."""
+    cap = 1 << 40
+    size: dict[int, int] = {}  # values below a node once aliases are expanded
+    depth: dict[int, int] = {}
+    distinct = 0
+    on_path: set[int] = set()
+    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while todo:
+        node, done = todo.pop()
+        key = id(node)
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if done:
+            on_path.discard(key)
+            size[key] = min(cap, 1 + sum(size[id(k)] for k in kids))
+            depth[key] = 0
+            if isinstance(node, yaml.CollectionNode):
+                depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if depth[key] > MAX_NESTING:
+                return node, f"lists and maps nest more than {MAX_NESTING} levels deep"
+            if size[key] - distinct > MAX_ALIAS_EXPANSION:
+                return node, (
+                    f"YAML aliases repeat more than {MAX_ALIAS_EXPANSION} values here; "
+                    "write them out or use a variable"
+                )
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            return node, "a YAML alias refers to a list or map that contains it"
+        on_path.add(key)
+        distinct += 1
+        todo.append((node, True))
+        todo.extend((k, False) for k in kids if id(k) not in size)
+    return None
 
 
 def _kind(node: yaml.Node) -> str:
