@@ -1,9 +1,7 @@
 """What the template fuzzer (test_fuzz.py, bench/fuzz_templates.py) found, minimised.
 
 Each input used to crash check() with an exception other than a result, crash the
-process, or hang it; now it gives a plan or located diagnostics, quickly. The xfail
-tests are crashes whose fix belongs in expansion.py; the fuzz strategies avoid their
-inputs while AVOID_KNOWN_CRASHES is set (see fuzz_strategies.py).
+process, or hang it; now it gives a plan or located diagnostics, quickly.
 """
 
 from __future__ import annotations
@@ -159,15 +157,9 @@ def test_json_unmarshal_keeps_unsigned_and_float_numbers() -> None:
     assert value == [18446744073709551615, float("inf")]
 
 
-# -- reported: the fix belongs in expansion.py -----------------------------------------
+# -- found by the fuzz, fixed in expansion.py ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="expansion.py number(integer=True): int(inf) raises OverflowError for an "
-    "infinite value (1e400, inf, or an expression's Infinity) in a whole-number field",
-)
 @pytest.mark.parametrize(
     "workflow, task_class",
     [
@@ -192,12 +184,6 @@ def test_an_infinite_whole_number_is_an_error(workflow: str, task_class: str) ->
     assert plan is None and diags
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="expansion.py range_items: json.loads of a deeply nested caller value raises "
-    "RecursionError, which is not the ValueError it catches",
-)
 def test_a_deeply_nested_for_range_is_an_error() -> None:
     wf = "name: w\nroles:\n  - name: a-{{ i }}\n    for: {range: '{{ r }}', var: i}\n"
     sources = DictSources({"w.yaml": wf + "    task: {load: t}\n", "tasks/t.yaml": CLASS})
@@ -205,12 +191,6 @@ def test_a_deeply_nested_for_range_is_an_error() -> None:
     assert plan is None and diags
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="expansion.py walks roles recursively: each included file may nest roles up to "
-    "the YAML cap again, so 4 files of 95 nested roles exhaust Python's stack",
-)
 def test_roles_nested_deep_through_includes_are_an_error() -> None:
     files = {"tasks/t.yaml": CLASS, "w.yaml": "name: w\nroles: [{name: r, include: c0}]\n"}
     for k in range(4):

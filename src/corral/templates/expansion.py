@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ from corral.templates.text import TAINT_END, TAINT_START, Hole, Text, unmark
 DEFAULT_CALL_TIMEOUT = 30.0
 MAX_ITERATIONS = 1_000_000
 MAX_INCLUDE_DEPTH = 64
+MAX_ROLE_DEPTH = 100  # roles inside roles, through includes too (the walk recurses)
 MAX_VALUE = 1 << 20  # characters in one variable value or expression result
 MAX_EXPRESSION_INPUT = 16 << 10  # characters of variables one CEL evaluation reads
 MAX_TASKS = 1_000_000  # the default cap on the tasks of one plan
@@ -323,6 +325,7 @@ class _Expander:
         self.time_limit = 0.0
         self.deadline = 0.0
         self._evals = 0
+        self._depth = 0  # roles inside roles, now
         self.tasks: list[TaskSpec] = []
         self.calls: list[CallSpec] = []
         self.binds: dict[tuple[str, str], tuple[Bind, Loc]] = {}
@@ -461,7 +464,9 @@ class _Expander:
             v = float(s)
         except ValueError:
             self.fail(t.loc, f"{what} must be a number, not {s!r}", pos)
-        if v < 0 or v != v:
+        if v != v or v in (math.inf, -math.inf):
+            self.fail(t.loc, f"{what} must be a finite number, not {s!r}", pos)
+        if v < 0:
             self.fail(t.loc, f"{what} must not be negative, got {s!r}", pos)
         if integer and v != int(v):
             self.fail(t.loc, f"{what} must be a whole number, not {s!r}", pos)
@@ -535,9 +540,19 @@ class _Expander:
         )
 
     def children(self, roles: list[RoleDef], scope: _Scope) -> None:
-        for r in roles:
-            with contextlib.suppress(_Skip):
-                self.role(r, scope)
+        if not roles:
+            return
+        if self._depth >= MAX_ROLE_DEPTH:
+            self.fail(
+                roles[0].name.loc, f"roles nest deeper than {MAX_ROLE_DEPTH} levels", scope.pos
+            )
+        self._depth += 1
+        try:
+            for r in roles:
+                with contextlib.suppress(_Skip):
+                    self.role(r, scope)
+        finally:
+            self._depth -= 1
 
     def enter(
         self,
@@ -694,11 +709,11 @@ class _Expander:
         mark_all = False
         try:
             value = json.loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             value = None
             mark_all = marked(s)
             if mark_all:
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):
                     value = json.loads(unmark(s))
             if value is None:
                 shown = unmark(raw)
