@@ -55,11 +55,12 @@ roles:
       - {attribute: machine_id, value: "{{ host }}"}
     task: {load: "{{ cls }}"}
 """
-# a template that says which detector it reads out (a caller may name another too)
+# a template that says which detector it reads out (not a public variable: only an
+# admin may set it, and even an admin's value only adds to it)
 DECLARED = """
 name: declared
 defaults:
-  detector: !public MCH
+  detector: MCH
 roles:
   - name: w
     constraints:
@@ -78,6 +79,19 @@ roles:
     constraints:
       - {attribute: machine_id, value: free1}
     task: {load: worker}
+"""
+# a template whose detector is a public choice, MFT by default
+CHOSEN = """
+name: chosen
+defaults:
+  detector: !public
+    value: MFT
+    type: string
+roles:
+  - name: w
+    constraints:
+      - {attribute: machine_id, value: free1}
+    task: {load: tiny}
 """
 WORK = """
 name: work
@@ -105,7 +119,7 @@ def workflows(tmp: Path) -> Path:
     (d / "tasks" / "worker.yaml").write_text(WORKER)
     (d / "tasks" / "tiny.yaml").write_text(TINY)
     for name, text in [("pinned", PINNED), ("declared", DECLARED), ("urgent", URGENT),
-                       ("work", WORK)]:  # fmt: skip
+                       ("work", WORK), ("chosen", CHOSEN)]:  # fmt: skip
         (d / f"{name}.yaml").write_text(text)
     return d
 
@@ -207,10 +221,13 @@ def test_the_detector_a_template_declares_counts_whatever_the_caller_sets(
     farm: Server,
 ) -> None:
     op, op2 = clients(farm, "op", "op2")
-    with op, op2:
+    admin = farm.client(farm.admin)
+    with op, op2, admin:
         lock(op, "take", "MCH")
         try:
             r = create(op2, "declared", detector="ITS")
+            assert r.status_code == 403 and "'detector' is not public" in r.text, r.text
+            r = create(admin, "declared", detector="ITS")
             assert r.status_code == 423, r.text
             detail = r.json()["detail"]
             assert "detector MCH is locked by op" in detail, detail
@@ -454,3 +471,23 @@ def test_recover_does_not_move_tasks_onto_a_locked_detector(tmp_path: Path) -> N
             store.close()
 
     asyncio.run(main())
+
+
+def test_a_public_detector_is_the_users_choice(farm: Server) -> None:
+    """A new user's finding: the public default of ``detector`` (``TST``) counted even
+    when the operator chose another: a lock on TST refused every environment. A public
+    detector variable is a choice: its value (the caller's, else its default) counts,
+    and the nodes' labels still do."""
+    op, op2 = clients(farm, "op", "op2")
+    with op, op2:
+        lock(op, "take", "MFT")
+        try:
+            r = create(op2, "pinned", host="free1", detector="MCH")  # default ""
+            assert r.status_code == 201, r.text
+            r = create(op2, "chosen", detector="MCH")  # the default is MFT, locked
+            assert r.status_code == 201, r.text
+            r = create(op2, "chosen")
+            assert r.status_code == 423, r.text
+            assert "the variable detector is MFT (its default)" in r.json()["detail"], r.text
+        finally:
+            lock(op, "release", "MFT")

@@ -329,3 +329,38 @@ def test_corral_run_var_reaches_no_shell(tmp_path: Path) -> None:
     for n, v in enumerate(HOSTILE):
         shown = v.replace("\ue000", "").replace("\ue001", "")
         assert (wf / f"out{n}.txt").read_text().strip() == shown.strip(), n
+
+
+@pytest.mark.parametrize(
+    "expr", ["strings.TrimSpace(x)", 'x + ""', "string(x)", 'size(x) > 0 ? x : "b"', "[x][0]"]
+)
+def test_raw_checks_a_computed_value_too(expr: str) -> None:
+    """A new user's finding: raw() of an expression that read a caller's value pasted it
+    unchecked (only a bare variable kept its marks)."""
+    files = shell_class(f"'echo {{{{ raw({expr}) }}}}'")
+    errors = errors_of(files, variables={"x": "--v; touch PWNED"})
+    assert len(errors) == 1 and "a caller's value here may hold letters" in errors[0], errors
+    plan = expand_text(files, variables={"x": "--v 1"})
+    assert plan.tasks[0].command.value == "echo --v 1"
+
+
+def test_a_choice_between_template_values_stays_code(tmp_path: Path) -> None:
+    """``size(modulepath) > 0 ? module_cmdline : plain_cmdline`` with a caller's
+    modulepath: the result is one of the template's own command lines, not the caller's
+    text, so it stays shell code (as in ALICE's task classes)."""
+    defaults = "_a: 'echo a && echo b'\n_b: 'echo plain'\n"
+    files = shell_class("'{{ size(mp) > 0 ? _a : _b }}'", defaults)
+    cmd = expand_text(files, variables={"mp": "/opt/modules; touch PWNED"}).tasks[0].command
+    assert cmd.value == "echo a && echo b" and cmd.env == ()
+    assert sh(cmd.value, cmd.env, tmp_path) == "a\nb\n"
+    assert expand_text(files, variables={"mp": ""}).tasks[0].command.value == "echo plain"
+
+
+def test_one_variable_per_distinct_value(tmp_path: Path) -> None:
+    files = shell_class("'echo {{ x }} {{ x }} \"{{ x }}\" {{ y }}'")
+    cmd = expand_text(files, variables={"x": "a b", "y": "c"}).tasks[0].command
+    assert cmd.value == (
+        'echo "${CORRAL_VALUE_1}" "${CORRAL_VALUE_1}" "${CORRAL_VALUE_1}" "${CORRAL_VALUE_2}"'
+    )
+    assert cmd.env == (("CORRAL_VALUE_1", "a b"), ("CORRAL_VALUE_2", "c"))
+    assert sh(cmd.value, cmd.env, tmp_path) == "a b a b a b c\n"

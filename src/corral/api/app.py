@@ -43,6 +43,7 @@ from corral.control.service import ControlService, Principal, ServiceError
 from corral.web import STATIC
 
 PROBLEM = "application/problem+json"
+STREAM_PATH = "/api/events/stream"  # the one path that takes ?token= (EventSource)
 MAX_LOG_LINES = 10_000
 MAX_INT = 2**62  # SQLite integers are 64-bit
 QUEUE = 10_000
@@ -362,6 +363,11 @@ async def caller(
             raise ServiceError(401, "Unauthorized", "use Authorization: Bearer TOKEN")
         raw = value.strip()
     elif token:
+        if request.url.path != STREAM_PATH:  # a token in a URL ends up in logs and history
+            raise ServiceError(
+                401, "Unauthorized", f"?token= is taken by {STREAM_PATH} only (browsers' "
+                "EventSource cannot set headers): use Authorization: Bearer TOKEN",
+            )  # fmt: skip
         raw = token  # browsers' EventSource cannot set headers
     if not raw:
         raise ServiceError(401, "Unauthorized", "a token is needed: Authorization: Bearer TOKEN")
@@ -606,7 +612,13 @@ def create_app(
         responses=_problems(e404="no such workflow", e403="a variable only an admin may set"),
     )  # fmt: skip
     async def validate(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
-        plan, diags, _ = await service.expand_async(req.workflow, req.vars, who)
+        try:
+            plan, diags, _ = await service.expand_async(req.workflow, req.vars, who)
+        except ServiceError as e:
+            if e.title != "Bad variable":
+                raise
+            # a value not of its variable's type is a problem to report, like the template's
+            return {"ok": False, "errors": [x["message"] for x in e.extra.get("errors", [])]}
         if plan is None:
             return {"ok": False, "errors": [str(d) for d in diags]}
         return {"ok": True, "errors": [], "tasks": len(plan.tasks), "calls": len(plan.calls)}

@@ -78,6 +78,11 @@ def unreachable(server: str, e: httpx.HTTPError) -> str:
     while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
+        why = str(cause.verify_message or cause.reason)
+        if "mismatch" in why.lower():  # trusted, but for another name than the URL's
+            return (f"cannot reach {server}: its TLS certificate is not for this address "
+                    f"({why}); use a name or address the certificate lists (its "
+                    "subjectAltName), or make one that lists this address")  # fmt: skip
         return (f"cannot reach {server}: its TLS certificate is not trusted "
                 f"({cause.verify_message or cause.reason}); give the CA that signed it with "
                 "--ca-cert FILE or CORRAL_CA_CERT")  # fmt: skip

@@ -98,6 +98,12 @@ def parse_task_env(names: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(
                 f"{name!r}: expected a variable's name", param_hint="--task-env"
             )
+        if name.startswith("CORRAL_"):  # the server's own (CORRAL_TOKEN) never reach tasks
+            raise click.BadParameter(
+                f"{name}: CORRAL_* variables are corral's own; tasks get theirs per task, "
+                "never the server's",
+                param_hint="--task-env",
+            )
     values = taskenv.passed(names)
     for name in sorted(set(names) - set(values)):
         err.print(f"[yellow]note[/]: --task-env {name}: not set here, so not passed to tasks")

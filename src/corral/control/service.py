@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -48,11 +49,13 @@ from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError, priority_of
 from corral.control.plane import Admit, ControlPlane, new_environment_id
-from corral.model.plan import Plan
+from corral.model.plan import Plan, PublicVar
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.store.files import DiskSources
 from corral.templates import Diagnostic, check
 from corral.templates.public import bad_values, refusals
+from corral.templates.public import declared as declared_public
+from corral.templates.schema import PUBLIC_TAG
 
 ROLES = ("viewer", "operator", "admin")
 # the highest priority class each role may create environments with (None: none);
@@ -63,6 +66,7 @@ DEFAULT_ROLE_PRIORITY: Mapping[str, str | None] = {
     "admin": "online",
 }
 DETECTOR_KEYS = ("detector", "detectors")  # variables and node labels that name detectors
+DETECTOR_NAME = re.compile(r"[A-Z0-9][A-Z0-9_-]{0,63}")  # a lockable name, in capitals
 log = logging.getLogger("corral.service")
 
 
@@ -140,6 +144,12 @@ class ControlService:
             raise ServiceError(
                 422, "Bad role", f"role {role!r}: expected one of {', '.join(ROLES)}"
             )
+        if any(t["name"] == name and t["revoked"] is None for t in self.store.tokens()):
+            # locks and events name a token's holder by its name: one name, one holder
+            raise ServiceError(
+                409, "Name taken", f"an active token is already named {name!r}: revoke it "
+                "first, or choose another name", name=name,
+            )  # fmt: skip
         token = "crl_" + secrets.token_urlsafe(24)
         token_id = secrets.token_hex(4)
         now = self.clock()
@@ -181,9 +191,12 @@ class ControlService:
         held = self.store.locks()
         take: list[str] = []
         drop: list[str] = []
-        for d in dict.fromkeys(detectors):  # each once, in the order given
-            if not d or len(d) > 64:
-                raise ServiceError(422, "Bad detector", f"detector name {d!r} is empty or too long")
+        for d in dict.fromkeys(d.strip().upper() for d in detectors):  # each once, in order
+            if not DETECTOR_NAME.fullmatch(d):
+                raise ServiceError(
+                    422, "Bad detector", f"detector name {d!r}: use 1 to 64 letters, digits, "
+                    "'_' and '-' (names are compared in capitals)",
+                )  # fmt: skip
             owner = held.get(d, {}).get("holder")
             if release:
                 if owner is None:
@@ -255,11 +268,16 @@ class ControlService:
                         out.setdefault(d, f"task {path} runs on node {node} (detector {d})")
         for d, why in declared.items():
             out.setdefault(d, why)
+        public = {p.name: p.value for p in plan.public}
         for key in DETECTOR_KEYS:
             value = plan.variables.get(key)
+            why = f"the variable {key}={value} names it"
+            if value is None and key in public:  # a public choice left at its default
+                value = public[key]
+                why = f"the variable {key} is {value} (its default)"
             if value:
                 for d in detector_names(value):
-                    out.setdefault(d, f"the variable {key}={value} names it")
+                    out.setdefault(d, why)
         return out
 
     def uses(self, env: Environment) -> dict[str, str]:
@@ -331,7 +349,7 @@ class ControlService:
             highest = "none" if limit is None else f"{limit[0]} ({limit[1]})"
             raise ServiceError(
                 403, "Priority not allowed", f"priority class {name} ({rank}) is not allowed "
-                f"for {who.name}, a {who.role}: the highest a {who.role} may use is {highest}",
+                f"for {who.name}, {_a(who.role)}: the highest {_a(who.role)} may use is {highest}",
                 priority_class=name, role=who.role,
                 allowed=None if limit is None else limit[0],
             )  # fmt: skip
@@ -372,9 +390,19 @@ class ControlService:
     ) -> tuple[Plan | None, list[Diagnostic], str]:
         """Expand in a worker thread (see ``_expanded``): the loop goes on meanwhile.
         Refused (403) when ``who`` may not set one of the variables."""
+        self.precheck_variables(name, variables, who)
         plan, diags, path, _, _ = await self._expanded(name, variables)
         self.check_variables(plan, variables, who)
         return plan, diags, path
+
+    def precheck_variables(self, name: str, variables: dict[str, str], who: Principal) -> None:
+        """``check_variables`` before expanding, on what the workflow's file declares
+        (without its includes, which may declare more: then only the types are
+        checked), so that a refused variable costs no expansion."""
+        if who.can("admin") or not variables:
+            return
+        public, where, includes = declared_public(self.workflow_path(name), DiskSources())
+        self._refuse(public, {} if includes else variables, variables, who, where)
 
     def check_variables(self, plan: Plan | None, variables: dict[str, str], who: Principal) -> None:
         """Only an admin sets variables the workflow does not declare ``!public`` (403),
@@ -382,17 +410,33 @@ class ControlService:
         A template that did not expand has its errors said instead."""
         if plan is None or who.can("admin") or not variables:
             return
-        problems = refusals(plan.public, variables)
+        self._refuse(plan.public, variables, variables, who)
+
+    @staticmethod
+    def _refuse(
+        public: Sequence[PublicVar],
+        names: dict[str, str],
+        values: dict[str, str],
+        who: Principal,
+        where: Mapping[str, str] | None = None,
+    ) -> None:
+        """403 for ``names`` not declared public, 422 for ``values`` not of their type."""
+        problems = refusals(public, names)
         if problems:
+            offered = ", ".join(sorted(p.name for p in public)) or "none"
+            refused = ", ".join(n for n in names if n not in {p.name for p in public})
             raise ServiceError(
-                403, "Variable not allowed", "; ".join(problems),
+                403, "Variable not allowed",
+                f"{who.name}, {_a(who.role)}, may set only the public variables "
+                f"of this workflow ({offered}), not {refused}; an admin may set any",
                 errors=[{"message": p} for p in problems], role=who.role,
             )  # fmt: skip
-        problems = bad_values(plan.public, variables)
+        problems = bad_values(public, values, where or {})
         if problems:
             raise ServiceError(
-                422, "Bad variable", "; ".join(problems), errors=[{"message": p} for p in problems]
-            )
+                422, "Bad variable", f"{len(problems)} variables have values not allowed",
+                errors=[{"message": p} for p in problems],
+            )  # fmt: skip
 
     async def _expanded(
         self, name: str, variables: dict[str, str], *, env_id: str = ""
@@ -502,9 +546,10 @@ class ControlService:
         detectors are checked once the tasks are placed (``_admission``)."""
         if self.priority_limits.get(who.role) is None:  # no class at all: do not expand
             raise ServiceError(
-                403, "Priority not allowed", f"{who.name}, a {who.role}, may use no priority "
-                f"class: the highest a {who.role} may use is none", role=who.role, allowed=None,
+                403, "Priority not allowed", f"{who.name}, {_a(who.role)}, may use no priority "
+                f"class: the highest {_a(who.role)} may use is none", role=who.role, allowed=None,
             )  # fmt: skip
+        self.precheck_variables(name, variables, who)
         env_id = new_environment_id()
         plan, diags, path, recipe, declared = await self._expanded(name, variables, env_id=env_id)
         self.check_variables(plan, variables, who)
@@ -709,6 +754,11 @@ def priority_limits(
     return out
 
 
+def _a(role: str) -> str:
+    """``role`` with its article: "an operator", "a viewer"."""
+    return ("an " if role[:1] in "aeiou" else "a ") + role
+
+
 def detector_names(value: str) -> list[str]:
     """Detectors in a variable's or label's value: a comma (or semicolon) list, or a
     JSON list."""
@@ -719,16 +769,17 @@ def detector_names(value: str) -> list[str]:
         except ValueError:
             items = None
         if isinstance(items, list):
-            return [str(i).strip() for i in items if str(i).strip()]
-    return [d.strip() for d in text.replace(";", ",").split(",") if d.strip()]
+            return [str(i).strip().upper() for i in items if str(i).strip()]
+    return [d.strip().upper() for d in text.replace(";", ",").split(",") if d.strip()]
 
 
 def declared_detectors(files: Mapping[str, str]) -> dict[str, str]:
     """The detectors template files declare, each with where: every ``detector`` or
     ``detectors`` variable that a ``defaults`` or ``vars`` mapping of any of the files
-    (workflow, includes, task classes) sets to a literal value (a ``!public`` one by
-    its ``value``). A value computed by an expression is not known before expansion:
-    the nodes the tasks land on speak for it."""
+    (workflow, includes, task classes) sets to a literal value, unless it is ``!public``
+    (then it is the user's choice, and its value, the caller's or its default, counts).
+    A value computed by an expression is not known before expansion: the nodes the
+    tasks land on speak for it."""
     out: dict[str, str] = {}
     for path in sorted(files):
         try:
@@ -750,7 +801,8 @@ def declared_detectors(files: Mapping[str, str]) -> dict[str, str]:
                     if k.value not in ("defaults", "vars") or not isinstance(v, yaml.MappingNode):
                         continue
                     for name, value in v.value:
-                        if name.value in DETECTOR_KEYS:
+                        # a !public one is the user's choice: its value counts (_uses)
+                        if name.value in DETECTOR_KEYS and value.tag != PUBLIC_TAG:
                             text = _literal(value)
                             for d in detector_names(text) if "{{" not in text else ():
                                 out.setdefault(d, f"the template {os.path.basename(path)} "

@@ -11,6 +11,7 @@ events, from the highest number on disk: they stay gap-free across restarts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -101,7 +102,9 @@ class SqliteStore:
 
     def __init__(self, path: str) -> None:
         parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(parent, mode=0o700, exist_ok=True)  # a new data directory: its user's
+        with contextlib.suppress(FileExistsError):  # the store (token digests): 0600
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

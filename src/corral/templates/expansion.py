@@ -375,7 +375,8 @@ class _Expander:
                 out.append(value if value is not None else self._hole(p, stack, pos))
         s = "".join(out)
         if len(s) > MAX_VALUE:
-            self.fail(t.loc, f"this value is {len(s)} characters; the limit is {MAX_VALUE}", pos)
+            shown = len(unmark(s))
+            self.fail(t.loc, f"this value is {shown} characters; the limit is {MAX_VALUE}", pos)
         return s
 
     def _hole(self, hole: Hole, stack: Mapping[str, str], pos: RolePos | None) -> str:
@@ -412,11 +413,16 @@ class _Expander:
         if len(s) > MAX_VALUE:
             self.fail(
                 hole.loc,
-                f"{{{{ {hole.source} }}}} gives {len(s)} characters; the limit is {MAX_VALUE}",
+                f"{{{{ {hole.source} }}}} gives {len(unmark(s))} characters; "
+                f"the limit is {MAX_VALUE}",
                 pos,
             )
+        if tainted and _is_clean_input(s, e.analysis.names, stack):
+            # The result is the value of a variable of the template's own, as read:
+            # the caller's value chose it (``size(x) > 0 ? a : b``), wrote none of it.
+            tainted = False
         if hole.raw:
-            if marked(s):
+            if tainted or marked(s):
                 s = unmark(s)
                 bad = sorted({c for c in s if not RAW_SAFE.fullmatch(c)})
                 if bad:
@@ -1187,6 +1193,16 @@ def _merge_channels(defaults: list[ChannelDef], own: list[ChannelDef]) -> list[C
         )
         out[out.index(base)] = merged
     return out
+
+
+def _is_clean_input(result: str, names: tuple[str, ...], stack: Mapping[str, str]) -> bool:
+    """Whether ``result`` is exactly the value of one of the variables an expression
+    read that holds no caller's value."""
+    for n in names:
+        v = stack.get(n)
+        if v is not None and v == result and TAINT_START not in v and TAINT_END not in v:
+            return True
+    return False
 
 
 def _role_of(pos: RolePos | None) -> str | None:

@@ -14,8 +14,10 @@ import math
 from collections.abc import Iterable, Mapping
 
 from corral.model.plan import PublicVar
+from corral.templates.diagnostics import Diagnostics
 from corral.templates.expressions import is_falsy, is_truthy
-from corral.templates.schema import VarDef
+from corral.templates.library import Library, Sources
+from corral.templates.schema import RoleDef, VarDef
 
 
 def public_var(vd: VarDef) -> PublicVar:
@@ -35,6 +37,28 @@ def public_var(vd: VarDef) -> PublicVar:
     )
 
 
+def declared(path: str, sources: Sources) -> tuple[list[PublicVar], dict[str, str], bool]:
+    """The public variables the root workflow at ``path`` declares, read without
+    expanding it, where each is declared (``FILE:LINE:COL``), and whether it includes
+    other workflows (which may declare more)."""
+    wf = Library(path, sources, Diagnostics()).workflow(path)
+    if wf is None:
+        return [], {}, True
+    public: list[PublicVar] = []
+    where: dict[str, str] = {}
+    includes = False
+    todo: list[RoleDef] = [wf.root]
+    while todo:
+        r = todo.pop()
+        for vd in r.defaults + r.vars:
+            if vd.public is not None and vd.name not in where:
+                public.append(public_var(vd))
+                where[vd.name] = str(vd.loc)
+        includes = includes or r.include is not None
+        todo += r.roles or []
+    return public, where, includes
+
+
 def refusals(public: Iterable[PublicVar], variables: Mapping[str, str]) -> list[str]:
     """Variables of ``variables`` that ``public`` does not declare: a non-admin may not
     set them (403)."""
@@ -46,16 +70,19 @@ def refusals(public: Iterable[PublicVar], variables: Mapping[str, str]) -> list[
     ]
 
 
-def bad_values(public: Iterable[PublicVar], variables: Mapping[str, str]) -> list[str]:
+def bad_values(
+    public: Iterable[PublicVar], variables: Mapping[str, str], where: Mapping[str, str] = {}
+) -> list[str]:
     """Public variables of ``variables`` whose value is not of the declared type or not
-    among the declared values (422)."""
+    among the declared values (422); ``where``: declarations' places, for the messages."""
     known = {p.name: p for p in public}
     out: list[str] = []
     for name, value in variables.items():
         p = known.get(name)
         why = None if p is None else _value_problem(p, value)
         if why is not None:
-            out.append(f"variable {name!r}: {why}")
+            at = f"{where[name]}: " if name in where else ""
+            out.append(f"{at}variable {name!r}: {why}")
     return out
 
 

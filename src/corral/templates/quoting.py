@@ -137,16 +137,17 @@ def shell_script(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
         return m, []
     ctx = _ShellContext()
     out: list[str] = []
-    env: list[tuple[str, str]] = []
+    env: dict[str, str] = {}  # value -> its variable: one variable per distinct value
     for text, tainted in segments(m):
         if not tainted:
             out.append(text)
             ctx.feed(text)
             continue
-        name = f"{ENV_PREFIX}{first + len(env)}"
-        env.append((name, text))
+        name = env.get(text)
+        if name is None:
+            name = env[text] = f"{ENV_PREFIX}{first + len(env)}"
         out.append(ctx.reference(name))
-    return "".join(out), env
+    return "".join(out), [(name, value) for value, name in env.items()]
 
 
 def _escape_in(value: str, quote: str) -> str:
@@ -174,7 +175,7 @@ def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
     clean_head = "".join(t for t, tainted in segs if not tainted).lstrip()
     is_shell = clean_head.startswith("exec.Shell(")
     out: list[str] = []
-    env: list[tuple[str, str]] = []
+    env: dict[str, str] = {}  # value -> its variable
     quote = ""  # the open literal's quote character, or ""
     escape = False
     shell = _ShellContext()
@@ -183,8 +184,9 @@ def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
             if not quote:
                 out.append(text if _LITERAL.fullmatch(text) else repr(text))
             elif is_shell:
-                name = f"{ENV_PREFIX}{first + len(env)}"
-                env.append((name, text))
+                name = env.get(text)
+                if name is None:
+                    name = env[text] = f"{ENV_PREFIX}{first + len(env)}"
                 out.append(_escape_in(shell.reference(name), quote))
             else:
                 out.append(_escape_in(text, quote))
@@ -205,7 +207,7 @@ def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
             elif c in "'\"":
                 quote = c
                 shell = _ShellContext()
-    return "".join(out), env
+    return "".join(out), [(name, value) for value, name in env.items()]
 
 
 __all__ = ["ENV_PREFIX", "RAW_SAFE", "call_func", "marked", "segments", "shell_script"]
