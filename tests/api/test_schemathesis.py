@@ -214,7 +214,9 @@ def _live_examples(f: Fuzz) -> dict[str, list[str]]:
                 if event == until:
                     break
         tasks = [t["id"] for e in envs for t in admin.get("/api/tasks", params={"env": e}).json()]
-        r = admin.post("/api/tokens", json={"role": "viewer", "name": "fuzz-spare"})
+        # names are unique among active tokens: one per call
+        spare = f"fuzz-spare-{len(envs)}-{os.urandom(3).hex()}"
+        r = admin.post("/api/tokens", json={"role": "viewer", "name": spare})
         assert r.status_code == 201, r.text
     return {
         "env_id": envs[:2],

@@ -276,7 +276,7 @@ def test_task_count_and_time_are_bounded() -> None:
         "tasks/t.yaml": "name: t\ncommand:\n  value: /bin/true\n",
     }
     errors = errors_of(files, max_tasks=20)
-    assert len(errors) == 1 and "more than 20 tasks, the limit" in errors[0]
+    assert len(errors) == 1 and "more than 20 tasks and calls, the limit" in errors[0]
     assert errors[0].startswith("wf.yaml:3:11: ") and errors[0].endswith("(w.n21)")
     ticks = iter(range(1_000_000))  # a clock that moves one second each time it is read
     errors = errors_of(files, time_limit=3.0, clock=lambda: float(next(ticks)))

@@ -65,7 +65,7 @@ def test_destroy_ends_the_escapees_of_tasks_that_ended_hooks_and_calls(tmp_path:
         # crash, done and hook each left a setsid sleep behind; ok runs (the call's own
         # clean-up may end its sleep before destroy: then destroy has nothing to do for it)
         await h.until(lambda: len(of_environment(env.id)) >= 4)
-        assert env.by_path["wf.crash"].state == "ERROR"
+        await h.until(lambda: env.by_path["wf.crash"].state == "ERROR")  # its exit, reported
         await h.plane.destroy(env.id)
         await h.until(lambda: not of_environment(env.id))
 

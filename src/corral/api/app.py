@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
@@ -334,9 +334,11 @@ def client_address(request: Request) -> str:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:  # any local process may use any of 127.0.0.0/8 (or ::1): one host
+        return "loopback"
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
@@ -624,16 +626,24 @@ def create_app(
         return {"ok": True, "errors": [], "tasks": len(plan.tasks), "calls": len(plan.calls)}
 
     @app.post(
-        "/api/workflows/render", tags=["workflows"],
-        responses=_problems(e404="no such workflow", e403="a variable only an admin may set"),
+        "/api/workflows/render", tags=["workflows"], response_model=None,
+        responses={
+            200: {"description": "the plan (as `corral template render -o json`)",
+                  "content": {"application/json": {"schema": {"type": "object"}}}},
+            **_problems(e404="no such workflow", e403="a variable only an admin may set"),
+        },
     )  # fmt: skip
-    async def render(req: WorkflowRequest, who: Viewer) -> dict[str, Any]:
+    async def render(req: WorkflowRequest, who: Viewer) -> Response:
         plan, diags, _ = await service.expand_async(req.workflow, req.vars, who)
         if plan is None:
             raise ServiceError(
                 422, "Template errors", f"{len(diags)} errors", errors=[str(d) for d in diags]
             )
-        return plan.to_dict()
+        # A plan of 150,000 tasks is ~100 MB of JSON: made in a worker thread, and
+        # encoded a slice at a time (each slice holds the GIL briefly), so the loop that
+        # watches the tasks goes on meanwhile.
+        body = await asyncio.to_thread(plan.to_dict)
+        return StreamingResponse(json_chunks(body), media_type="application/json")
 
     # -- environments ----
 
@@ -908,9 +918,12 @@ def create_app(
 
     @app.post(
         "/api/tokens", tags=["auth"], status_code=201,
-        responses=_ok(201, "the token, shown once", {
-            "Revoke": _link(_REVOKE, "revoke it", token_id="$response.body#/id"),
-        }),
+        responses={
+            **_ok(201, "the token, shown once", {
+                "Revoke": _link(_REVOKE, "revoke it", token_id="$response.body#/id"),
+            }),
+            **_problems(e409="an active token already has that name"),
+        },
     )  # fmt: skip
     async def create_token(req: TokenRequest, who: Admin) -> dict[str, str]:
         token_id, token = service.create_token(req.role, req.name, by=who.name)
@@ -961,6 +974,28 @@ def create_app(
 
 
 _frames: dict[int, bytes] = {}
+
+
+JSON_SLICE = 500  # list items encoded at once by ``json_chunks``
+
+
+def json_chunks(value: Any) -> Iterator[bytes]:
+    """``value`` as compact JSON, in pieces: long lists a slice of items at a time
+    (Starlette runs a plain iterator in worker threads, one piece per step)."""
+    if isinstance(value, dict):
+        yield b"{"
+        for i, (k, v) in enumerate(value.items()):
+            yield (("," if i else "") + json.dumps(k) + ":").encode()
+            yield from json_chunks(v)
+        yield b"}"
+    elif isinstance(value, list) and len(value) > JSON_SLICE:
+        yield b"["
+        for j in range(0, len(value), JSON_SLICE):
+            part = json.dumps(value[j : j + JSON_SLICE], separators=(",", ":"))[1:-1]
+            yield (("," if j else "") + part).encode()
+        yield b"]"
+    else:
+        yield json.dumps(value, separators=(",", ":")).encode()
 
 
 def frame(e: dict[str, Any]) -> bytes:

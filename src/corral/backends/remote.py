@@ -286,6 +286,10 @@ class AgentBackend:
                 await self._reading
 
 
+# what a node agent started by a server keeps of the server's environment
+AGENT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
 def start_agent(data_dir: str, *, lease: float | None = None) -> Callable[[], None]:
     """A function that starts ``corral agent`` for ``data_dir``, detached from the caller
     (its own session; output in DATA/agent.log), so that it outlives it."""
@@ -297,10 +301,13 @@ def start_agent(data_dir: str, *, lease: float | None = None) -> Callable[[], No
             argv += ["--lease", str(lease)]
         # `setsid -f` forks the agent off and returns: the agent is not our child, so
         # it is nobody's zombie and a crash of ours is no concern of its
+        # The agent gets what it needs to run, never the server's secrets (its tasks
+        # are its children, of the same user): the --task-env values come in hello.
+        env = {k: os.environ[k] for k in AGENT_ENV if k in os.environ}
         with open(os.path.join(data_dir, "agent.log"), "ab") as out:
             subprocess.run(
                 ["setsid", "-f", *argv], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, close_fds=True, check=True, timeout=30,
+                stderr=subprocess.STDOUT, close_fds=True, check=True, timeout=30, env=env,
             )  # fmt: skip
 
     return start

@@ -17,6 +17,7 @@ import click
 
 from corral.backends.agent import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE, Agent, marker, socket_path
 from corral.backends.local import LocalBackend
+from corral.cli.hardening import private_process
 from corral.cli.run import Seconds, data_option
 from corral.control.plane import install_child_watcher
 from corral.store.lock import DataDirInUse, DataLock
@@ -32,6 +33,7 @@ from corral.store.lock import DataDirInUse, DataLock
 def agent(data: str, lease: float) -> None:
     """Run the node agent of a data directory (`corral serve` starts it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    private_process()
     try:
         DataLock(data, "corral agent", name="agent.lock").acquire()
     except DataDirInUse as e:

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from corral.backends.local import LocalBackend
 from corral.calls import CallError, Registry
 from corral.cli.client import remote_events, server_options
+from corral.cli.hardening import private_process
 from corral.cli.template import TIME_LIMIT, builtin_defaults, parse_vars, report, var_option
 from corral.control import recipes
 from corral.control.environment import Environment, TransitionError
@@ -213,6 +214,7 @@ def run(
     task_env: tuple[str, ...],
 ) -> None:
     """Run the workflow at PATH on this machine until Ctrl-C."""
+    private_process()  # its environment is not its tasks' to read
     passed = parse_task_env(task_env)
     user = parse_vars(variables)
     limits = _parse_timeouts(timeouts)

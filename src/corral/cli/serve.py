@@ -26,6 +26,7 @@ from corral.api.app import MAX_BODY, create_app
 from corral.backends.agent import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE, socket_path
 from corral.backends.remote import AgentBackend, AgentUnavailable, start_agent
 from corral.backends.sim import SimBackend
+from corral.cli.hardening import private_process
 from corral.cli.run import (
     Seconds,
     data_option,
@@ -152,6 +153,7 @@ def serve(
     task_env: tuple[str, ...],
 ) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
+    private_process()  # its environment holds CORRAL_TOKEN: not readable by its tasks
     host, port = parse_listen(listen)
     tls = parse_tls(tls_cert, tls_key)
     passed = parse_task_env(task_env)

@@ -461,6 +461,7 @@ class ControlPlane:
         )  # fmt: skip
         gone = f"{RESTARTED}: its process ended while no control process watched it"
         confirmed: set[str] = set()
+        plain: set[str] = set()  # states of live plain processes (they say none)
         was = {t["idx"]: (t["state"], t["pid"]) for t in stored}
         for t in stored:
             proc = live.get(t["idx"])
@@ -478,15 +479,20 @@ class ControlPlane:
                 elif said is not None:
                     t["state"] = said
                     confirmed.add(said)
-                elif t["state"] in (tasksm.PENDING, tasksm.LAUNCHING):
-                    t["state"] = tasksm.STANDBY  # a plain process is ready once it runs
+                else:
+                    if t["state"] in (tasksm.PENDING, tasksm.LAUNCHING):
+                        t["state"] = tasksm.STANDBY  # a plain process is ready once it runs
+                    plain.add(t["state"])
             elif t["state"] in tasksm.ALIVE:
                 t["state"], t["reason"] = tasksm.LOST, gone
         state = dict(row)
         if cut is not None:
             after = {tasksm.STANDBY: envsm.DEPLOYED, tasksm.CONFIGURED: envsm.CONFIGURED,
                      tasksm.RUNNING: envsm.RUNNING}  # fmt: skip
-            agreed = after.get(next(iter(confirmed))) if len(confirmed) == 1 else None
+            # what the tasks said; when none says anything (plain processes only), the
+            # states they were found in
+            said_states = confirmed or plain
+            agreed = after.get(next(iter(said_states))) if len(said_states) == 1 else None
             if agreed is None:
                 state["state"] = envsm.ERROR
                 state["error"] = f"{cut} was under way when {RESTARTED}; its tasks disagree"

@@ -392,7 +392,7 @@ class ControlService:
         Refused (403) when ``who`` may not set one of the variables."""
         self.precheck_variables(name, variables, who)
         plan, diags, path, _, _ = await self._expanded(name, variables)
-        self.check_variables(plan, variables, who)
+        self.check_variables(plan, variables, who, path)
         return plan, diags, path
 
     def precheck_variables(self, name: str, variables: dict[str, str], who: Principal) -> None:
@@ -404,13 +404,20 @@ class ControlService:
         public, where, includes = declared_public(self.workflow_path(name), DiskSources())
         self._refuse(public, {} if includes else variables, variables, who, where)
 
-    def check_variables(self, plan: Plan | None, variables: dict[str, str], who: Principal) -> None:
+    def check_variables(
+        self, plan: Plan | None, variables: dict[str, str], who: Principal, path: str
+    ) -> None:
         """Only an admin sets variables the workflow does not declare ``!public`` (403),
         or public ones with a value not of their type or not among their values (422).
-        A template that did not expand has its errors said instead."""
-        if plan is None or who.can("admin") or not variables:
+        For a template that did not expand, a variable none of its files declares (as
+        far as they are known without expanding) is refused before its errors are said."""
+        if who.can("admin") or not variables:
             return
-        self._refuse(plan.public, variables, variables, who)
+        if plan is not None:
+            self._refuse(plan.public, variables, variables, who)
+            return
+        public, where, _ = declared_public(path, DiskSources())
+        self._refuse(public, variables, {}, who, where)
 
     @staticmethod
     def _refuse(
@@ -552,7 +559,7 @@ class ControlService:
         self.precheck_variables(name, variables, who)
         env_id = new_environment_id()
         plan, diags, path, recipe, declared = await self._expanded(name, variables, env_id=env_id)
-        self.check_variables(plan, variables, who)
+        self.check_variables(plan, variables, who, path)
         if plan is None:
             raise ServiceError(
                 422, "Template errors", f"{len(diags)} errors in {name}",

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.model.inventory import Node
 from corral.model.plan import Constraint, Resources
+from corral.model.regex import compile_regex
 
 NO_RESOURCES = Resources()
 MAX_REASONS = 1000
@@ -97,17 +98,27 @@ def matches(node: Node, c: Constraint) -> bool:
     return False
 
 
-_REGEX_CACHE: dict[str, re.Pattern[str]] = {}
+_REGEX_CACHE: dict[str, Any] = {}
+_REGEX_CACHE_SIZE = 1024  # patterns may come from callers: the cache is bounded
 
 
-def _regex(pattern: str) -> re.Pattern[str]:
+class _Never:
+    """A broken pattern: matches nothing."""
+
+    def fullmatch(self, value: str) -> None:
+        return None
+
+
+def _regex(pattern: str) -> Any:
+    """The compiled pattern, in RE2: linear time in the value, whatever the pattern (a
+    caller's pattern cannot backtrack for minutes on the loop that places tasks)."""
     r = _REGEX_CACHE.get(pattern)
     if r is None:
-        try:
-            r = re.compile(pattern)
-        except re.error:
-            r = re.compile(r"(?!)")  # a broken pattern matches nothing
-        _REGEX_CACHE[pattern] = r
+        if len(_REGEX_CACHE) >= _REGEX_CACHE_SIZE:
+            _REGEX_CACHE.clear()
+        r = compile_regex(pattern)
+        _REGEX_CACHE[pattern] = _Never() if r is None else r
+        r = _REGEX_CACHE[pattern]
     return r
 
 

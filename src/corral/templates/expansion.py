@@ -54,6 +54,7 @@ from corral.model.plan import (
     Resources,
     TaskSpec,
 )
+from corral.model.regex import regex_error
 from corral.model.vocabulary import Trigger, TriggerError, parse_trigger
 from corral.templates.diagnostics import Diagnostic, Diagnostics, Loc, TemplateError
 from corral.templates.expressions import (
@@ -224,8 +225,8 @@ def parse_duration(text: str) -> float:
         if pos != len(s) or not s:
             raise ValueError(f"bad duration {text!r}: use e.g. 500ms, 10s, 1m30s") from None
         value = total
-    if value < 0 or value != value:
-        raise ValueError(f"bad duration {text!r}: must not be negative")
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"bad duration {text!r}: must be a finite number, not negative")
     return value
 
 
@@ -388,7 +389,10 @@ class _Expander:
         if self.clock is not None and self._evals % _CLOCK_EVERY == 0:
             self.check_time(hole.loc, pos)
         tainted = False
-        if e.bare is None:
+        if e.bare is not None:
+            v = stack.get(e.bare)
+            tainted = v is not None and (TAINT_START in v or TAINT_END in v)
+        else:
             size = 0
             for n in e.analysis.names:
                 v = stack.get(n)
@@ -409,7 +413,10 @@ class _Expander:
             value = self.ev.evaluate(e, _Unmarked(stack) if tainted else stack, pos)
         except ExprError as err:
             self.fail(hole.loc, f"in {{{{ {hole.source} }}}}: {err}", pos)
-        s = render(value)
+        # Marks in a result are never the caller's word on where their value is: CEL got
+        # the values unmarked, so a mark here was made by it (json.Unmarshal of a
+        # "\ue001" escape, say). Taken out; the whole result is marked below if tainted.
+        s = unmark(render(value))
         if len(s) > MAX_VALUE:
             self.fail(
                 hole.loc,
@@ -422,8 +429,7 @@ class _Expander:
             # the caller's value chose it (``size(x) > 0 ? a : b``), wrote none of it.
             tainted = False
         if hole.raw:
-            if tainted or marked(s):
-                s = unmark(s)
+            if tainted:
                 bad = sorted({c for c in s if not RAW_SAFE.fullmatch(c)})
                 if bad:
                     shown = " ".join(repr(c) for c in bad[:8])
@@ -672,8 +678,9 @@ class _Expander:
             assert it.begin is not None and it.end is not None
             begin = self.integer(it.begin, parent.stack, pre, "for begin")
             end = self.integer(it.end, parent.stack, pre, "for end")
-            if end - begin > MAX_ITERATIONS:
-                self.fail(it.loc, f"for range of {end - begin} items exceeds {MAX_ITERATIONS}", pre)
+            if end - begin + 1 > MAX_ITERATIONS:
+                count = end - begin + 1
+                self.fail(it.loc, f"for range of {count} items exceeds {MAX_ITERATIONS}", pre)
             items = [str(i) for i in range(begin, end + 1)]
         collection = None
         nmin = 0
@@ -707,30 +714,24 @@ class _Expander:
             self.fail(t.loc, f"{what} must be an integer, not {s!r}", pos)
 
     def range_items(self, raw: str, loc: Loc, pos: RolePos) -> list[str]:
-        """The items of a ``for`` range. A caller's value stays marked in each item that
-        holds it (or in every item, when the marks do not sit inside the JSON strings)."""
-        s = raw.strip()
-        if not unmark(s).strip():
+        """The items of a ``for`` range. When the range holds a caller's value anywhere,
+        every item counts as the caller's (marked); marks that JSON escapes decode to
+        (``"\\ue001"``) are taken out of the items either way."""
+        tainted = marked(raw)
+        s = unmark(raw).strip()
+        if not s:
             return []
-        mark_all = False
         try:
             value = json.loads(s)
         except (ValueError, RecursionError):  # RecursionError: nested too deep
-            value = None
-            mark_all = marked(s)
-            if mark_all:
-                with contextlib.suppress(ValueError, RecursionError):
-                    value = json.loads(unmark(s))
-            if value is None:
-                shown = unmark(raw)
-                self.fail(loc, f'for range must be a JSON list, e.g. ["a","b"], not {shown!r}', pos)
+            self.fail(loc, f'for range must be a JSON list, e.g. ["a","b"], not {s!r}', pos)
         if not isinstance(value, list):
-            self.fail(loc, f"for range must be a list, not {unmark(raw)!r}", pos)
+            self.fail(loc, f"for range must be a list, not {s!r}", pos)
         if len(value) > MAX_ITERATIONS:
             self.fail(loc, f"for range of {len(value)} items exceeds {MAX_ITERATIONS}", pos)
-        if mark_all:
+        if tainted:
             return [TAINT_START + unmark(render(x)) + TAINT_END for x in value]
-        return [render(x) for x in value]
+        return [unmark(render(x)) for x in value]
 
     def body(self, r: RoleDef, scope: _Scope) -> None:
         if r.task is not None:
@@ -745,7 +746,10 @@ class _Expander:
     def include(self, r: RoleDef, scope: _Scope) -> None:
         assert r.include is not None
         ref = self.text(r.include, scope.stack, scope.pos).strip()
-        path = self.lib.find_include(ref, r.file)
+        try:
+            path = self.lib.find_include(ref, r.file)
+        except ValueError as e:
+            self.fail(r.include.loc, str(e), scope.pos)
         if path is None:
             self.fail(r.include.loc, f"include {ref!r}: no such workflow", scope.pos)
         assert path is not None
@@ -789,10 +793,14 @@ class _Expander:
                 pos,
             )
         if op == "regex":
-            try:
-                re.compile(value)
-            except re.error as e:
-                self.fail(c.value.loc, f"bad constraint regex {value!r}: {e}", pos)
+            why = regex_error(value)
+            if why is not None:
+                self.fail(
+                    c.value.loc,
+                    f"bad constraint regex {value!r}: {why} (RE2 syntax: no backreferences "
+                    "or lookaround)",
+                    pos,
+                )
         if not attr:
             self.fail(c.attribute.loc, "constraint attribute is empty", pos)
         return Constraint(attr, value, op)
@@ -803,7 +811,16 @@ class _Expander:
         c = r.call
         assert c is not None and c.trigger is not None
         st, pos = scope.stack, scope.pos
-        func, env = call_func(self.mtext(c.func, st, pos))
+        if len(self.tasks) + len(self.calls) >= self.max_tasks:
+            raise _Abort(
+                c.func.loc,
+                f"the plan has more than {self.max_tasks} tasks and calls, the limit; stopped here",
+                pos.path,
+            )
+        try:
+            func, env = call_func(self.mtext(c.func, st, pos))
+        except ValueError as e:
+            self.fail(c.func.loc, str(e), pos)
         func = func.strip()
         if not _FUNC.match(func):
             self.fail(c.func.loc, f"call func {func!r} must look like plugin.Method(...)", pos)
@@ -828,10 +845,10 @@ class _Expander:
         pos = scope.pos
         path = pos.path
         assert path is not None
-        if len(self.tasks) >= self.max_tasks:
+        if len(self.tasks) + len(self.calls) >= self.max_tasks:
             raise _Abort(
                 r.name.loc,
-                f"the plan has more than {self.max_tasks} tasks, the limit; stopped here",
+                f"the plan has more than {self.max_tasks} tasks and calls, the limit; stopped here",
                 path,
             )
         name = self.text(ref.load, scope.stack, pos).strip()
@@ -953,7 +970,10 @@ class _Expander:
             env.append((k.strip(), val))
         shell = self.bool_text(c.shell, False, stack, pos, "shell")
         if shell:  # a caller's value is read from a variable, never parsed
-            value, values = shell_script(value)
+            try:
+                value, values = shell_script(value)
+            except ValueError as e:
+                self.fail(c.value.loc, str(e), pos)
             env.extend(values)
         else:
             value = unmark(value)

@@ -70,14 +70,24 @@ class Library:
         return wf
 
     def find_include(self, ref: str, from_file: str) -> str | None:
-        """The path an include reference names, or None when no candidate exists."""
+        """The path an include reference names, or None when no candidate exists.
+        ValueError for a reference outside the workflows' folders (an absolute path,
+        ``..``): an include reads trusted template code, so it never reads a file a
+        variable chose elsewhere."""
         here = posixpath.dirname(from_file)
         if ref.endswith((".yaml", ".yml")) or "/" in ref:
             candidates = [posixpath.normpath(posixpath.join(here, ref))]
         else:
             dirs = [here, *self.workflow_dirs]
             candidates = [posixpath.normpath(posixpath.join(d, ref + ".yaml")) for d in dirs]
-        for c in candidates:
+        roots = [posixpath.normpath(d) for d in self.workflow_dirs]
+        inside = [c for c in candidates if any(_within(c, r) for r in roots)]
+        if not inside:
+            raise ValueError(
+                f"include {ref!r}: outside the workflows' folders "
+                f"({', '.join(roots)}); name a workflow there"
+            )
+        for c in inside:
             if c in self._workflows or self.sources.read(c) is not None:
                 return c
         return None
@@ -101,3 +111,10 @@ class Library:
                 self.diags.error(loc, f"no task class {name!r} (looked for {where})")
         self._classes[name] = tc
         return tc
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether the normalized ``path`` is inside the normalized ``folder``."""
+    if folder == ".":
+        return not path.startswith(("/", "../")) and path != ".."
+    return path.startswith(folder.rstrip("/") + "/")

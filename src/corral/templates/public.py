@@ -38,25 +38,45 @@ def public_var(vd: VarDef) -> PublicVar:
 
 
 def declared(path: str, sources: Sources) -> tuple[list[PublicVar], dict[str, str], bool]:
-    """The public variables the root workflow at ``path`` declares, read without
-    expanding it, where each is declared (``FILE:LINE:COL``), and whether it includes
-    other workflows (which may declare more)."""
-    wf = Library(path, sources, Diagnostics()).workflow(path)
-    if wf is None:
-        return [], {}, True
+    """The public variables the workflow at ``path`` and the workflows it includes by
+    a literal name declare, read without expanding, where each is declared
+    (``FILE:LINE:COL``), and whether an include's name is computed (its file, which may
+    declare more, is known only by expanding)."""
+    lib = Library(path, sources, Diagnostics())
     public: list[PublicVar] = []
     where: dict[str, str] = {}
-    includes = False
-    todo: list[RoleDef] = [wf.root]
-    while todo:
-        r = todo.pop()
-        for vd in r.defaults + r.vars:
-            if vd.public is not None and vd.name not in where:
-                public.append(public_var(vd))
-                where[vd.name] = str(vd.loc)
-        includes = includes or r.include is not None
-        todo += r.roles or []
-    return public, where, includes
+    computed = False
+    files = [lib.root_file]
+    seen: set[str] = set()
+    while files:
+        file = files.pop()
+        if file in seen or len(seen) >= 64:
+            continue
+        seen.add(file)
+        wf = lib.workflow(file)
+        if wf is None:
+            continue
+        todo: list[RoleDef] = [wf.root]
+        while todo:
+            r = todo.pop()
+            for vd in r.defaults + r.vars:
+                if vd.public is not None and vd.name not in where:
+                    public.append(public_var(vd))
+                    where[vd.name] = str(vd.loc)
+            if r.include is not None:
+                ref = r.include.const
+                found = None
+                if ref is not None:
+                    try:
+                        found = lib.find_include(ref.strip(), r.file)
+                    except ValueError:
+                        found = None
+                if found is None:
+                    computed = True
+                else:
+                    files.append(found)
+            todo += r.roles or []
+    return public, where, computed
 
 
 def refusals(public: Iterable[PublicVar], variables: Mapping[str, str]) -> list[str]:

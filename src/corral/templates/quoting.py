@@ -31,6 +31,7 @@ from corral.templates.text import TAINT_END, TAINT_START
 ENV_PREFIX = "CORRAL_VALUE_"
 # what a caller's value may hold in a raw hole: words, no shell or literal syntax
 RAW_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./ \t-]*")
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 _LITERAL = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
 
 
@@ -75,58 +76,99 @@ def segments(m: str) -> list[tuple[str, bool]]:
 
 class _ShellContext:
     """Where a POSIX shell lexer is after some text: outside quotes, in '…' or in "…",
-    with ``$( … )`` and backquotes opening a fresh context (a stack of them)."""
+    in a comment, or in arithmetic; ``$( … )`` and backquotes open a fresh context (a
+    stack of them), ``$(( … ))`` and ``(( … ))`` an arithmetic one."""
 
-    __slots__ = ("escape", "stack")
+    __slots__ = ("escape", "prev", "prev2", "skip", "stack")
 
     def __init__(self) -> None:
         self.stack: list[list[Any]] = [["none", 0, ""]]  # [state, open parens, closer]
         self.escape = False
+        self.prev = self.prev2 = "\n"
+        self.skip = False  # the second ")" of an arithmetic "))"
 
     @property
     def state(self) -> str:
         return str(self.stack[-1][0])
 
     def feed(self, text: str) -> None:
-        prev = ""
         for c in text:
-            top = self.stack[-1]
-            state = top[0]
-            if self.escape:
-                self.escape = False
-            elif state == "single":
-                if c == "'":
-                    top[0] = "none"
-            elif c == "\\":
-                self.escape = True
-            elif c == "(" and prev == "$":
-                self.stack.append(["none", 0, ")"])
-            elif c == "`" and top[2] == "`" and state == "none":
-                if len(self.stack) > 1:
-                    self.stack.pop()
-            elif c == "`":
-                self.stack.append(["none", 0, "`"])
-            elif state == "double":
-                if c == '"':
-                    top[0] = "none"
-            elif c == "'":
-                top[0] = "single"
-            elif c == '"':
-                top[0] = "double"
-            elif c == "(":
+            self._char(c)
+            self.prev2, self.prev = self.prev, c
+
+    def _char(self, c: str) -> None:
+        top = self.stack[-1]
+        state = top[0]
+        if self.skip and c == ")":
+            self.skip = False
+            return
+        self.skip = False
+        if self.escape:
+            self.escape = False
+        elif state == "single":
+            if c == "'":
+                top[0] = "none"
+        elif state == "comment":
+            if c == "\n":
+                top[0] = "none"
+        elif c == "\\":
+            self.escape = True
+        elif state == "arith":
+            if c == "(":
                 top[1] += 1
             elif c == ")":
                 if top[1] > 0:
                     top[1] -= 1
-                elif top[2] == ")" and len(self.stack) > 1:
+                elif len(self.stack) > 1:
                     self.stack.pop()
-            prev = c
+                    self.skip = True
+        elif c == "(" and self.prev == "(" and state == "none":
+            if self.prev2 == "$" and top[2] == ")" and top[1] == 0 and len(self.stack) > 1:
+                self.stack[-1] = ["arith", 0, "))"]  # "$((": not a command substitution
+            else:
+                top[1] = max(0, top[1] - 1)  # "((": the first "(" was counted
+                self.stack.append(["arith", 0, "))"])
+        elif c == "(" and self.prev == "$" and state in ("none", "double"):
+            self.stack.append(["none", 0, ")"])
+        elif c == "`" and top[2] == "`" and state == "none":
+            if len(self.stack) > 1:
+                self.stack.pop()
+        elif c == "`":
+            self.stack.append(["none", 0, "`"])
+        elif state == "double":
+            if c == '"':
+                top[0] = "none"
+        elif c == "'":
+            top[0] = "single"
+        elif c == '"':
+            top[0] = "double"
+        elif c == "#" and self.prev in " \t\n;&|()":
+            top[0] = "comment"
+        elif c == "(":
+            top[1] += 1
+        elif c == ")":
+            if top[1] > 0:
+                top[1] -= 1
+            elif top[2] == ")" and len(self.stack) > 1:
+                self.stack.pop()
 
-    def reference(self, name: str) -> str:
-        if self.state == "single":
+    def reference(self, name: str, value: str) -> str:
+        state = self.state
+        if state == "arith":
+            # bash evaluates a variable's text in arithmetic (an array subscript in it
+            # runs commands): only a whole number goes in, as written
+            if not _INTEGER.fullmatch(value):
+                raise ValueError(
+                    "a caller's value in shell arithmetic must be a whole number, "
+                    f"not {value[:40]!r}"
+                )
+            return value
+        if state == "single":
             return f"'\"${{{name}}}\"'"
-        if self.state == "double":
+        if state == "double":
             return f"${{{name}}}"
+        if state == "comment":
+            return ""
         return f'"${{{name}}}"'
 
 
@@ -143,10 +185,11 @@ def shell_script(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
             out.append(text)
             ctx.feed(text)
             continue
-        name = env.get(text)
-        if name is None:
-            name = env[text] = f"{ENV_PREFIX}{first + len(env)}"
-        out.append(ctx.reference(name))
+        name = env.get(text) or f"{ENV_PREFIX}{first + len(env)}"
+        ref = ctx.reference(name, text)
+        if "$" in ref:
+            env[text] = name
+        out.append(ref)
     return "".join(out), [(name, value) for value, name in env.items()]
 
 
@@ -168,7 +211,8 @@ def _escape_in(value: str, quote: str) -> str:
 
 def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
     """A call's ``plugin.Method(args)`` text with each caller's value one literal (or
-    inside one), and the variables ``exec.Shell`` reads them from."""
+    inside one), and the variables ``exec.Shell`` reads them from. ValueError for a
+    caller's value where it cannot go (shell arithmetic)."""
     if not marked(m):
         return m, []
     segs = segments(m)
@@ -176,7 +220,7 @@ def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
     is_shell = clean_head.startswith("exec.Shell(")
     out: list[str] = []
     env: dict[str, str] = {}  # value -> its variable
-    quote = ""  # the open literal's quote character, or ""
+    quote = ""  # the open literal's quote: ', ", \'\'\' or \"\"\", or ""
     escape = False
     shell = _ShellContext()
     for text, tainted in segs:
@@ -184,15 +228,18 @@ def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
             if not quote:
                 out.append(text if _LITERAL.fullmatch(text) else repr(text))
             elif is_shell:
-                name = env.get(text)
-                if name is None:
-                    name = env[text] = f"{ENV_PREFIX}{first + len(env)}"
-                out.append(_escape_in(shell.reference(name), quote))
+                name = env.get(text) or f"{ENV_PREFIX}{first + len(env)}"
+                ref = shell.reference(name, text)
+                if "$" in ref:
+                    env[text] = name
+                out.append(_escape_in(ref, quote[0]))
             else:
-                out.append(_escape_in(text, quote))
+                out.append(_escape_in(text, quote[0]))
             continue
         out.append(text)
-        for c in text:
+        i, n = 0, len(text)
+        while i < n:
+            c = text[i]
             if escape:
                 escape = False
                 if quote:
@@ -200,13 +247,16 @@ def call_func(m: str, first: int = 1) -> tuple[str, list[tuple[str, str]]]:
             elif quote:
                 if c == "\\":
                     escape = True
-                elif c == quote:
+                elif text.startswith(quote, i):
+                    i += len(quote) - 1
                     quote = ""
                 else:
                     shell.feed(c)
             elif c in "'\"":
-                quote = c
+                quote = c * 3 if text.startswith(c * 3, i) else c
+                i += len(quote) - 1
                 shell = _ShellContext()
+            i += 1
     return "".join(out), [(name, value) for value, name in env.items()]
 
 
