@@ -29,21 +29,10 @@ from corral.model.plan import CallSpec
 from corral.templates import DictSources, check
 from tests.api.server import Server
 from tests.conftest import dedent_files, expand_text
+from tests.issues.test_issue11_quoting import sh
 
 # JSON text whose string escapes decode to the taint marks themselves (U+E001 ... U+E000)
 ESCAPED_MARKS = "\\ue001; touch PWNED; \\ue000"
-
-
-def sh(value: str, env: tuple[tuple[str, str], ...], cwd: Path, shell: str = "/bin/sh") -> str:
-    r = subprocess.run(
-        [shell, "-c", value],
-        env={"PATH": os.environ["PATH"], **dict(env)},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return r.stdout
 
 
 def shell_task(value: str) -> dict[str, str]:

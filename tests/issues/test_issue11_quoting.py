@@ -38,9 +38,10 @@ HOSTILE = [
 ]
 
 
-def sh(value: str, env: tuple[tuple[str, str], ...], cwd: Path) -> str:
+def sh(value: str, env: tuple[tuple[str, str], ...], cwd: Path, shell: str = "/bin/sh") -> str:
+    """What ``shell -c value`` prints, with the plan's environment."""
     r = subprocess.run(
-        ["/bin/sh", "-c", value],
+        [shell, "-c", value],
         env={"PATH": os.environ["PATH"], **dict(env)},
         cwd=cwd,
         capture_output=True,

@@ -7,6 +7,7 @@ it holds no shell or literal syntax.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from corral.templates.diagnostics import Loc
@@ -55,25 +56,34 @@ def _raw_inner(source: str) -> str | None:
     rest = s[3:].lstrip()
     if not rest.startswith("("):
         return None
-    depth, quote, i = 0, "", 0
-    while i < len(rest):
-        c = rest[i]
+    for k, c, depth in _unquoted(rest, 0):
+        if c in ")]}" and depth == 1:
+            inner = rest[1:k].strip()
+            return inner if k == len(rest) - 1 and inner else None
+    return None
+
+
+def _unquoted(s: str, i: int) -> Iterator[tuple[int, str, int]]:
+    """(index, character, bracket depth before it) of each character of ``s`` from
+    ``i`` that is outside string literals."""
+    depth, quote, n = 0, "", len(s)
+    while i < n:
+        c = s[i]
         if quote:
             if c == "\\":
-                i += 1
-            elif c == quote:
+                i += 2
+                continue
+            if c == quote:
                 quote = ""
         elif c in "'\"":
             quote = c
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth == 0:
-                inner = rest[1:i].strip()
-                return inner if i == len(rest) - 1 and inner else None
+        else:
+            yield i, c, depth
+            if c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
         i += 1
-    return None
 
 
 class TextSyntaxError(ValueError):
@@ -120,26 +130,11 @@ def split_holes(raw: str) -> list[tuple[str, int] | str]:
             break
         if start > i:
             out.append(raw[i:start])
-        j = start + 2
-        depth = 0
-        quote = ""
-        while j < n:
-            c = raw[j]
-            if quote:
-                if c == "\\":
-                    j += 2
-                    continue
-                if c == quote:
-                    quote = ""
-            elif c in "'\"":
-                quote = c
-            elif c in "([{":
-                depth += 1
-            elif c in ")]}":
-                if c == "}" and depth == 0 and raw.startswith("}}", j):
-                    break
-                depth -= 1
-            j += 1
+        j = n
+        for k, c, depth in _unquoted(raw, start + 2):
+            if c == "}" and depth == 0 and raw.startswith("}}", k):
+                j = k
+                break
         if j >= n:
             raise TextSyntaxError("'{{' without a matching '}}'", start)
         inner = raw[start + 2 : j]
