@@ -365,3 +365,15 @@ def test_one_variable_per_distinct_value(tmp_path: Path) -> None:
     )
     assert cmd.env == (("CORRAL_VALUE_1", "a b"), ("CORRAL_VALUE_2", "c"))
     assert sh(cmd.value, cmd.env, tmp_path) == "a b a b a b c\n"
+
+
+def test_a_caller_names_no_environment_variable() -> None:
+    """An attacker's finding: ``env: ["{{ extra }}"]`` let a caller set LD_PRELOAD or
+    PATH of a task. A caller's value may be an env entry's value, not its name."""
+    task = "name: t\ncommand:\n  value: /bin/true\n  env: ['{{ extra }}', 'X={{ extra }}']\n"
+    files = {"wf.yaml": "name: w\nroles:\n  - {name: r, task: {load: t}}\n", "tasks/t.yaml": task}
+    errors = errors_of(files, variables={"extra": "LD_PRELOAD=/tmp/evil.so"})
+    assert len(errors) == 1 and "its name comes from a caller" in errors[0], errors
+    files["tasks/t.yaml"] = task.replace("'{{ extra }}', ", "")
+    cmd = expand_text(files, variables={"extra": "LD_PRELOAD=/tmp/evil.so"}).tasks[0].command
+    assert cmd.env == (("X", "LD_PRELOAD=/tmp/evil.so"),)

@@ -963,10 +963,14 @@ class _Expander:
         args = tuple([self.text(a, stack, pos) for a in c.arguments])
         env = []
         for e in c.env:
-            s = self.text(e, stack, pos)
+            m = self.mtext(e, stack, pos)
+            s = unmark(m)
             k, eq, val = s.partition("=")
             if not eq or not k.strip():
                 self.fail(e.loc, f"env entry {s!r} must look like NAME=value", pos)
+            if marked(m.partition("=")[0]) or TAINT_START + k in m:
+                # a caller names values, never variables (LD_PRELOAD, PATH, CORRAL_*)
+                self.fail(e.loc, f"env entry {s[:60]!r}: its name comes from a caller", pos)
             env.append((k.strip(), val))
         shell = self.bool_text(c.shell, False, stack, pos, "shell")
         if shell:  # a caller's value is read from a variable, never parsed
