@@ -424,3 +424,31 @@ def test_expand_raises_with_every_error() -> None:
     with pytest.raises(TemplateError) as info:
         expand_text(files)
     assert len(info.value.diagnostics) == 2
+
+
+def test_public_root_name_and_description() -> None:
+    """AliECS's templates mark the root name and description ``!public`` (issue 12)."""
+    plan = expand_text(
+        {
+            "wf.yaml": """
+                name: !public readout-dataflow
+                description: !public "Main workflow"
+                roles:
+                  - {name: r, task: {load: t}}
+                """,
+            "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+        }
+    )
+    assert plan.name == "readout-dataflow" and plan.description == "Main workflow"
+    assert [t.path for t in plan.tasks] == ["readout-dataflow.r"]
+    errors = errors_of(
+        {
+            "wf.yaml": """
+                name: w
+                roles:
+                  - {name: !public r, task: {load: t}}
+                """,
+            "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+        }
+    )
+    assert "role name: unknown tag '!public'" in errors[0]

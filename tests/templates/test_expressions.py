@@ -165,3 +165,31 @@ def test_uid_is_deterministic_per_seed_and_unique_per_call() -> None:
     assert uids("a") == uids("a")
     assert uids("a") != uids("b")
     assert len(set(uids("a"))) == 5
+
+
+@pytest.mark.parametrize(
+    ("src", "message"),
+    [
+        (
+            "util.PrefixedOverrid('a', 'b')",
+            "unknown function util.PrefixedOverrid; did you mean util.PrefixedOverride?",
+        ),
+        ("strings.ToUppr(x)", "unknown function strings.ToUppr; did you mean strings.ToUpper?"),
+        (
+            "util.SuffixInRang(x, 'a', '1', '2')",
+            "unknown function util.SuffixInRang (corral's util functions: util.PrefixedOverride)",
+        ),
+        (
+            "inventory.DetectorsForHosts(x)",
+            "unknown function inventory.DetectorsForHosts: corral has no inventory.* functions",
+        ),
+    ],
+)
+def test_an_unknown_function_is_said_as_such(src: str, message: str) -> None:
+    """Not as "undefined variable 'util'; undefined variable 'SuffixInRang'" (issue 12)."""
+    ev = Evaluator("s")
+    with pytest.raises(ExprError) as e:
+        ev.evaluate(ev.expr(src), {"x": "abc"}, None)
+    assert str(e.value) == message
+    # a CEL method of a value (lowercase) is no function of a namespace
+    assert ev.evaluate(ev.expr("x.startsWith('a')"), {"x": "abc"}, None) is True

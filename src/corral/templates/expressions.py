@@ -23,6 +23,7 @@ facilities, inputs are capped at 4 KB and nesting at 32 levels by the runtime.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -419,7 +420,14 @@ def _unmarshal(s: str) -> Any:
     return value
 
 
+FUNCTIONS: set[str] = set()  # the namespaced functions templates may call (``_decl``)
+# namespaces of functions (AliECS's among them): ``ns.Name(`` there names a function
+_FUNCTION_NAMESPACES = _NAMESPACES | {"inventory", "config", "runtime", "dpl", "odc"}
+
+
 def _decl(name: str, params: list[Any], ret: Any, impl: Callable[..., Any] | None) -> Any:
+    if "." in name:
+        FUNCTIONS.add(name)
     oid = name.replace(".", "_") + "_" + "_".join(p.name() for p in params)
     if impl is None:
         return cel.FunctionDecl(name, [cel.Overload(oid, ret, params)])
@@ -560,6 +568,10 @@ class Expr:
             self.error = str(e)
             self.analysis = Analysis(text, (), False, False)
             return
+        unknown = _unknown_function(self.analysis.source)
+        if unknown is not None:
+            self.error = unknown
+            return
         src = self.analysis.source.strip()
         if self.analysis.names == (src,):
             self.bare = src
@@ -567,6 +579,30 @@ class Expr:
         if m is not None:
             up = int(m.group(1)) if m.group(1) is not None else (1 if m.group(2) else 0)
             self.role_attr = (up, m.group(4))
+
+
+def _unknown_function(source: str) -> str | None:
+    """Why ``source`` calls a function that does not exist (``util.SuffixInRang(…)``),
+    said as such rather than as undefined variables; None when it calls none."""
+    sig = [t for t in _tokenize(source) if t.kind != "ws"]
+    for k in range(len(sig) - 3):
+        ns, dot, fn, paren = sig[k : k + 4]
+        if (
+            ns.kind == "ident" and ns.text in _FUNCTION_NAMESPACES and dot.text == "."
+            and fn.kind == "ident" and fn.text[:1].isupper() and paren.text == "("
+            and (k == 0 or sig[k - 1].text != ".")
+        ):  # fmt: skip
+            name = f"{ns.text}.{fn.text}"
+            if name in FUNCTIONS:
+                continue
+            close = difflib.get_close_matches(name, sorted(FUNCTIONS), n=1, cutoff=0.75)
+            if close:
+                return f"unknown function {name}; did you mean {close[0]}?"
+            same = sorted(f for f in FUNCTIONS if f.startswith(ns.text + "."))
+            if same:
+                return f"unknown function {name} (corral's {ns.text} functions: {', '.join(same)})"
+            return f"unknown function {name}: corral has no {ns.text}.* functions"
+    return None
 
 
 _PROBATION = 2048  # lookups before a memo that keeps missing is switched off

@@ -142,6 +142,7 @@ class WorkflowDef:
 
     root: RoleDef
     description: str = ""
+    public: tuple[str, ...] = ()  # "name", "description": what AliECS's GUI may show/edit
 
 
 @dataclass(slots=True)
@@ -519,11 +520,17 @@ class Parser:
         if "roles" not in keys:
             self.error(node, "a workflow needs roles")
             return None
+        public = []
+        for key in ("name", "description"):  # AliECS: `name: !public readout-dataflow`
+            value = keys.get(key, (None, None))[1]
+            if isinstance(value, yaml.ScalarNode) and value.tag == PUBLIC_TAG:
+                value.tag = _STR
+                public.append(key)
         description = ""
         if "description" in keys:
             description = self.scalar(keys["description"][1], "description") or ""
         root = self.role_body(node, keys, top=True)
-        return None if root is None else WorkflowDef(root, description)
+        return None if root is None else WorkflowDef(root, description, tuple(public))
 
     def role(self, node: yaml.Node) -> RoleDef | None:
         keys = self.mapping(node, "a role", _ROLE_KEYS)
