@@ -42,7 +42,7 @@ class Server:
         end = time.monotonic() + 60  # only stops a hung test
         while time.monotonic() < end:
             text = log.read_text()
-            m = re.search(r"serving on (http://[\d.:]+)", text)
+            m = re.search(r"serving on (https?://[\d.:]+)", text)  # https with --tls-cert
             if m:
                 self.url = m.group(1)
                 t = re.search(r"admin token \(shown once, keep it\): (\S+)", text)

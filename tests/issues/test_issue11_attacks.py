@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from corral.model.plan import CallSpec
 from corral.templates import DictSources, check
 from tests.api.server import Server
 from tests.conftest import dedent_files, expand_text
+from tests.faults.test_server_kill import wait_for
 from tests.issues.test_issue11_quoting import sh
 
 # JSON text whose string escapes decode to the taint marks themselves (U+E001 ... U+E000)
@@ -335,7 +335,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dic
 # -- 3. time and memory ---------------------------------------------------------------------------
 
 
-def test_a_viewers_big_render_is_made_off_the_loop(farm: tuple[Server, dict[str, str]]) -> None:
+def test_a_viewers_render_is_streamed_whole(farm: tuple[Server, dict[str, str]]) -> None:
     """A viewer's render of 150,000 tasks was turned into JSON on the event loop (11 s
     and 2.3 GB for 1,000,000 tasks: long enough to fence an environment). Fixed: the
     plan becomes a dict in a worker thread and is sent as it is encoded, a slice of
@@ -483,14 +483,13 @@ def test_a_crash_during_deploy_of_plain_tasks_comes_back_deployed(tmp_path: Path
             r = op.post(f"/api/environments/{env_id}/transitions",
                         json={"event": "DEPLOY", "wait": False})  # fmt: skip
             assert r.status_code in (200, 202), r.text
-            end = time.monotonic() + 60
-            while time.monotonic() < end:
-                events = op.get("/api/events", params={"env": env_id}).json()
-                if any(e.get("kind") == "call" and e.get("status") == "STARTED" for e in events):
-                    break
-                time.sleep(0.05)
-            else:
-                raise AssertionError("the call never started")
+            wait_for(
+                lambda: any(
+                    e.get("kind") == "call" and e.get("status") == "STARTED"
+                    for e in op.get("/api/events", params={"env": env_id}).json()
+                ),
+                "the DEPLOY hook call started",
+            )
         assert s.proc is not None
         s.proc.send_signal(signal.SIGKILL)
         s.proc.wait(60)

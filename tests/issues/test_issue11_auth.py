@@ -12,11 +12,9 @@ import asyncio
 import hmac
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -244,33 +242,6 @@ def self_signed(d: Path, name: str = "server") -> tuple[Path, Path]:
     return cert, key
 
 
-class TlsServer(Server):
-    """``Server``, for a server that says it serves https."""
-
-    def __enter__(self) -> TlsServer:
-        log = self.data.parent / f"{self.data.name}-server.log"
-        self.log = log
-        self.fh = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "serve", "--data", str(self.data),
-             "--listen", "127.0.0.1:0", "--workflows", EXAMPLES, *self.args],
-            stdout=self.fh, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
-        end = time.monotonic() + 60  # only stops a hung test
-        while time.monotonic() < end:
-            text = log.read_text()
-            m = re.search(r"serving on (https://[\d.:]+)", text)
-            if m:
-                self.url = m.group(1)
-                t = re.search(r"admin token \(shown once, keep it\): (\S+)", text)
-                self.admin = t.group(1) if t else ""
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server ended: {text}")
-            time.sleep(0.05)
-        raise AssertionError("server did not start: " + log.read_text())
-
-
 def corral(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True,
@@ -311,7 +282,7 @@ def test_serve_over_tls_and_a_client_that_trusts_its_ca(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "not a PEM certificate and its private key" in r.output
     assert not os.path.exists(data)
 
-    with TlsServer(tmp_path / "data", "--backend", "sim", "--tls-cert", str(cert),
+    with Server(tmp_path / "data", "--backend", "sim", "--tls-cert", str(cert),
                    "--tls-key", str(key)) as s:  # fmt: skip
         assert s.url.startswith("https://127.0.0.1:")
         auth = {"CORRAL_SERVER": s.url, "CORRAL_TOKEN": s.admin}

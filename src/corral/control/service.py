@@ -390,7 +390,8 @@ class ControlService:
     ) -> tuple[Plan | None, list[Diagnostic], str]:
         """Expand in a worker thread (see ``_expanded``): the loop goes on meanwhile.
         Refused (403) when ``who`` may not set one of the variables."""
-        self.precheck_variables(name, variables, who)
+        # reads and parses the workflow's files: off the loop, like the expansion
+        await asyncio.to_thread(self.precheck_variables, name, variables, who)
         plan, diags, path, _, _ = await self._expanded(name, variables)
         self.check_variables(plan, variables, who, path)
         return plan, diags, path
@@ -556,7 +557,8 @@ class ControlService:
                 403, "Priority not allowed", f"{who.name}, {_a(who.role)}, may use no priority "
                 f"class: the highest {_a(who.role)} may use is none", role=who.role, allowed=None,
             )  # fmt: skip
-        self.precheck_variables(name, variables, who)
+        # reads and parses the workflow's files: off the loop, like the expansion
+        await asyncio.to_thread(self.precheck_variables, name, variables, who)
         env_id = new_environment_id()
         plan, diags, path, recipe, declared = await self._expanded(name, variables, env_id=env_id)
         self.check_variables(plan, variables, who, path)
