@@ -455,7 +455,7 @@ class Environment:
         for t in ts:
             spec = t.spec
             path = spec.path
-            control = "hook" if t.hook else ("direct" if t.direct else "basic")
+            control = "hook" if t.hook else (spec.control if t.direct else "basic")
             out.append(
                 Launch(
                     t.id, path, spec.command, control,

@@ -34,7 +34,7 @@ class RuntimeTask:
     node: str
     role: str  # the top-level role it belongs to (its path's first two parts)
     hook: bool  # run at a trigger (spec.trigger is set)
-    direct: bool  # speaks the control protocol (spec.control == "direct")
+    direct: bool  # speaks the control protocol (spec.control is direct or fairmq)
     critical: bool
     state: str = tasksm.PENDING
     pid: int | None = None
@@ -87,7 +87,7 @@ class TaskSet:
             role = roles.setdefault(role, role)
             t = RuntimeTask(
                 i, f"{env_id}:{i}", spec, nodes[i], role, spec.trigger is not None,
-                spec.control == "direct", spec.critical, since=now,
+                spec.control in ("direct", "fairmq"), spec.critical, since=now,
             )  # fmt: skip
             tasks.append(t)
             by_id[t.id] = t

@@ -93,7 +93,7 @@ class TaskSpec:
     path: str
     task_class: str
     command: Command
-    control: str  # direct | basic | hook
+    control: str  # direct | fairmq | basic | hook
     critical: bool
     wants: Resources
     limits: Resources | None

@@ -73,6 +73,7 @@ from corral.templates.schema import (
     CHANNEL_TYPES,
     CONSTRAINT_OPERATORS,
     CONTROL_MODES,
+    PROTOCOL_MODES,
     ChannelDef,
     ConstraintDef,
     ResourcesDef,
@@ -862,10 +863,10 @@ class _Expander:
         trig = awaited = None
         timeout = None
         if ref.trigger is not None:
-            if mode == "direct":
+            if mode in PROTOCOL_MODES:
                 self.fail(
                     ref.trigger.loc,
-                    f"task class {name!r} is a direct-control task; "
+                    f"task class {name!r} is a {mode}-control task; "
                     "only basic tasks run at a trigger",
                     pos,
                 )

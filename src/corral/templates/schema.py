@@ -32,7 +32,8 @@ PUBLIC_TAG = "!public"
 
 CHANNEL_TYPES = ("push", "pull", "pub", "sub")
 ADDRESSING = ("tcp", "ipc")
-CONTROL_MODES = ("direct", "basic", "hook")
+CONTROL_MODES = ("direct", "basic", "hook", "fairmq")
+PROTOCOL_MODES = ("direct", "fairmq")  # the modes whose tasks speak the control protocol
 CONSTRAINT_OPERATORS = ("equals", "regex", "in")
 PUBLIC_TYPES = ("string", "bool", "number", "list", "map")
 # A file is refused before anything walks it recursively when its lists and maps nest
