@@ -9,6 +9,10 @@ with no thread and no asyncio task per child:
   whole one); stdout and stderr go to its log file;
 - a direct task also inherits one end of a Unix socketpair, named by
   ``CORRAL_CONTROL_FD``; the other end is registered with ``loop.add_reader``;
+- so does a fairmq task, but it is driven through FairMQ's own state machine: each of
+  corral's transitions is a sequence of FairMQ transitions (``FAIRMQ_STEPS``), sent one
+  after another, each when the previous one's answer arrives (from that answer's
+  handler: still one batch, one future and two timers for the whole node);
 - the child's exit is seen through a pidfd (``os.pidfd_open``) registered with
   ``loop.add_reader``: it is reaped at once, never left a zombie, and any process it
   left in its group is killed (no orphans);
@@ -72,6 +76,45 @@ MESSAGE_BURST = 10_000
 READ_PER_WAKE = 1 << 18
 NODE = "localhost"
 
+# FairMQ's device state machine (FairMQ's fairmq/States.h and StateMachine.cxx): each
+# of corral's transitions is a sequence of FairMQ transitions, each paired with the
+# state the device is in once it (and the automatic transition that follows some of
+# them: BINDING -> BOUND, CONNECTING -> DEVICE READY, ...) is done.
+FAIRMQ_STEPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "CONFIGURE": (
+        ("INIT DEVICE", "INITIALIZING DEVICE"),
+        ("COMPLETE INIT", "INITIALIZED"),
+        ("BIND", "BOUND"),
+        ("CONNECT", "DEVICE READY"),
+        ("INIT TASK", "READY"),
+    ),
+    "START": (("RUN", "RUNNING"),),
+    "STOP": (("STOP", "READY"),),
+    "RESET": (("RESET TASK", "DEVICE READY"), ("RESET DEVICE", "IDLE")),
+    "EXIT": (("END", "EXITING"),),  # from READY, RESET's steps come first
+}
+# corral's state for a FairMQ state at rest; any other is said as FairMQ names it
+FAIRMQ_STATES: dict[str, str] = {
+    "IDLE": "STANDBY",
+    "READY": "CONFIGURED",
+    "RUNNING": "RUNNING",
+    "EXITING": "DONE",
+    "ERROR": "ERROR",
+}
+FAIRMQ_KNOWN = frozenset(
+    {"IDLE", "INITIALIZING DEVICE", "INITIALIZED", "BINDING", "BOUND", "CONNECTING",
+     "DEVICE READY", "INITIALIZING TASK", "READY", "RUNNING", "RESETTING TASK",
+     "RESETTING DEVICE", "EXITING", "ERROR", "OK", "UNDEFINED"}
+)  # fmt: skip
+PROTOCOL_CONTROLS = ("direct", "fairmq")  # the controls that get a control connection
+
+
+def fairmq_steps(transition: str, state: str | None) -> tuple[tuple[str, str], ...]:
+    """The FairMQ transitions that carry out ``transition`` for a device in ``state``."""
+    if transition == "EXIT" and state == "READY":
+        return FAIRMQ_STEPS["RESET"] + FAIRMQ_STEPS["EXIT"]
+    return FAIRMQ_STEPS[transition]
+
 
 def argv_of(launch: Launch) -> list[str]:
     """The argument vector of a task: its command, or ``/bin/sh -c`` for shell tasks."""
@@ -95,12 +138,19 @@ class _Proc:
     buf: bytearray = field(default_factory=bytearray)
     out: bytearray = field(default_factory=bytearray)
     next_id: int = 0
-    # what the task owes us: ("hello", batch) or (order id, transition, batch)
+    # what the task owes us: (-1, "launch", batch) or (order id, transition, batch);
+    # for a fairmq task the transition is the FairMQ one under way
     waiting: tuple[int, str, _Batch] | None = None
+    # a fairmq task: corral's transition under way and the FairMQ steps left after the
+    # one awaited (each with the state it leads to); the step awaited leads to ``expect``
+    order: str | None = None
+    steps: tuple[tuple[str, str], ...] = ()
+    expect: str | None = None
     exited: int | None = None
     broken: bool = False  # protocol broken: we no longer listen to it
     ending: bool = False  # asked to end (EXIT answered, or stopped): EOF is expected
-    state: str | None = None  # the last state a direct task confirmed (hello, answers)
+    state: str | None = None  # the last state the task confirmed (hello, answers): a
+    # fairmq task's in FairMQ's words
     lease: float | None = None  # its environment's fencing lease (None: the agent's)
     note: str | None = None  # why it is being ended, said with its exit (fencing)
     budget: float = MESSAGE_BURST  # messages it may still send now (MESSAGE_RATE)
@@ -114,7 +164,24 @@ class _Proc:
 def _said(p: _Proc) -> str:
     if p.state is None:
         return "LAUNCHING"
-    return BUSY if p.waiting is not None else p.state
+    if p.waiting is not None:
+        return BUSY
+    if p.control == "fairmq":
+        return FAIRMQ_STATES.get(p.state, p.state)
+    return p.state
+
+
+def _failed(p: _Proc, step: str, why: str, state: str | None = None) -> str:
+    """Why a transition failed: as said for a direct task; for a fairmq task, with the
+    FairMQ step it failed at and the device's state (``state`` if it said one, else the
+    last it confirmed)."""
+    if p.control != "fairmq" or p.order is None:
+        return why
+    if state is not None:
+        where = f"device state {state}"
+    else:
+        where = f"last device state {p.state or 'unknown'}"
+    return f"{p.order} failed at {step}: {why} ({where})"
 
 
 @dataclass(slots=True, eq=False)
@@ -295,13 +362,30 @@ class LocalBackend:
             if order.transition not in TASK_TRANSITIONS:
                 b.set_now(pos, Outcome(order.task_id, error=f"no transition {order.transition}"))
                 continue
-            proc.next_id += 1
-            msg = {"id": proc.next_id, "transition": order.transition, "args": order.args}
             b.positions[order.task_id] = pos
             b.pending += 1
-            proc.waiting = (proc.next_id, order.transition, b)
-            self._send(proc, (json.dumps(msg, separators=(",", ":")) + "\n").encode())
+            if proc.control == "fairmq":
+                (step, expect), *rest = fairmq_steps(order.transition, proc.state)
+                proc.order, proc.steps = order.transition, tuple(rest)
+                self._order(proc, step, order.args, b, expect)
+            else:
+                self._order(proc, order.transition, order.args, b)
         return await self._finish(b, timeout, slow_after)
+
+    def _order(
+        self,
+        proc: _Proc,
+        transition: str,
+        args: Mapping[str, str],
+        b: _Batch,
+        expect: str | None = None,
+    ) -> None:
+        """Send one order (a fairmq task's: one FairMQ step, leading to ``expect``)."""
+        proc.next_id += 1
+        proc.waiting = (proc.next_id, transition, b)
+        proc.expect = expect
+        msg = {"id": proc.next_id, "transition": transition, "args": args}
+        self._send(proc, (json.dumps(msg, separators=(",", ":")) + "\n").encode())
 
     async def stop(self, node: str, task_ids: Sequence[str], grace: float) -> None:
         loop = self._bind_loop()
@@ -392,9 +476,11 @@ class LocalBackend:
     async def inventory(self) -> list[tuple[str, int, str | None]]:
         """The processes this backend runs now: (task id, pid, the state a direct task
         last confirmed, LAUNCHING before its hello, BUSY while an order waits for its
-        answer, or None for a plain process). For reconcile and re-attach."""
+        answer, or None for a plain process). A fairmq task's FairMQ state is said as
+        corral's (IDLE: STANDBY, READY: CONFIGURED, RUNNING, EXITING: DONE, ERROR), one
+        between them as FairMQ names it (``BOUND``). For reconcile and re-attach."""
         return [
-            (tid, p.pid, _said(p) if p.control == "direct" else None)
+            (tid, p.pid, _said(p) if p.control in PROTOCOL_CONTROLS else None)
             for tid, p in self._procs.items()
             if p.exited is None
         ]
@@ -421,7 +507,7 @@ class LocalBackend:
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
         pass_fds: tuple[int, ...] = ()
-        if spec.control == "direct":
+        if spec.control in PROTOCOL_CONTROLS:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             env = {**env, "CORRAL_CONTROL_FD": str(theirs.fileno())}
             pass_fds = (theirs.fileno(),)
@@ -527,6 +613,8 @@ class LocalBackend:
             if proc.waiting is None or proc.exited is not None:
                 continue
             what = "hello" if proc.waiting[0] < 0 else f"answer to {proc.waiting[1]}"
+            if proc.waiting[0] >= 0 and proc.control == "fairmq" and proc.order is not None:
+                what += f" (a step of {proc.order})"
             reason = f"no {what} after {after:.1f} s; process {proc.pid} is alive"
             reports.append(Report(proc.task_id, "slow", reason, pid=proc.pid))
         self._emit(reports)
@@ -537,6 +625,9 @@ class LocalBackend:
                 continue
             if proc.waiting[0] < 0:
                 why = f"no hello within {timeout:.1f} s (process {proc.pid} is alive)"
+            elif proc.control == "fairmq":
+                why = f"no answer within {timeout:.1f} s; process {proc.pid} is alive"
+                why = _failed(proc, proc.waiting[1], why)
             else:
                 why = f"no answer to {proc.waiting[1]} within {timeout:.1f} s"
                 why += f" (process {proc.pid} is alive)"
@@ -647,16 +738,20 @@ class LocalBackend:
                 )
                 waiting, proc.waiting = proc.waiting, None
                 if waiting is not None:  # what it owes us fails now, not at the deadline
-                    waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=why, pid=proc.pid))
+                    failed = why if waiting[0] < 0 else _failed(proc, waiting[1], why)
+                    waiting[2].resolve(
+                        proc.task_id, Outcome(proc.task_id, error=failed, pid=proc.pid)
+                    )
                 self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
             else:
                 self._broken(proc, f"protocol error: unknown event {str(event)[:80]!r}")
             return
         waiting = proc.waiting
         if "id" not in msg:
-            if waiting is not None and waiting[0] < 0 and msg.get("state") == "STANDBY":
+            hello = "IDLE" if proc.control == "fairmq" else "STANDBY"  # a device starts IDLE
+            if waiting is not None and waiting[0] < 0 and msg.get("state") == hello:
                 proc.waiting = None
-                proc.state = "STANDBY"
+                proc.state = hello
                 waiting[2].resolve(proc.task_id, Outcome(proc.task_id, "STANDBY", pid=proc.pid))
                 return
             self._broken(proc, f"protocol error: unexpected message {line[:80]!r}")
@@ -669,6 +764,9 @@ class LocalBackend:
             return
         proc.waiting = None
         _, transition, b = waiting
+        if proc.control == "fairmq":
+            self._on_fairmq_answer(proc, msg, transition, b)
+            return
         expected = TASK_TRANSITIONS[transition]
         if "error" in msg:
             why = str(msg.get("error"))[:2000]
@@ -682,6 +780,45 @@ class LocalBackend:
             why = f"protocol error: answered {transition} with state {got!r}, expected {expected}"
             self._broken(proc, why, resolve=(b, why))
 
+    def _on_fairmq_answer(self, proc: _Proc, msg: dict[str, object], step: str, b: _Batch) -> None:
+        """A fairmq task answered the FairMQ step ``step``: send the next one, or resolve
+        its order (done, or failed at this step)."""
+        order = proc.order or "?"
+        expect = proc.expect
+        said = msg.get("state")
+        state = said if isinstance(said, str) and said in FAIRMQ_KNOWN else None
+        if said is not None and state is None:
+            shown = str(said)[:40]
+            why = f"protocol error: answered {step} with {shown!r}, which is no FairMQ state"
+            failed = _failed(proc, step, why)
+            self._broken(proc, why, resolve=(b, failed))
+            return
+        if "error" in msg:
+            why = str(msg.get("error"))[:2000]
+            if state is not None:
+                proc.state = state
+            b.resolve(proc.task_id, Outcome(proc.task_id, error=_failed(proc, step, why, state)))
+            proc.order, proc.steps = None, ()
+            return
+        if state is None:
+            why = f"protocol error: answered {step} with neither a state nor an error"
+            self._broken(proc, why, resolve=(b, _failed(proc, step, why)))
+            return
+        proc.state = state
+        if state != expect:
+            why = f"the device went to {state}, not {expect}"
+            b.resolve(proc.task_id, Outcome(proc.task_id, error=_failed(proc, step, why, state)))
+            proc.order, proc.steps = None, ()
+            return
+        if proc.steps:
+            (nxt, after), *rest = proc.steps
+            proc.steps = tuple(rest)
+            self._order(proc, nxt, {}, b, after)
+            return
+        proc.order = None
+        proc.ending = order == "EXIT"
+        b.resolve(proc.task_id, Outcome(proc.task_id, TASK_TRANSITIONS.get(order, order)))
+
     def _broken(self, proc: _Proc, why: str, resolve: tuple[_Batch, str] | None = None) -> None:
         """The task broke the protocol: stop listening, fail what it owes, report it."""
         proc.broken = True
@@ -692,7 +829,8 @@ class LocalBackend:
         if resolve is not None:
             resolve[0].resolve(proc.task_id, Outcome(proc.task_id, error=resolve[1]))
         elif waiting is not None:
-            waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=why, pid=proc.pid))
+            failed = why if waiting[0] < 0 else _failed(proc, waiting[1], why)
+            waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=failed, pid=proc.pid))
         self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
 
     def _closed(self, proc: _Proc, why: str) -> None:
@@ -731,8 +869,13 @@ class LocalBackend:
         why = describe_status(code)
         waiting, proc.waiting = proc.waiting, None
         if waiting is not None:
-            what = "before its hello" if waiting[0] < 0 else f"during {waiting[1]}"
-            waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=f"process {why} {what}"))
+            if waiting[0] < 0:
+                failed = f"process {why} before its hello"
+            elif proc.control == "fairmq":
+                failed = _failed(proc, waiting[1], f"process {proc.pid} {why}")
+            else:
+                failed = f"process {why} during {waiting[1]}"
+            waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=failed))
         fut = self._reapers.pop(proc.pid, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -740,6 +883,8 @@ class LocalBackend:
         if h is not None and h.pid == proc.pid:
             del self._health[proc.task_id]
         said = f"process {proc.pid} {why}" + ("" if proc.note is None else f": {proc.note}")
+        if waiting is not None and waiting[0] >= 0 and proc.control == "fairmq":
+            said = _failed(proc, waiting[1], said)  # what the batch says, at its step
         self._emit([Report(proc.task_id, "exited", said, code, proc.pid)])
 
     def _forget(self, proc: _Proc) -> None:
