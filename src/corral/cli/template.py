@@ -6,15 +6,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
+from corral.control.site import DplRunner, load_defaults, make_site, repository_of
+from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.store.files import DiskSources
+from corral.store.inventory import load_inventory
 from corral.templates import Diagnostic, check
+from corral.templates.expansion import check_task_file as check_task_text
 
 TIME_LIMIT = 60.0  # seconds an expansion may take (docs/templates.md, Bounds)
 
@@ -40,27 +46,54 @@ def builtin_defaults(path: str) -> dict[str, str]:
     }
 
 
+@dataclass
+class SiteOptions:
+    """--defaults, --inventory and --run-dpl: what the site gives templates."""
+
+    defaults: dict[str, str] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=list)
+    run_dpl: bool = False
+
+
 def expand_file(
-    path: str, variables: dict[str, str], seed: str
+    path: str, variables: dict[str, str], seed: str, site: SiteOptions | None = None
 ) -> tuple[Plan | None, list[Diagnostic]]:
+    site = site or SiteOptions()
     sources = DiskSources()
+    runner = DplRunner(repository_of(path)) if site.run_dpl else None
     plan, diags = check(
         path,
         sources,
         variables=variables,
-        global_defaults=builtin_defaults(path),
+        global_defaults={**site.defaults, **builtin_defaults(path)},
         seed=seed,
         time_limit=TIME_LIMIT,
         clock=time.monotonic,
+        services=make_site(path, site.nodes, run_dpl=runner),
     )
     if plan is None and not diags and sources.problems:  # pragma: no cover - defensive
         return None, diags
     return plan, diags
 
 
+def is_task_file(path: str) -> bool:
+    """A file of a ``tasks/`` folder: a task class, not a workflow."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) == "tasks"
+
+
+def check_task_file(path: str, variables: dict[str, str], site: SiteOptions) -> list[Diagnostic]:
+    """A task class checked on its own: parsed, and its command, channels and health
+    check expanded with the site defaults, the variables and placeholders for what a
+    workflow would give (a variable a template must set is named in the errors)."""
+    return check_task_text(
+        path, DiskSources(), variables=variables,
+        global_defaults={**site.defaults, **builtin_defaults(path)},
+    )  # fmt: skip
+
+
 def report(diags: list[Diagnostic]) -> None:
     for d in diags:
-        err.print(f"[bold red]error[/]: {d}", markup=True, emoji=False)
+        err.print(f"[bold red]error[/]: {escape(str(d))}", markup=True, emoji=False)
     n = len(diags)
     err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]", markup=True)
 
@@ -73,6 +106,33 @@ seed_option = click.option(
 )
 
 
+def site_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--defaults FILE, --inventory FILE, --run-dpl: the site a template expands at."""
+    f = click.option(
+        "--run-dpl", is_flag=True,
+        help="Run the DPL commands dpl.Generate* name (with --dump-workflow) in the workflow "
+        "repository; without it a DPL command is an error, a JSON description in jit/ works.",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--inventory", "inventory", metavar="FILE", type=click.Path(dir_okay=False),
+        help="Nodes and their labels, for inventory.* (detector, cards).",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--defaults", "defaults_file", metavar="FILE", type=click.Path(dir_okay=False),
+        help="Site defaults: a YAML file of name: value under every template's own.",
+    )(f)  # fmt: skip
+    return f
+
+
+def load_site(defaults_file: str | None, inventory: str | None, run_dpl: bool) -> SiteOptions:
+    try:
+        defaults = load_defaults(defaults_file) if defaults_file else {}
+        nodes = load_inventory(inventory) if inventory else []
+    except ValueError as e:  # SiteError, InventoryError: they say file and line
+        raise click.UsageError(str(e)) from None
+    return SiteOptions(defaults, nodes, run_dpl)
+
+
 @click.group()
 def template() -> None:
     """Check and show workflow templates."""
@@ -82,16 +142,36 @@ def template() -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @var_option
 @seed_option
-def validate(paths: tuple[str, ...], variables: tuple[str, ...], seed: str) -> None:
-    """Check workflow templates; print every error as FILE:LINE:COL: message."""
+@site_options
+def validate(
+    paths: tuple[str, ...],
+    variables: tuple[str, ...],
+    seed: str,
+    defaults_file: str | None,
+    inventory: str | None,
+    run_dpl: bool,
+) -> None:
+    """Check workflow templates; print every error as FILE:LINE:COL: message.
+
+    A task file (a file of a tasks/ folder) is checked on its own."""
     user = parse_vars(variables)
+    site = load_site(defaults_file, inventory, run_dpl)
     failed = 0
     for path in paths:
         t0 = time.perf_counter()
-        plan, diags = expand_file(path, user, seed)
+        if is_task_file(path):
+            diags = check_task_file(path, user, site)
+            if diags:
+                failed += 1
+                err.print(f"[red]✗[/] {escape(path)}", markup=True)
+                report(diags)
+            else:
+                err.print(f"[green]✓[/] {path}: a task class", markup=True)
+            continue
+        plan, diags = expand_file(path, user, seed, site)
         if plan is None:
             failed += 1
-            err.print(f"[red]✗[/] {path}", markup=True)
+            err.print(f"[red]✗[/] {escape(path)}", markup=True)
             report(diags)
         else:
             ms = (time.perf_counter() - t0) * 1000
@@ -108,13 +188,23 @@ def validate(paths: tuple[str, ...], variables: tuple[str, ...], seed: str) -> N
 @click.argument("path", type=click.Path(dir_okay=False))
 @var_option
 @seed_option
+@site_options
 @click.option(
     "-o", "--output", type=click.Choice(["json", "yaml", "table"]), default="table",
     show_default=True, help="Output format; json is stable for scripts.",
 )  # fmt: skip
-def render(path: str, variables: tuple[str, ...], seed: str, output: str) -> None:
+def render(
+    path: str,
+    variables: tuple[str, ...],
+    seed: str,
+    output: str,
+    defaults_file: str | None,
+    inventory: str | None,
+    run_dpl: bool,
+) -> None:
     """Expand a workflow and print its plan."""
-    plan, diags = expand_file(path, parse_vars(variables), seed)
+    site = load_site(defaults_file, inventory, run_dpl)
+    plan, diags = expand_file(path, parse_vars(variables), seed, site)
     if plan is None:
         report(diags)
         sys.exit(1)
@@ -157,9 +247,18 @@ def print_table(plan: Plan) -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 @var_option
 @seed_option
-def graph(path: str, variables: tuple[str, ...], seed: str) -> None:
+@site_options
+def graph(
+    path: str,
+    variables: tuple[str, ...],
+    seed: str,
+    defaults_file: str | None,
+    inventory: str | None,
+    run_dpl: bool,
+) -> None:
     """Print the tasks and channels as a Graphviz DOT graph."""
-    plan, diags = expand_file(path, parse_vars(variables), seed)
+    site = load_site(defaults_file, inventory, run_dpl)
+    plan, diags = expand_file(path, parse_vars(variables), seed, site)
     if plan is None:
         report(diags)
         sys.exit(1)

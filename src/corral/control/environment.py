@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from corral.control.tasks import NO_PID, Change, RuntimeTask, TaskSet, by_node, 
 from corral.lifecycle import environment as envsm
 from corral.lifecycle import task as tasksm
 from corral.lifecycle.hooks import schedule
-from corral.model.plan import Plan
+from corral.model.plan import HOST_PLACEHOLDER, Command, Plan
 from corral.ports.backend import Backend, ChannelRequest, Launch, Order, Outcome, Report
 from corral.store.sqlite import SqliteStore, TaskChange, TaskRow
 
@@ -64,6 +65,17 @@ ORDER_FROM: dict[str, tuple[str, ...]] = {
     "RESET": (tasksm.CONFIGURED,),
     "EXIT": (tasksm.STANDBY, tasksm.CONFIGURED),
 }
+
+
+def _on_host(c: Command, node: str) -> Command:
+    """A command whose ``task_hostname`` waited for placement, with its node's name."""
+    h = HOST_PLACEHOLDER
+    return dataclasses.replace(
+        c,
+        value=c.value.replace(h, node),
+        arguments=tuple(a.replace(h, node) for a in c.arguments),
+        env=tuple((k, v.replace(h, node)) for k, v in c.env),
+    )
 
 
 class TransitionError(Exception):
@@ -456,13 +468,21 @@ class Environment:
             spec = t.spec
             path = spec.path
             control = "hook" if t.hook else (spec.control if t.direct else "basic")
+            command = spec.command
+            if (
+                HOST_PLACEHOLDER in command.value
+                or any(HOST_PLACEHOLDER in a for a in command.arguments)
+                or any(HOST_PLACEHOLDER in v for _, v in command.env)
+            ):
+                command = _on_host(command, t.node)
             out.append(
                 Launch(
-                    t.id, path, spec.command, control,
+                    t.id, path, command, control,
                     (env_var, ("CORRAL_TASK_ID", t.id), ("CORRAL_TASK_PATH", path)),
                     None if logs is None else f"{logs}{path}.log",
                     spec.health if control == "basic" else None,
                     lease,
+                    spec.timeout if control == "basic" else None,
                 )
             )  # fmt: skip
         return out

@@ -18,6 +18,12 @@ from corral.model.vocabulary import Trigger
 JSON = dict[str, Any]
 
 
+# Where a task's host name goes when placement, after expansion, chooses it: the control
+# plane puts the node's name there at launch (``task_hostname`` of a task not pinned to
+# one host by a machine_id/hostname constraint).
+HOST_PLACEHOLDER = "\ue002task_hostname\ue003"
+
+
 @dataclass(frozen=True, slots=True)
 class Resources:
     """Resources a task wants (or is limited to). memory in MB."""

@@ -46,6 +46,7 @@ class Launch:
     log_path: str | None = None  # stdout and stderr go here (appended)
     health: HealthCheck | None = None  # a basic task's periodic check, run by its node
     lease: float | None = None  # seconds its agent keeps it without a controller (fencing)
+    timeout: float | None = None  # a basic task is ended as failed when it runs longer
 
 
 @dataclass(slots=True)  # not frozen: one per task per batch, and frozen ones cost 3x to make

@@ -35,12 +35,14 @@ import contextlib
 import gc
 import json
 import math
+import posixpath
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from corral.model.plan import (
+    HOST_PLACEHOLDER,
     NO_RESOURCES,
     Bind,
     CallSpec,
@@ -57,10 +59,13 @@ from corral.model.plan import (
 from corral.model.regex import regex_error
 from corral.model.vocabulary import Trigger, TriggerError, parse_trigger
 from corral.templates.diagnostics import Diagnostic, Diagnostics, Loc, TemplateError
+from corral.templates.dpl import DplError
+from corral.templates.dpl import generate as generate_dpl
 from corral.templates.expressions import (
     Evaluator,
     ExprError,
     RolePos,
+    analyze,
     is_falsy,
     is_truthy,
     render,
@@ -81,7 +86,16 @@ from corral.templates.schema import (
     TaskClassDef,
     VarDef,
 )
-from corral.templates.text import TAINT_END, TAINT_START, Hole, Text, unmark
+from corral.templates.services import MAX_JIT_COMMAND, ServiceError, Services
+from corral.templates.text import (
+    TAINT_END,
+    TAINT_START,
+    Hole,
+    Text,
+    TextSyntaxError,
+    split_holes,
+    unmark,
+)
 
 DEFAULT_CALL_TIMEOUT = 30.0
 MAX_ITERATIONS = 1_000_000
@@ -139,6 +153,36 @@ class _Unmarked(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._stack)
+
+
+class _TaskVars(Mapping[str, str]):
+    """A task's variables: the role's, under the few AliECS gives each task (task_name,
+    task_class_name, task_parent_role, task_hostname). One small object per task: the
+    role's stack is shared, never copied."""
+
+    __slots__ = ("_own", "_stack")
+
+    def __init__(self, stack: Mapping[str, str], own: dict[str, str]) -> None:
+        self._stack = stack
+        self._own = own
+
+    def __getitem__(self, key: str) -> str:
+        v = self._own.get(key)
+        return v if v is not None else self._stack[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self._own.get(key)
+        return v if v is not None else self._stack.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._own or key in self._stack
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._own
+        yield from (k for k in self._stack if k not in self._own)
+
+    def __len__(self) -> int:
+        return len(self._stack) + sum(1 for k in self._own if k not in self._stack)
 
 
 @dataclass(slots=True)
@@ -231,6 +275,26 @@ def parse_duration(text: str) -> float:
     return value
 
 
+_JIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
+def _marked_as(value: str, stack: Mapping[str, str]) -> str:
+    """``value`` with the caller's marks it had in the variables: the function got it
+    unmarked, and a command must know which of its characters a caller chose. A value
+    no variable holds as is, or that only a caller's variable holds, is all marked."""
+    clean = None
+    for v in stack.values():
+        if len(v) >= len(value) and unmark(v) == value:
+            if TAINT_START in v or TAINT_END in v:
+                return v
+            clean = v
+    if clean is not None:
+        return clean
+    if any(TAINT_START in v or TAINT_END in v for v in stack.values()):
+        return TAINT_START + value + TAINT_END
+    return value
+
+
 def expand(
     path: str,
     sources: Sources,
@@ -242,6 +306,7 @@ def expand(
     max_tasks: int = MAX_TASKS,
     time_limit: float | None = None,
     clock: Callable[[], float] | None = None,
+    services: Services | None = None,
 ) -> Plan:
     """Expand the workflow at ``path``; raise TemplateError listing every problem."""
     plan, diags = check(
@@ -254,6 +319,7 @@ def expand(
         max_tasks=max_tasks,
         time_limit=time_limit,
         clock=clock,
+        services=services,
     )
     if plan is None:
         raise TemplateError(diags)
@@ -271,11 +337,13 @@ def check(
     max_tasks: int = MAX_TASKS,
     time_limit: float | None = None,
     clock: Callable[[], float] | None = None,
+    services: Services | None = None,
 ) -> tuple[Plan | None, list[Diagnostic]]:
     """Expand and return (plan or None, errors): the plan only when there is no error.
 
     ``time_limit`` (seconds of ``clock``, both or neither) bounds the walk; ``variables``
-    are the caller's: see the module's notes on quoting."""
+    are the caller's: see the module's notes on quoting. ``services`` is what the
+    ``inventory``, ``config``, ``runtime`` and ``dpl`` functions read (the site)."""
     ex = _Expander(
         path,
         sources,
@@ -283,6 +351,7 @@ def check(
         dict(global_defaults or {}),
         dict(global_vars or {}),
         seed,
+        services,
     )
     ex.max_tasks = max_tasks
     if time_limit is not None and clock is not None:
@@ -311,10 +380,14 @@ class _Expander:
         gdefaults: dict[str, str],
         gvars: dict[str, str],
         seed: str,
+        services: Services | None = None,
     ) -> None:
         self.diags = Diagnostics()
         self.lib = Library(path, sources, self.diags)
-        self.ev = Evaluator(seed)
+        self.services = services
+        self.ev = Evaluator(seed, services)
+        self.ev.dpl = self._dpl
+        self._marked_stack: Mapping[str, str] = {}
         self.seed = seed
         self.variables = {str(k): unmark(str(v)) for k, v in user.items()}
         self.user = {k: TAINT_START + v + TAINT_END for k, v in self.variables.items()}
@@ -339,6 +412,59 @@ class _Expander:
         self._class_cache: dict[int, tuple[_Memo, _Memo]] = {}
         self._channel_cache: dict[int, _Memo] = {}
         self._merged: dict[tuple[int, int], tuple[list[ChannelDef], list[ChannelDef]]] = {}
+
+    # -- DPL workflow generation (dpl.*) ------------------------------------------
+
+    def _dpl(self, name: str, arg: str, _stack: Mapping[str, str]) -> str:
+        """An include reference to the workflow ``dpl.Generate*`` makes of ``arg``."""
+        stack = self._marked_stack
+        if arg.strip() == "none":
+            raise ServiceError("dplCommand is 'none'")
+        if name == "dpl.Generate":
+            return self._dpl_command(_marked_as(arg, stack), stack)
+        uri = arg.strip()
+        if not _JIT_NAME.fullmatch(uri):
+            raise ServiceError(
+                f"bad DPL command name {uri!r}: a file name of the jit/ folder "
+                "(letters, digits, '.', '_', '-')"
+            )
+        text = None if self.services is None else self.services.jit_command(uri)
+        if text is None:
+            if name == "dpl.GenerateFromUriOrFallbackToTemplate":
+                return uri  # AliECS: then the workflow of that name
+            raise ServiceError(f"failed to read DPL command from 'jit/{uri}': no such file")
+        if len(text) > MAX_JIT_COMMAND:
+            raise ServiceError(f"jit/{uri} is {len(text)} characters; limit {MAX_JIT_COMMAND}")
+        if text.lstrip().startswith("{"):  # a JSON description, as o2-… --dump-workflow prints
+            return self._dpl_register(text, f"jit/{uri}")
+        # a command file is a template itself, expanded with the variables (as AliECS does)
+        loc = Loc(f"jit/{uri}", 1, 1)
+        try:
+            pieces = split_holes(text)
+        except TextSyntaxError as e:
+            raise ServiceError(f"jit/{uri}: {e}") from None
+        parts = tuple(p if isinstance(p, str) else Hole(p[0], loc) for p in pieces)
+        command = self.mtext(Text(text, loc, parts), stack, None)
+        return self._dpl_command(command, stack)
+
+    def _dpl_command(self, command: str, stack: Mapping[str, str]) -> str:
+        """Run a DPL command for its JSON description; callers' values stay one word."""
+        if self.services is None:
+            raise ServiceError("DPL commands cannot be run here (no site)")
+        jit_env = stack.get("jit_env_vars", "")
+        if unmark(jit_env).strip() and unmark(jit_env).strip() != "none":
+            command = f"export {jit_env} && {command}"
+        script, env = shell_script(command.replace("\n", " ").replace("\r", " "))
+        dump = self.services.dpl_dump(script + " --dump-workflow", dict(env))
+        return self._dpl_register(dump, "the DPL command's description")
+
+    def _dpl_register(self, dump: str, what: str) -> str:
+        try:
+            gen = generate_dpl(dump)
+        except DplError as e:
+            raise ServiceError(f"{what}: {e}") from None
+        self.lib.add_generated(gen.name, gen.workflow, gen.classes)
+        return gen.name
 
     # -- evaluation helpers ----------------------------------------------------
 
@@ -410,6 +536,8 @@ class _Expander:
                     f"characters; an expression may read at most {MAX_EXPRESSION_INPUT}",
                     pos,
                 )
+        if e.analysis.volatile:
+            self._marked_stack = stack  # for dpl.*, which keeps callers' values apart
         try:
             value = self.ev.evaluate(e, _Unmarked(stack) if tainted else stack, pos)
         except ExprError as err:
@@ -577,9 +705,10 @@ class _Expander:
         collection: str | None = None,
     ) -> _Scope | None:
         """Evaluate a role's enabled, defaults, vars, name and constraints."""
-        pre = RolePos(
-            None, parent.pos if parent.pos.name is not None else parent.pos.parent, r.name.raw
-        )
+        label = r.name.raw
+        if locals_add and "{{" in label:  # an iteration: say which, until its name is known
+            label += "".join(f" [{k}={unmark(v)[:60]}]" for k, v in locals_add.items())
+        pre = RolePos(None, parent.pos if parent.pos.name is not None else parent.pos.parent, label)
         self._evals += 1
         if self.clock is not None and self._evals % _CLOCK_EVERY == 0:
             self.check_time(r.name.loc, pre)
@@ -645,15 +774,60 @@ class _Expander:
         d = pd
         if defaults:
             d = dict(pd)
-            for vd in defaults:
-                d[vd.name] = self.mtext(vd.value, s0, pos)
+            own = {vd.name for vd in vars_} if vars_ else ()
+            gv, user = self.gvars, self.user
+            d.update(
+                self.defaults_block(
+                    defaults,
+                    s0,
+                    lambda n: n in own or n in pv or n in gv or n in user or n in loc_vars,
+                    pos,
+                )
+            )
         v = pv
         if vars_:
             s1 = self.build(d, pv, loc_vars) if defaults else s0
             v = dict(pv)
+            failed = False
             for vd in vars_:
-                v[vd.name] = self.mtext(vd.value, s1, pos)
+                try:
+                    v[vd.name] = self.mtext(vd.value, s1, pos)
+                except _Skip:  # said; the entries below are still checked
+                    failed = True
+            if failed:
+                raise _Skip
         return d, v, self.build(d, v, loc_vars)
+
+    def defaults_block(
+        self,
+        defaults: list[VarDef],
+        stack: dict[str, str],
+        overridden: Callable[[str], bool],
+        pos: RolePos | None,
+    ) -> dict[str, str]:
+        """A defaults block's values, in order: an entry reads the entries above it (as
+        in AliECS), and one that a stronger layer overrides is never evaluated (its
+        expression may not even make sense where it is overridden)."""
+        out: dict[str, str] = {}
+        last = max((k for k, vd in enumerate(defaults) if vd.value.const is None), default=-1)
+        s = stack
+        failed = False
+        for k, vd in enumerate(defaults):
+            if overridden(vd.name):
+                continue
+            try:
+                value = self.mtext(vd.value, s, pos)
+            except _Skip:  # said; the entries below are still checked
+                failed = True
+                continue
+            out[vd.name] = value
+            if k < last:  # an entry below may read it
+                if s is stack:
+                    s = dict(stack)
+                s[vd.name] = value
+        if failed:
+            raise _Skip
+        return out
 
     def role(self, r: RoleDef, parent: _Scope) -> None:
         if r.iterator is not None:
@@ -856,7 +1030,18 @@ class _Expander:
         tc = self.lib.task_class(name, ref.load.loc)
         if tc is None:
             raise _Skip
-        stack = self.class_stack(tc, scope)
+        host = HOST_PLACEHOLDER
+        for c in scope.constraints:
+            if c.attribute in ("machine_id", "hostname") and c.operator == "equals":
+                host = c.value
+        parent = pos.parent.path if pos.parent is not None else None
+        own = {
+            "task_name": pos.path or "",
+            "task_class_name": name,
+            "task_parent_role": parent or "",
+            "task_hostname": host,
+        }
+        stack = _TaskVars(self.class_stack(tc, scope), own)
         resolved = self.resolve_class(tc, stack, pos)
         critical = self.bool_text(ref.critical, True, stack, pos, "critical")
         mode = resolved.mode
@@ -878,10 +1063,17 @@ class _Expander:
             timeout = self.duration(ref.timeout, stack, pos, DEFAULT_CALL_TIMEOUT)
         elif mode == "hook":
             self.fail(ref.loc, f"task class {name!r} is a hook: the role needs a trigger", pos)
-        elif ref.await_ is not None or ref.timeout is not None:
-            where = ref.await_ if ref.await_ is not None else ref.timeout
-            assert where is not None
-            self.fail(where.loc, "await and timeout apply to hook tasks, which need a trigger", pos)
+        elif ref.await_ is not None:
+            self.fail(ref.await_.loc, "await applies to hook tasks, which need a trigger", pos)
+        elif ref.timeout is not None:
+            if mode != "basic":
+                self.fail(
+                    ref.timeout.loc,
+                    f"timeout applies to basic and hook tasks, and this task is {mode}",
+                    pos,
+                )
+            # AliECS: a basic task is ended when it runs longer; 0s (or none) is no limit
+            timeout = self.duration(ref.timeout, stack, pos, 0.0) or None
         if resolved.health is not None and mode != "basic":
             self.fail(tc.loc, f"health checks are for basic tasks, and this task is {mode}", pos)
         merged = self._merged.get((id(tc), id(r)))
@@ -915,8 +1107,15 @@ class _Expander:
         if not tc.defaults and not tc.vars:
             return scope.stack
         pos = scope.pos
-        cd = {vd.name: self.mtext(vd.value, scope.stack, pos) for vd in tc.defaults}
         g, u = self.gdefaults, self.user
+        own = {vd.name for vd in tc.vars} if tc.vars else ()
+        sd, sv, gv, sl = scope.defaults, scope.vars, self.gvars, scope.locals
+        cd = self.defaults_block(
+            tc.defaults,
+            scope.stack,
+            lambda n: n in sd or n in own or n in sv or n in gv or n in u or n in sl,
+            pos,
+        )
         if not tc.vars:
             return {**g, **cd, **scope.defaults, **self.gvars, **scope.vars, **u, **scope.locals}
         s1 = {**g, **cd, **scope.defaults, **self.gvars, **scope.vars, **u, **scope.locals}
@@ -1249,3 +1448,40 @@ def _environment_id(seed: str) -> str:
 
 
 __all__ = ["check", "expand", "parse_duration"]
+
+
+_HOLE = re.compile(r"\{\{(.*?)\}\}", re.S)
+
+
+def check_task_file(
+    path: str,
+    sources: Sources,
+    *,
+    variables: Mapping[str, str] | None = None,
+    global_defaults: Mapping[str, str] | None = None,
+) -> list[Diagnostic]:
+    """Errors of a task class file (``…/tasks/NAME.yaml``) checked on its own: loaded
+    by a one-role workflow beside its folder and expanded, every variable that a
+    workflow would give it (and nothing here defines) standing in as its own name."""
+    folder = posixpath.dirname(posixpath.normpath(path))
+    name = posixpath.basename(path).rsplit(".", 1)[0]
+    root = posixpath.join(posixpath.dirname(folder), "__corral_task_check__.yaml")
+    text = sources.read(posixpath.normpath(path))
+    if text is None:
+        return [Diagnostic(Loc(path), "no such file", None)]
+    names: dict[str, None] = {}
+    for m in _HOLE.finditer(text):
+        with contextlib.suppress(Exception):  # a broken expression is said by the check
+            names.update(dict.fromkeys(analyze(m.group(1)).names))
+    defined = {**(global_defaults or {}), **(variables or {})}
+    stand_ins = {n: n for n in names if n not in defined}
+    wf = f"name: check\nroles:\n  - name: task\n    task:\n      load: {json.dumps(name)}\n"
+
+    class _With:
+        def read(self, p: str) -> str | None:
+            return wf if p == root else sources.read(p)
+
+    _, diags = check(
+        root, _With(), variables=variables, global_defaults={**stand_ins, **(global_defaults or {})}
+    )
+    return [d for d in diags if d.loc.file != root]

@@ -34,6 +34,8 @@ from typing import Any
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_strings
 
+from corral.templates.services import ServiceError, Services, error_value
+
 MAX_EXPRESSION_LENGTH = 4096
 # json.Unmarshal's values: deeper nesting would overflow the Python stack when the result
 # is converted and rendered; integers are CEL's (int64, or uint64 when positive)
@@ -307,6 +309,9 @@ def analyze(expr: str) -> Analysis:
             if (t.text, after2) in (("uid", "New"), ("util", "PrefixedOverride")):
                 volatile = True
             continue
+        if t.text in _SERVICE_NAMESPACES and after == "." and f"{t.text}.{after2}" in FUNCTIONS:
+            volatile = True  # reads the site, bound at each evaluation
+            continue
         if t.text in _RESERVED:
             continue
         names[t.text] = None
@@ -420,6 +425,54 @@ def _unmarshal(s: str) -> Any:
     return value
 
 
+def _sort(v: Any) -> Any:
+    """AliECS's json.Sort: a list's items as strings, sorted; anything else as is."""
+    if isinstance(v, list):
+        return sorted(render(x) for x in v)
+    return v
+
+
+def _go_atoi(s: str) -> int | None:
+    """Go's strconv.Atoi: an optional sign and ASCII digits, in the int64 range."""
+    body = s[1:] if s[:1] in ("+", "-") else s
+    if not body or not body.isascii() or not body.isdigit():
+        return None
+    n = int(s)
+    return n if -(2**63) <= n < 2**63 else None
+
+
+def suffix_in_range(value: str, prefix: str, low: str, high: str) -> str:
+    """AliECS's util.SuffixInRange: "true" when ``value`` is ``prefix`` followed by a
+    whole number within [low, high], else "false" (so also for an empty or missing
+    prefix, and for bounds that are not numbers)."""
+    if not prefix or not value.startswith(prefix):
+        return "false"
+    n, lo, hi = _go_atoi(value[len(prefix) :]), _go_atoi(low), _go_atoi(high)
+    if n is None or lo is None or hi is None:
+        return "false"
+    return "true" if lo <= n <= hi else "false"
+
+
+# Functions bound to the site (``templates.services``), with their arity
+SERVICE_FUNCTIONS: dict[str, int] = {
+    "inventory.DetectorForHost": 1,
+    "inventory.DetectorsForHosts": 1,
+    "inventory.CRUCardsForHost": 1,
+    "inventory.EndpointsForCRUCard": 2,
+    "config.Get": 1,
+    "config.GetLegacy": 1,
+    "config.Resolve": 4,
+    "config.ResolvePath": 1,
+    "runtime.Get": 2,
+    "runtime.Set": 3,
+    "dpl.Generate": 1,
+    "dpl.GenerateFromUri": 1,
+    "dpl.GenerateFromUriOrFallbackToTemplate": 1,
+    "odc.GenerateEPNTopologyFullname": 0,
+    "odc.GenerateEPNWorkflowScript": 0,
+}
+_SERVICE_NAMESPACES = frozenset(n.split(".")[0] for n in SERVICE_FUNCTIONS)
+
 FUNCTIONS: set[str] = set()  # the namespaced functions templates may call (``_decl``)
 # namespaces of functions (AliECS's among them): ``ns.Name(`` there names a function
 _FUNCTION_NAMESPACES = _NAMESPACES | {"inventory", "config", "runtime", "dpl", "odc"}
@@ -447,9 +500,17 @@ _EXTENSION = cel.CelExtension(
         _decl("strings.Itoa", [_I], _S, str),
         _decl("json.Marshal", [_DYN], _S, _marshal),
         _decl("json.Unmarshal", [_S], _DYN, _unmarshal),
+        _decl("json.Serialize", [_DYN], _S, _marshal),
+        _decl("json.Deserialize", [_S], _DYN, _unmarshal),
+        _decl("json.Sort", [_DYN], _DYN, _sort),
+        _decl("util.SuffixInRange", [_S, _S, _S, _S], _S, suffix_in_range),
+        _decl("util.Nullable", [_S], _S, lambda s: s),
+        _decl("util.Dump", [_S, _S], _S, lambda s, _path: s),
         # bound per evaluation: they read the seed, the variables or the role position
         _decl("uid.New", [], _S, None),
         _decl("util.PrefixedOverride", [_S, _S], _S, None),
+        # bound per expansion: they read the site (``templates.services``)
+        *(_decl(name, [_S] * n, _S, None) for name, n in SERVICE_FUNCTIONS.items()),
         _decl("Up", [_I], _ROLE, None),
         _decl("Parent", [], _ROLE, None),
         _decl("This", [], _ROLE, None),
@@ -622,8 +683,14 @@ class Evaluator:
     always returns the same id for the same seed.
     """
 
-    def __init__(self, seed: str) -> None:
+    def __init__(self, seed: str, services: Services | None = None) -> None:
         self._seed = seed
+        self.services = services
+        # dpl.*: (function name, argument, the variables) -> an include reference; set
+        # by the expander, which renders jit files and registers the generated files
+        self.dpl: Callable[[str, str, Mapping[str, str]], str] | None = None
+        self._stack: Mapping[str, str] = {}
+        self._service_fns: list[Any] | None = None
         self._uid_count = 0
         self._envs: dict[frozenset[str], Any] = {}
         self._exprs: dict[str, Expr] = {}
@@ -707,6 +774,8 @@ class Evaluator:
         if a.uses_role:
             functions.extend(self._role_functions(pos))
         if a.volatile:
+            self._stack = stack
+            functions.extend(self._site_functions())
             functions.append(cel.Function("uid.New", [], False, self.new_uid, _S))
             functions.append(
                 cel.Function(
@@ -726,6 +795,62 @@ class Evaluator:
         if result.type() == cel.Type.ERROR:
             raise ExprError(_humanize(str(result.value()).split(": ", 1)[-1]))
         return _plain(result.plain_value())
+
+    def _site_functions(self) -> list[Any]:
+        """The ``SERVICE_FUNCTIONS``, bound to this expansion's site (made once)."""
+        if self._service_fns is None:
+            self._service_fns = [
+                cel.Function(name, [_S] * n, False, self._site_impl(name), _S)
+                for name, n in SERVICE_FUNCTIONS.items()
+            ]
+        return self._service_fns
+
+    def _site_impl(self, name: str) -> Callable[..., str]:
+        if name.startswith("dpl."):
+
+            def dpl(arg: str) -> str:
+                if self.dpl is None:
+                    raise ExprError(f"{name}: DPL workflows cannot be generated here")
+                try:
+                    return self.dpl(name, arg, self._stack)
+                except ServiceError as e:
+                    raise ExprError(f"{name}: {e}") from None
+
+            return dpl
+        if name.startswith("odc."):
+            var = {
+                "odc.GenerateEPNTopologyFullname": "odc_epn_topology_fullname",
+                "odc.GenerateEPNWorkflowScript": "odc_epn_workflow_script",
+            }[name]
+
+            def odc() -> str:
+                value = self._stack.get(var)
+                if value is None:
+                    return error_value(f"{name}: set {var} in the site defaults")
+                return value
+
+            return odc
+        method = {
+            "inventory.DetectorForHost": "detector_for_host",
+            "inventory.DetectorsForHosts": "detectors_for_hosts",
+            "inventory.CRUCardsForHost": "cru_cards_for_host",
+            "inventory.EndpointsForCRUCard": "endpoints_for_cru_card",
+            "config.Resolve": "config_resolve",
+            "config.ResolvePath": "config_resolve_path",
+            "runtime.Get": "runtime_get",
+            "runtime.Set": "runtime_set",
+        }.get(name)
+
+        def site(*args: str) -> str:
+            svc = self.services
+            if svc is None:
+                return error_value(f"{name}: no site is known here")
+            if method is None:  # config.Get, config.GetLegacy: rendered with the variables
+                return svc.config_get(args[0], self._stack)
+            result: str = getattr(svc, method)(*args)
+            return result
+
+        return site
 
     @staticmethod
     def _role_functions(pos: RolePos | None) -> list[Any]:

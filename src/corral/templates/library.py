@@ -52,9 +52,23 @@ class Library:
         self._workflows: dict[str, WorkflowDef | None] = {}
         self._classes: dict[str, TaskClassDef | None] = {}
         self.files: list[str] = []
+        self.generated: dict[str, str] = {}  # files made during the expansion (dpl.*)
+
+    def add_generated(self, name: str, workflow: str, classes: dict[str, str]) -> str:
+        """Files a DPL description made: the workflow ``name`` beside the root and its
+        task classes in the first task folder. Returns the workflow's path."""
+        path = posixpath.join(self.workflow_dirs[0], name + ".yaml")
+        self.generated[path] = workflow
+        for cls, text in classes.items():
+            self.generated[posixpath.join(self.task_dirs[0], cls + ".yaml")] = text
+        return path
+
+    def _peek(self, path: str) -> str | None:
+        text = self.generated.get(path)
+        return text if text is not None else self.sources.read(path)
 
     def _read(self, path: str) -> str | None:
-        text = self.sources.read(path)
+        text = self._peek(path)
         if text is not None and path not in self.files:
             self.files.append(path)
         return text
@@ -88,7 +102,7 @@ class Library:
                 f"({', '.join(roots)}); name a workflow there"
             )
         for c in inside:
-            if c in self._workflows or self.sources.read(c) is not None:
+            if c in self._workflows or self._peek(c) is not None:
                 return c
         return None
 

@@ -1,0 +1,178 @@
+"""The site: what a farm gives every template (AliECS's site-wide defaults, its inventory,
+its DPL commands), made into the ``templates.services.Site`` an expansion reads.
+
+- **Site defaults**: a YAML file of ``name: value`` (``--defaults FILE``; for
+  ``corral serve`` also ``site-defaults.yaml`` in the data directory). They sit under
+  every template's own defaults: a template or a caller overrides them.
+- **Inventory**: the nodes' labels (``detector``, ``cards``) for ``inventory.*``.
+- **DPL commands**: ``dpl.Generate*`` runs a DPL command with ``--dump-workflow`` in
+  bash, in the workflow repository, with a minimal environment; the command reads a
+  caller's values from ``CORRAL_VALUE_n`` (never parsed), it may run ``DPL_TIMEOUT``
+  seconds and print ``MAX_DUMP`` bytes; a description is kept per command, so the same
+  command runs once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping, Sequence
+
+import yaml
+
+from corral.model.inventory import Node
+from corral.ports.taskenv import task_environment
+from corral.templates.dpl import MAX_DUMP
+from corral.templates.services import MAX_JIT_COMMAND, ServiceError, Site
+
+DPL_TIMEOUT = 120.0
+MAX_DEFAULTS_FILE = 4 * 1024 * 1024
+SITE_DEFAULTS_FILE = "site-defaults.yaml"  # in a data directory, read by corral serve
+
+
+class SiteError(ValueError):
+    """A broken site file; the message says which file and line."""
+
+
+def load_defaults(path: str) -> dict[str, str]:
+    """A site-defaults file: a mapping of variable names to scalar values."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DEFAULTS_FILE + 1)
+    except OSError as e:
+        raise SiteError(f"{path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_DEFAULTS_FILE:
+        raise SiteError(f"{path}: larger than {MAX_DEFAULTS_FILE} bytes")
+    try:
+        node = yaml.compose(raw.decode("utf-8"), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SiteError(f"{path}: not YAML: {e}") from None
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise SiteError(f"{path}:{node.start_mark.line + 1}: expected a mapping of name: value")
+    out: dict[str, str] = {}
+    for k, v in node.value:
+        line = k.start_mark.line + 1
+        if not isinstance(k, yaml.ScalarNode) or not k.value.isidentifier():
+            raise SiteError(f"{path}:{line}: a variable name is a word of letters, digits, _")
+        if not isinstance(v, yaml.ScalarNode):
+            raise SiteError(f"{path}:{line}: {k.value}: the value must be a scalar")
+        if k.value in out:
+            raise SiteError(f"{path}:{line}: {k.value} is given twice")
+        out[k.value] = "" if v.tag.endswith(":null") and v.value in ("", "~", "null") else v.value
+    return out
+
+
+def repository_of(workflow_path: str) -> str:
+    """The workflow repository a workflow file is in: the parent of its ``workflows/``
+    folder (as in AliECS's ControlWorkflows), else its own folder."""
+    here = os.path.dirname(os.path.abspath(workflow_path))
+    return os.path.dirname(here) if os.path.basename(here) == "workflows" else here
+
+
+def jit_reader(repo: str) -> Callable[[str], str | None]:
+    """Reads ``jit/NAME`` of a workflow repository (NAME is checked by the caller)."""
+
+    def read(name: str) -> str | None:
+        path = os.path.join(repo, "jit", name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_JIT_COMMAND + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ServiceError(f"jit/{name}: cannot read: {e.strerror}") from None
+        return data.decode("utf-8", "replace")
+
+    return read
+
+
+class DplRunner:
+    """Runs DPL commands for their JSON description, one at a time per command."""
+
+    def __init__(
+        self,
+        cwd: str,
+        *,
+        timeout: float = DPL_TIMEOUT,
+        passed: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cwd = cwd
+        self.timeout = timeout
+        self.passed = dict(passed or {})
+        self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._lock = threading.Lock()
+        self.runs = 0
+
+    def __call__(self, script: str, env: Mapping[str, str]) -> str:
+        key = (script, tuple(sorted(env.items())))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+            out = self._run(script, env)
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = out
+            return out
+
+    def _run(self, script: str, env: Mapping[str, str]) -> str:
+        self.runs += 1
+        child_env = task_environment(corral=sorted(env.items()), passed=self.passed)
+        try:
+            p = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=self.cwd,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise ServiceError(f"cannot run the DPL command: {e.strerror}") from None
+        try:
+            out, err = p.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(p)
+            raise ServiceError(
+                f"the DPL command ran longer than {self.timeout:g} s; ended"
+            ) from None
+        finally:
+            _kill_group(p)  # what it left in its group
+        if p.returncode != 0:
+            tail = err.decode("utf-8", "replace").strip()[-2000:]
+            raise ServiceError(
+                f"the DPL command failed (exit {p.returncode})" + (f": {tail}" if tail else "")
+            )
+        if len(out) > MAX_DUMP:
+            raise ServiceError(f"the DPL command printed more than {MAX_DUMP} bytes")
+        return out.decode("utf-8", "replace")
+
+
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)
+    if p.returncode is None:
+        p.wait()
+
+
+def make_site(
+    workflow_path: str,
+    nodes: Sequence[Node] = (),
+    *,
+    run_dpl: Callable[[str, Mapping[str, str]], str] | None = None,
+    runtime: Mapping[tuple[str, str], str] | None = None,
+) -> Site:
+    """The site one expansion of ``workflow_path`` reads."""
+    labels = {n.name: dict(n.labels) for n in nodes}
+    return Site(
+        labels=labels,
+        runtime=dict(runtime or {}),
+        jit=jit_reader(repository_of(workflow_path)),
+        run_dpl=run_dpl,
+    )

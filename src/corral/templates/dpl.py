@@ -1,0 +1,175 @@
+"""DPL workflow generation: a DPL workflow's JSON description → a corral sub-workflow.
+
+O2's Data Processing Layer describes a workflow as a list of data processors (devices),
+each with the data it consumes (``inputs``) and produces (``outputs``), matched by
+``origin/description/subspec``; ``o2-… --dump-workflow`` prints that description as
+JSON, with per-device ``metadata`` (the executable and its command line). AliECS runs
+the command with ``--o2-control NAME`` and O2 writes AliECS templates; corral reads the
+JSON dump itself and writes its own:
+
+- one role per device, running a task class ``NAME-DEVICE`` in FairMQ control mode, its
+  command the device's executable with its command-line arguments and ``--id DEVICE``;
+- one channel per producer → consumer route, ``from_PRODUCER_to_CONSUMER``, bound
+  (push, ipc) by the producer's class and connected (pull) by the consumer's role.
+
+The name is ``jit-`` and a hash of the description, so the same description always
+makes the same files (AliECS names its generated workflows the same way). The output is
+YAML text for the library to parse like any file; every string from the description is
+data, never template code (``{{`` in it is escaped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+MAX_DUMP = 16 * 1024 * 1024  # the largest JSON description read
+MAX_DEVICES = 10_000
+_BAD_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class DplError(ValueError):
+    """A description that cannot be turned into a workflow; str() says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    name: str  # the workflow's name, also its include reference
+    workflow: str  # the workflow file's text
+    classes: dict[str, str]  # task class name -> its file's text
+
+
+def _name(s: str) -> str:
+    out = _BAD_NAME.sub("-", s).strip("-")
+    return out or "device"
+
+
+def _literal(s: str) -> str:
+    """A string from the description as template text that expands to itself."""
+    return s.replace("{{", '{{ "{{" }}') if "{{" in s else s
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    origin: str
+    description: str
+    subspec: int | None
+
+
+def _specs(items: Any, where: str) -> list[_Spec]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise DplError(f"{where}: expected a list")
+    out = []
+    for k, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise DplError(f"{where}[{k}]: expected an object")
+        origin, desc = it.get("origin"), it.get("description")
+        if not isinstance(origin, str) or not isinstance(desc, str):
+            raise DplError(f"{where}[{k}]: needs string 'origin' and 'description'")
+        sub = it.get("subspec")
+        if sub is not None and (type(sub) is not int):
+            raise DplError(f"{where}[{k}]: 'subspec' must be a whole number")
+        out.append(_Spec(origin, desc, sub))
+    return out
+
+
+def _matches(out: _Spec, inp: _Spec) -> bool:
+    return (
+        out.origin == inp.origin
+        and out.description == inp.description
+        and (inp.subspec is None or out.subspec is None or inp.subspec == out.subspec)
+    )
+
+
+def parse_dump(text: str) -> dict[str, Any]:
+    if len(text) > MAX_DUMP:
+        raise DplError(f"the DPL description is {len(text)} bytes; the limit is {MAX_DUMP}")
+    try:
+        dump = json.loads(text)
+    except ValueError as e:
+        raise DplError(f"the DPL description is not JSON: {e}") from None
+    except RecursionError:
+        raise DplError("the DPL description nests too deep") from None
+    if not isinstance(dump, dict) or not isinstance(dump.get("workflow"), list):
+        raise DplError("the DPL description has no 'workflow' list of devices")
+    return dump
+
+
+def generate(text: str, channel_prefix: str = "") -> Generated:
+    """The sub-workflow a DPL JSON description makes; DplError for a bad one."""
+    dump = parse_dump(text)
+    devices = dump["workflow"]
+    if not devices:
+        raise DplError("the DPL description has no devices")
+    if len(devices) > MAX_DEVICES:
+        raise DplError(f"the DPL description has {len(devices)} devices; limit {MAX_DEVICES}")
+    meta_list = dump.get("metadata") or []
+    if not isinstance(meta_list, list):
+        raise DplError("the DPL description's 'metadata' is not a list")
+    meta = {m.get("name"): m for m in meta_list if isinstance(m, dict)}
+    digest = hashlib.sha1(
+        json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    name = f"jit-{digest}"
+    names: list[str] = []
+    ins: list[list[_Spec]] = []
+    outs: list[list[_Spec]] = []
+    for k, d in enumerate(devices):
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise DplError(f"workflow[{k}]: a device needs a string 'name'")
+        n = _name(d["name"])
+        if n in names:
+            raise DplError(f"workflow[{k}]: two devices are named {n!r}")
+        names.append(n)
+        ins.append(_specs(d.get("inputs"), f"workflow[{k}].inputs"))
+        outs.append(_specs(d.get("outputs"), f"workflow[{k}].outputs"))
+    # routes: producer -> consumer when an output matches an input
+    binds: dict[int, list[str]] = {}
+    connects: dict[int, list[tuple[str, int]]] = {}
+    for c, cin in enumerate(ins):
+        for p, pout in enumerate(outs):
+            if p == c or not any(_matches(o, i) for o in pout for i in cin):
+                continue
+            chan = f"{channel_prefix}from_{names[p]}_to_{names[c]}"
+            binds.setdefault(p, []).append(chan)
+            connects.setdefault(c, []).append((chan, p))
+    classes: dict[str, str] = {}
+    roles: list[dict[str, Any]] = []
+    for k, d in enumerate(devices):
+        m = meta.get(d["name"], {})
+        exe = m.get("executable")
+        if not isinstance(exe, str) or not exe:
+            raise DplError(f"device {d['name']!r}: its metadata names no 'executable'")
+        args = m.get("cmdLineArgs") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise DplError(f"device {d['name']!r}: 'cmdLineArgs' must be a list of strings")
+        argv = [_literal(a) for a in args]
+        if "--id" not in args:
+            argv += ["--id", _literal(d["name"])]
+        cls_name = f"{name}-{names[k]}"
+        cls: dict[str, Any] = {
+            "name": cls_name,
+            "description": _literal(f"DPL device {d['name']}"),
+            "control": {"mode": "fairmq"},
+            "command": {"value": _literal(exe), "arguments": argv},
+        }
+        if binds.get(k):
+            cls["bind"] = [{"name": ch, "type": "push", "addressing": "ipc"} for ch in binds[k]]
+        classes[cls_name] = yaml.safe_dump(cls, sort_keys=False, width=1 << 20)
+        role: dict[str, Any] = {"name": names[k]}
+        if connects.get(k):
+            role["connect"] = [
+                {"name": ch, "type": "pull", "target": f"{{{{ Parent().Path }}}}.{names[p]}:{ch}"}
+                for ch, p in connects[k]
+            ]
+        role["task"] = {"load": cls_name}
+        roles.append(role)
+    wf = {"name": name, "description": "generated from a DPL workflow description", "roles": roles}
+    return Generated(name, yaml.safe_dump(wf, sort_keys=False, width=1 << 20), classes)

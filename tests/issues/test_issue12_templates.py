@@ -1,0 +1,549 @@
+"""Issue 12, item 1: AliECS's template functions and rules, on templates of our own.
+
+Each function is tested against what AliECS's source does (the AliceO2Group/Control
+repository, ``configuration/template/stack.go`` and ``apricot/local/service.go``),
+edge cases included. DPL generation is tested with descriptions we write and with a
+stand-in executable that prints one, as ``o2-… --dump-workflow`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from corral.control.site import DplRunner, SiteError, load_defaults, make_site
+from corral.model.inventory import Node
+from corral.model.plan import HOST_PLACEHOLDER
+from corral.templates import check
+from corral.templates.expressions import Evaluator, suffix_in_range
+from corral.templates.services import Site
+from tests.conftest import ROOT, errors_of, expand_text
+
+CARDS = json.dumps(
+    {
+        "1": {"type": "CRU", "serial": "0228", "endpoint": "1"},
+        "0": {"type": "CRU", "serial": "0228", "endpoint": "0"},
+        "2": {"type": "CRU", "serial": "1041", "endpoint": "0"},
+    }
+)
+SITE_LABELS = {
+    "flp001": {"detector": "TPC", "cards": CARDS},
+    "flp002": {"detector": "TPC"},
+    "flp160": {"detector": "ITS"},
+    "flp999": {},
+}
+
+
+def ev(src: str, stack: dict[str, str] | None = None, site: Site | None = None) -> object:
+    e = Evaluator("s", site if site is not None else Site(labels=SITE_LABELS))
+    return e.evaluate(e.expr(src), stack or {}, None)
+
+
+# -- util, json: the pure functions ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "prefix", "low", "high", "want"),
+    [
+        ("alio2-cr1-flp001", "alio2-cr1-flp", "001", "072", "true"),
+        ("alio2-cr1-flp072", "alio2-cr1-flp", "001", "072", "true"),
+        ("alio2-cr1-flp073", "alio2-cr1-flp", "001", "072", "false"),
+        ("alio2-cr1-flp000", "alio2-cr1-flp", "001", "072", "false"),
+        ("alio2-cr1-flp145", "alio2-cr1-flp", "145", "145", "true"),
+        ("other-flp001", "alio2-cr1-flp", "001", "072", "false"),  # the prefix is missing
+        ("flp001", "", "0", "999", "false"),  # an empty prefix trims nothing: false
+        ("alio2-cr1-flp", "alio2-cr1-flp", "0", "9", "false"),  # no number after it
+        ("alio2-cr1-flp01a", "alio2-cr1-flp", "0", "99", "false"),
+        ("alio2-cr1-flp+5", "alio2-cr1-flp", "0", "9", "true"),  # Go's Atoi takes a sign
+        ("alio2-cr1-flp-5", "alio2-cr1-flp", "-9", "0", "true"),
+        ("alio2-cr1-flp 5", "alio2-cr1-flp", "0", "9", "false"),  # nor spaces
+        ("alio2-cr1-flp5", "alio2-cr1-flp", "x", "9", "false"),  # bounds not numbers
+        ("alio2-cr1-flp5", "alio2-cr1-flp", "0", " 9", "false"),
+        ("alio2-cr1-flp99999999999999999999", "alio2-cr1-flp", "0", "9", "false"),  # range
+        ("alio2-cr1-flp٣", "alio2-cr1-flp", "0", "9", "false"),  # ASCII digits only
+    ],
+)
+def test_suffix_in_range_as_in_aliecs(
+    value: str, prefix: str, low: str, high: str, want: str
+) -> None:
+    assert suffix_in_range(value, prefix, low, high) == want
+    src = f"util.SuffixInRange(v, {json.dumps(prefix)}, {json.dumps(low)}, {json.dumps(high)})"
+    assert ev(src, {"v": value}) == want
+
+
+def test_json_and_util_functions() -> None:
+    assert ev('json.Sort(json.Unmarshal(\'[3, "b", 1, "a"]\'))') == ["1", "3", "a", "b"]
+    assert ev("json.Sort('abc')") == "abc"  # not a list: as is
+    assert ev("json.Serialize(json.Deserialize('{\"a\": [1]}'))") == '{"a":[1]}'
+    assert ev("util.Nullable('x')") == "x"
+    # util.Dump writes a file in AliECS; corral returns the value and writes nothing
+    assert ev("util.Dump('payload', '/tmp/corral-dump-test')") == "payload"
+    assert not os.path.exists("/tmp/corral-dump-test")
+
+
+# -- inventory.* ---------------------------------------------------------------------
+
+
+def test_inventory_functions_read_node_labels() -> None:
+    assert ev("inventory.DetectorForHost('flp160')") == "ITS"
+    assert ev("inventory.DetectorsForHosts(h)", {"h": '["flp160","flp001","flp002"]'}) == (
+        '["ITS","TPC"]'  # unique, sorted (apricot's GetDetectorsForHosts)
+    )
+    # one card per serial, in the order of the cards' keys; endpoints space-separated
+    assert ev("inventory.CRUCardsForHost('flp001')") == '["0228","1041"]'
+    assert ev("inventory.EndpointsForCRUCard('flp001', '0228')") == "0 1"
+    assert ev("inventory.EndpointsForCRUCard('flp001', '9999')") == ""
+
+
+def test_inventory_failures_are_said_as_aliecs_says_them() -> None:
+    """AliECS returns {"error": ...} as the value; a template that prints it shows why."""
+    assert json.loads(str(ev("inventory.DetectorForHost('nope')"))) == {
+        "error": "detector not found for host nope"
+    }
+    assert "detector not found for host flp999" in str(ev("inventory.DetectorForHost('flp999')"))
+    bad = json.loads(str(ev("inventory.DetectorsForHosts('not json')")))
+    assert bad["error"].startswith("DetectorsForHosts function:")
+    unknown = json.loads(str(ev("inventory.DetectorsForHosts(h)", {"h": '["flp001","x"]'})))
+    assert unknown == {"error": "detector not found for host x"}
+    cards = json.loads(str(ev("inventory.CRUCardsForHost('flp002')")))
+    assert cards[0].startswith("error: ")  # a list with the error, as AliECS's
+    # without a site (a test's Evaluator), the functions say so rather than crash
+    bare = Evaluator("s")
+    assert "no site" in str(bare.evaluate(bare.expr("inventory.DetectorForHost('a')"), {}, None))
+
+
+def test_inventory_in_a_workflow_per_iteration() -> None:
+    files = {
+        "wf.yaml": """
+            name: wf
+            roles:
+              - name: host-{{ it }}
+                for: {range: "{{ hosts }}", var: it}
+                defaults:
+                  detector: "{{ inventory.DetectorForHost(it) }}"
+                  cards: "{{ inventory.CRUCardsForHost(it) }}"
+                roles:
+                  - name: card-{{ card }}
+                    for: {range: "{{ cards }}", var: card}
+                    vars:
+                      eps: "{{ inventory.EndpointsForCRUCard(it, card) }}"
+                    task: {load: t}
+            """,
+        "tasks/t.yaml": """
+            name: t
+            command: {value: /bin/true, arguments: ["{{ detector }}", "{{ eps }}"]}
+            """,
+    }
+    plan = expand_text(files, variables={"hosts": '["flp001"]'}, services=Site(SITE_LABELS))
+    got = {t.path: t.command.arguments for t in plan.tasks}
+    assert got == {
+        "wf.host-flp001.card-0228": ("TPC", "0 1"),
+        "wf.host-flp001.card-1041": ("TPC", "0"),
+    }
+
+
+# -- runtime.* -------------------------------------------------------------------------
+
+
+def test_runtime_get_and_set() -> None:
+    site = Site(runtime={("trg/ltu", "cfg"): "mode=1"})
+    assert ev("runtime.Get('trg/ltu', 'cfg')", site=site) == "mode=1"
+    missing = json.loads(str(ev("runtime.Get('trg/ltu', 'nope')", site=site)))
+    assert missing == {"error": "no runtime entry trg/ltu/nope"}
+    # Set returns the value; the write is collected, seen by later Gets, applied later
+    assert ev("runtime.Set('a', 'k', 'v1')", site=site) == "v1"
+    assert ev("runtime.Get('a', 'k')", site=site) == "v1"
+    assert site.runtime_writes == {("a", "k"): "v1"}
+    assert ("a", "k") not in site.runtime
+
+
+# -- unknown functions -------------------------------------------------------------------
+
+
+def test_an_unknown_function_is_named_with_the_nearest_one() -> None:
+    errors = errors_of(
+        {
+            "wf.yaml": """
+                name: wf
+                defaults:
+                  x: "{{ util.SuffixInRang(a, 'b', '1', '2') }}"
+                  y: "{{ inventory.DetectorForHots('h') }}"
+                roles: [{name: r, task: {load: t}}]
+                """,
+            "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+        }
+    )
+    assert any("unknown function util.SuffixInRang; did you mean util.SuffixInRange?" in e
+               for e in errors)  # fmt: skip
+    assert any(
+        "unknown function inventory.DetectorForHots; did you mean inventory.Detector" in e
+        for e in errors
+    )
+
+
+# -- defaults ------------------------------------------------------------------------------
+
+
+def test_a_default_reads_the_entries_above_it() -> None:
+    files = {
+        "wf.yaml": """
+            name: wf
+            defaults:
+              base: "/opt/o2"
+              bin: "{{ base }}/bin"
+              exe: "{{ bin }}/o2-readout-exe"
+            roles:
+              - name: r
+                defaults:
+                  exe2: "{{ exe }}-2"
+                  exe3: "{{ exe2 }}-3"
+                task: {load: t}
+            """,
+        "tasks/t.yaml": """
+            name: t
+            defaults:
+              a1: "{{ exe3 }}"
+              a2: "{{ a1 }}!"
+            command: {value: /bin/true, arguments: ["{{ a2 }}"]}
+            """,
+    }
+    plan = expand_text(files)
+    assert plan.tasks[0].command.arguments == ("/opt/o2/bin/o2-readout-exe-2-3!",)
+    # an entry above that a caller overrides is read with the caller's value
+    plan = expand_text(files, variables={"bin": "/usr/bin"})
+    assert plan.tasks[0].command.arguments == ("/usr/bin/o2-readout-exe-2-3!",)
+
+
+def test_an_overridden_default_is_never_evaluated() -> None:
+    """A default whose expression cannot work where it is overridden is no error."""
+    files = {
+        "wf.yaml": """
+            name: wf
+            defaults:
+              detector: "{{ inventory_only_in_production }}"
+              n: "{{ strings.Atoi('not a number') }}"
+            vars:
+              n: "3"
+            roles:
+              - name: r
+                task: {load: t}
+            """,
+        "tasks/t.yaml": """
+            name: t
+            defaults:
+              cls: "{{ also_undefined }}"
+            command: {value: /bin/true, arguments: ["{{ detector }}", "{{ n }}", "{{ cls }}"]}
+            """,
+    }
+    plan = expand_text(files, variables={"detector": "TPC", "cls": "c"})
+    assert plan.tasks[0].command.arguments == ("TPC", "3", "c")
+    # not overridden: the errors are said, every one of the block, not only the first
+    errors = errors_of(files, variables={"cls": "c"})
+    assert len(errors) == 1 and "inventory_only_in_production" in errors[0]
+    errors = errors_of({**files, "wf.yaml": files["wf.yaml"].replace('n: "3"', 'm: "3"')})
+    assert any("inventory_only_in_production" in e for e in errors)
+    assert any("strings.Atoi" in e for e in errors)
+
+
+def test_errors_inside_iterations_say_which_iteration() -> None:
+    files = {
+        "wf.yaml": """
+            name: wf
+            roles:
+              - name: host-{{ it }}
+                for: {range: '["a","b"]', var: it}
+                defaults:
+                  x: "{{ strings.Atoi(it == 'b' ? 'not a number' : '1') }}"
+                task: {load: t}
+            """,
+        "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+    }
+    errors = errors_of(files)
+    assert len(errors) == 1, errors
+    assert "strings.Atoi: 'not a number' is not an integer" in errors[0]
+    assert "(wf.host-{{ it }} [it=b])" in errors[0]
+
+
+# -- basic tasks -----------------------------------------------------------------------
+
+
+def test_timeout_on_a_basic_task_without_trigger() -> None:
+    files = {
+        "wf.yaml": """
+            name: wf
+            roles:
+              - name: once
+                task: {load: basic, timeout: 40s}
+              - name: unbounded
+                task: {load: basic, timeout: 0s}
+              - name: plain
+                task: {load: basic}
+            """,
+        "tasks/basic.yaml": "name: basic\ncommand: {value: /bin/true}\n",
+        "tasks/direct.yaml": "name: direct\ncontrol: {mode: direct}\ncommand: {value: x}\n",
+    }
+    plan = expand_text(files)
+    got = {t.path: (t.control, t.timeout) for t in plan.tasks}
+    assert got == {
+        "wf.once": ("basic", 40.0),
+        "wf.unbounded": ("basic", None),
+        "wf.plain": ("basic", None),
+    }
+    bad = dict(files)
+    bad["wf.yaml"] = files["wf.yaml"].replace(
+        "load: basic, timeout: 0s", "load: direct, timeout: 5s"
+    )
+    errors = errors_of(bad)
+    assert len(errors) == 1 and "timeout applies to basic and hook tasks" in errors[0]
+
+
+# -- per-task variables --------------------------------------------------------------------
+
+
+def test_per_task_variables() -> None:
+    files = {
+        "wf.yaml": """
+            name: wf
+            roles:
+              - name: pinned
+                constraints: [{attribute: machine_id, value: flp001}]
+                task: {load: t}
+              - name: floating
+                task: {load: t}
+            """,
+        "tasks/t.yaml": """
+            name: t
+            command:
+              value: /bin/echo
+              arguments: ["{{ task_hostname }}", "{{ task_name }}", "{{ task_class_name }}",
+                          "{{ task_parent_role }}"]
+            """,
+    }
+    plan = expand_text(files)
+    args = {t.path: t.command.arguments for t in plan.tasks}
+    assert args["wf.pinned"] == ("flp001", "wf.pinned", "t", "wf")
+    # placed later: a placeholder that the control plane fills in at launch
+    assert args["wf.floating"][0] == HOST_PLACEHOLDER
+
+
+# -- task files on their own ---------------------------------------------------------------
+
+
+def corral(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=300,
+    )
+
+
+def test_a_task_file_is_validated_on_its_own(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "good.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: good
+            defaults: {user: flp}
+            control: {mode: fairmq}
+            bind: [{name: out, type: push, addressing: ipc}]
+            command:
+              value: "{{ o2_install_path }}/bin/o2-thing"
+              arguments: ["--detector={{ detector }}"]
+            """
+        )
+    )
+    (tasks / "bad.yaml").write_text("name: bad\ncontrol: {mode: fairmqq}\ncommand: {value: x}\n")
+    (tasks / "broken.yaml").write_text("name: broken\ncommand: {value: '{{ a + }}'}\n")
+    r = corral("template", "validate", str(tasks / "good.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "a task class" in r.stderr
+    r = corral("template", "validate", str(tasks / "bad.yaml"), str(tasks / "broken.yaml"))
+    assert r.returncode == 1
+    assert f"{tasks / 'bad.yaml'}:2:" in r.stderr and "control mode 'fairmqq'" in r.stderr
+    assert f"{tasks / 'broken.yaml'}:2:" in r.stderr and "syntax error" in r.stderr
+
+
+# -- site defaults -------------------------------------------------------------------------
+
+
+def test_site_defaults_sit_under_the_templates_own(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "t.yaml").write_text(
+        "name: t\ncommand: {value: /bin/true, arguments: ['{{ a }}', '{{ b }}', '{{ c }}']}\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        "name: wf\ndefaults: {b: template}\nroles: [{name: r, task: {load: t}}]\n"
+    )
+    site = tmp_path / "site.yaml"
+    site.write_text("a: site\nb: site\nc: 3\n")
+    r = corral(
+        "template", "render", str(tmp_path / "wf.yaml"), "--defaults", str(site), "-o", "json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tasks"][0]["command"]["arguments"] == ["site", "template", "3"]
+    site.write_text("a: site\nb: [1, 2]\n")
+    r = corral("template", "validate", str(tmp_path / "wf.yaml"), "--defaults", str(site))
+    assert r.returncode == 2 and f"{site}:2: b: the value must be a scalar" in r.stderr
+    with pytest.raises(SiteError, match="is given twice"):
+        site.write_text("a: 1\na: 2\n")
+        load_defaults(str(site))
+
+
+# -- DPL workflow generation ------------------------------------------------------------------
+
+DUMP = {
+    "workflow": [
+        {
+            "name": "readout-proxy",
+            "inputs": [],
+            "outputs": [{"binding": "A", "origin": "TPC", "description": "RAWDATA", "subspec": 0}],
+            "options": [],
+            "rank": 0,
+            "nSlots": 1,
+        },
+        {
+            "name": "tpc-decoder",
+            "inputs": [{"binding": "A", "origin": "TPC", "description": "RAWDATA"}],
+            "outputs": [{"binding": "D", "origin": "TPC", "description": "DIGITS", "subspec": 0}],
+        },
+        {
+            "name": "qc-task:TPC/{{ evil }}",
+            "inputs": [{"binding": "D", "origin": "TPC", "description": "DIGITS", "subspec": 0}],
+            "outputs": [],
+        },
+    ],
+    "metadata": [
+        {"name": "readout-proxy", "executable": "o2-dpl-raw-proxy", "cmdLineArgs": ["-b"]},
+        {"name": "tpc-decoder", "executable": "o2-tpc-raw-to-digits", "cmdLineArgs": ["--x"]},
+        {
+            "name": "qc-task:TPC/{{ evil }}",
+            "executable": "o2-qc",
+            "cmdLineArgs": ["--config", "{{ json.Marshal('not evaluated') }}"],
+        },
+    ],
+}
+
+
+def dpl_files(jit: dict[str, str]) -> tuple[dict[str, str], Site]:
+    files = {
+        "workflows/wf.yaml": """
+            name: wf
+            roles:
+              - name: flp
+                include: "{{ dpl.GenerateFromUri(dpl_workflow) }}"
+            """,
+    }
+    site = Site(jit=lambda name: jit.get(name))
+    return files, site
+
+
+def test_a_dpl_description_becomes_tasks_and_channels() -> None:
+    files, site = dpl_files({"tpc-raw": json.dumps(DUMP)})
+    plan = expand_text(
+        files, root="workflows/wf.yaml", variables={"dpl_workflow": "tpc-raw"}, services=site
+    )
+    tasks = {t.path: t for t in plan.tasks}
+    assert set(tasks) == {"wf.flp.readout-proxy", "wf.flp.tpc-decoder", "wf.flp.qc-task-TPC-evil"}
+    assert {t.control for t in plan.tasks} == {"fairmq"}
+    dec = tasks["wf.flp.tpc-decoder"].command
+    assert (dec.value, dec.arguments) == ("o2-tpc-raw-to-digits", ("--x", "--id", "tpc-decoder"))
+    # strings of the description are data: a template hole in them stays as written
+    qc = tasks["wf.flp.qc-task-TPC-evil"].command
+    assert qc.arguments == (
+        "--config", "{{ json.Marshal('not evaluated') }}", "--id", "qc-task:TPC/{{ evil }}"
+    )  # fmt: skip
+    routes = {(c.task, c.name, c.bind_task) for c in plan.connects}
+    assert routes == {
+        ("wf.flp.tpc-decoder", "from_readout-proxy_to_tpc-decoder", "wf.flp.readout-proxy"),
+        ("wf.flp.qc-task-TPC-evil", "from_tpc-decoder_to_qc-task-TPC-evil", "wf.flp.tpc-decoder"),
+    }
+
+
+def test_dpl_uri_rules() -> None:
+    files, site = dpl_files({"tpc-raw": json.dumps(DUMP), "bad": '{"workflow": "x"}'})
+    root = "workflows/wf.yaml"
+
+    def errs(name: str) -> list[str]:
+        return errors_of(files, root=root, variables={"dpl_workflow": name}, services=site)
+
+    assert "failed to read DPL command from 'jit/missing'" in errs("missing")[0]
+    assert "bad DPL command name '../../etc/passwd'" in errs("../../etc/passwd")[0]
+    assert "dplCommand is 'none'" in errs("none")[0]
+    assert "no 'workflow' list of devices" in errs("bad")[0]
+    # ...OrFallbackToTemplate: no jit file of that name, then the workflow of that name
+    files2 = {
+        **files,
+        "workflows/wf.yaml": files["workflows/wf.yaml"].replace(
+            "GenerateFromUri", "GenerateFromUriOrFallbackToTemplate"
+        ),
+        "workflows/plain.yaml": "name: plain\nroles: [{name: p, task: {load: t}}]\n",
+        "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+    }
+    plan = expand_text(files2, root=root, variables={"dpl_workflow": "plain"}, services=site)
+    assert [t.path for t in plan.tasks] == ["wf.flp.p"]
+
+
+STANDIN = """\
+#!{python}
+import json, sys
+args = sys.argv[1:]
+assert args[-1] == "--dump-workflow", args
+dump = {dump}
+dump["metadata"][1]["cmdLineArgs"] = args[:-1]
+print(json.dumps(dump))
+"""
+
+
+def test_a_dpl_command_runs_and_a_callers_value_stays_one_word(tmp_path: Path) -> None:
+    """A jit command file is a template; it runs in bash with --dump-workflow added, and
+    a caller's value in it is read from a variable, never parsed by the shell."""
+    exe = tmp_path / "o2-standin"
+    exe.write_text(STANDIN.format(python=sys.executable, dump=repr(DUMP)))
+    exe.chmod(0o755)
+    (tmp_path / "jit").mkdir()
+    (tmp_path / "jit" / "tpc").write_text(f"{exe} --session default --detector '{{{{ det }}}}'\n")
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "wf.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: wf
+            defaults: {det: TPC, dpl_workflow: tpc}
+            roles:
+              - name: flp
+                include: "{{ dpl.GenerateFromUri(dpl_workflow) }}"
+            """
+        )
+    )
+    runner = DplRunner(str(tmp_path))
+    path = str(tmp_path / "workflows" / "wf.yaml")
+    from corral.store.files import DiskSources
+
+    site = make_site(path, [Node("flp001")], run_dpl=runner)
+    hostile = "x'; touch PWNED; echo '"
+    plan, diags = check(path, DiskSources(), variables={"det": hostile}, services=site)
+    assert plan is not None, [str(d) for d in diags]
+    dec = {t.path: t for t in plan.tasks}["wf.flp.tpc-decoder"]
+    assert dec.command.arguments[:4] == ("--session", "default", "--detector", hostile)
+    assert not (tmp_path / "PWNED").exists()
+    assert runner.runs == 1
+    # the same command again: the description is reused, not made again
+    plan, _ = check(path, DiskSources(), variables={"det": hostile}, services=site)
+    assert plan is not None and runner.runs == 1
+    # a command that fails says so, with its output
+    (tmp_path / "jit" / "tpc").write_text("echo 'no such workflow' >&2; false\n")
+    plan, diags = check(path, DiskSources(), variables={"det": "TPC"}, services=site)
+    assert plan is None
+    assert "the DPL command failed (exit 1): no such workflow" in str(diags[0])
+    # without --run-dpl (no runner), a command is an error, not run
+    site = make_site(path, [])
+    plan, diags = check(path, DiskSources(), services=site)
+    assert plan is None and "DPL commands cannot be run here" in str(diags[0])
