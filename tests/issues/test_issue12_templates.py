@@ -20,7 +20,7 @@ import pytest
 from corral.control.site import DplRunner, SiteError, load_defaults, make_site
 from corral.model.inventory import Node
 from corral.model.plan import HOST_PLACEHOLDER
-from corral.templates import check
+from corral.templates import DictSources, check
 from corral.templates.expressions import Evaluator, suffix_in_range
 from corral.templates.services import Site
 from tests.conftest import ROOT, errors_of, expand_text
@@ -547,3 +547,123 @@ def test_a_dpl_command_runs_and_a_callers_value_stays_one_word(tmp_path: Path) -
     site = make_site(path, [])
     plan, diags = check(path, DiskSources(), services=site)
     assert plan is None and "DPL commands cannot be run here" in str(diags[0])
+
+
+# -- on a real control plane: the timeout of a basic task, task_hostname at launch --------
+
+
+def test_a_basic_task_that_runs_past_its_timeout_is_ended(tmp_path: Path) -> None:
+    from corral.control.environment import TransitionError  # noqa: F401
+    from corral.store.files import DiskSources
+    from corral.templates import expand
+    from tests.control.harness import Harness, run
+    from tests.fake_tasks import alive
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "sleeper.yaml").write_text(
+        "name: sleeper\ncommand: {value: /bin/sleep, arguments: ['3600']}\n"
+    )
+    (tmp_path / "tasks" / "host.yaml").write_text(
+        "name: host\ncommand:\n  value: /bin/sh\n"
+        "  arguments: ['-c', 'echo \"$0\" > {{ out }}; exec sleep 3600', '{{ task_hostname }}']\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: wf
+            roles:
+              - name: once
+                task: {load: sleeper, timeout: 1s, critical: false}
+              - name: long
+                task: {load: sleeper, timeout: 1h}
+              - name: host
+                task: {load: host}
+            """
+        )
+    )
+    out = tmp_path / "hostname"
+    plan = expand(str(tmp_path / "wf.yaml"), DiskSources(), variables={"out": str(out)})
+
+    async def body(h: Harness) -> None:
+        env = h.create(plan)
+        assert await env.transition("DEPLOY") == "DEPLOYED"
+        once = env.by_path["wf.once"]
+        await h.until(lambda: once.state == "ERROR")
+        assert "ran longer than its timeout of 1 s" in (once.reason or ""), once.reason
+        long = env.by_path["wf.long"]
+        assert long.state == "STANDBY" and long.pid is not None and alive(long.pid)
+        # task_hostname, placed after expansion, was filled in with the node's name
+        await h.until(out.exists)
+        await h.until(lambda: out.read_text().strip() != "")
+        assert out.read_text().strip() == env.by_path["wf.host"].node
+        await h.plane.destroy(env.id)
+
+    run(tmp_path, body)
+
+
+def test_the_timeout_crosses_the_wire_to_a_node_agent() -> None:
+    from corral.backends.wire import decode_launches, encode_launches
+    from corral.model.plan import Command
+    from corral.ports.backend import Launch
+
+    batch = [
+        Launch("t1", "wf.a", Command("/bin/true"), "basic", timeout=40.0),
+        Launch("t2", "wf.b", Command("/bin/true"), "basic"),
+    ]
+    back = decode_launches(json.loads(json.dumps(encode_launches(batch))))
+    assert [x.timeout for x in back] == [40.0, None]
+
+
+def test_a_recipe_keeps_what_the_site_answered() -> None:
+    """A later control process expands the same plan again from the environment's
+    recipe, even when the inventory changed or the DPL command can no longer run."""
+    from corral.control import recipes
+    from corral.templates.services import RecordingSite
+
+    files = {
+        "workflows/wf.yaml": textwrap.dedent(
+            """
+            name: wf
+            roles:
+              - name: host-{{ it }}
+                for: {range: '["flp001","flp160"]', var: it}
+                vars: {det: "{{ inventory.DetectorForHost(it) }}"}
+                include: "{{ dpl.GenerateFromUri('tpc-raw') }}"
+            """
+        )
+    }
+    site = RecordingSite(Site(labels=SITE_LABELS, jit={"tpc-raw": json.dumps(DUMP)}.get))
+    plan, diags = check("workflows/wf.yaml", DictSources(files), services=site)
+    assert plan is not None, diags
+    recipe = recipes.make("workflows/wf.yaml", files, {}, {}, "0", site.record)
+    again, _ = recipes.replay(recipe)
+    assert again is not None and again.to_dict() == plan.to_dict()
+    assert len(again.tasks) == 6
+    # a recipe without the answers (made before this version): said, not guessed
+    bare = recipes.make("workflows/wf.yaml", files, {}, {}, "0")
+    none, why = recipes.replay(bare)
+    assert none is None and "recipe has no answer" in str(why[0])
+
+
+def test_a_variable_holding_a_callers_value_keeps_only_that_part_marked() -> None:
+    """ALICE's shell-command class: ``value: {{ shell_command }}`` where shell_command
+    holds an iterator's host. Only the host is read from a variable; the rest of the
+    command stays the template's shell code (it was all one variable reference before)."""
+    files = {
+        "wf.yaml": """
+            name: wf
+            roles:
+              - name: host-{{ it }}
+                for: {range: "{{ hosts }}", var: it}
+                roles:
+                  - name: c
+                    vars:
+                      shell_command: "cd /tmp && O2_ROLE={{ it }} exec true"
+                    task: {load: sc, trigger: before_DEPLOY}
+            """,
+        "tasks/sc.yaml": "name: sc\ncommand:\n  shell: true\n  value: >-\n    {{ shell_command }}\n",
+    }
+    plan = expand_text(files, variables={"hosts": '["flp1"]'})
+    c = plan.tasks[0].command
+    assert c.value == 'cd /tmp && O2_ROLE="${CORRAL_VALUE_1}" exec true'
+    assert c.env == (("CORRAL_VALUE_1", "flp1"),)

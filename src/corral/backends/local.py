@@ -39,6 +39,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import heapq
 import json
 import os
 import shlex
@@ -265,6 +266,9 @@ class LocalBackend:
         self._health: dict[str, _Health] = {}
         self._health_loop: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # health checks under way
+        # basic tasks with a timeout: (deadline, task id, pid), one timer for them all
+        self._deadlines: list[tuple[float, str, int, float]] = []
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     def _rundir(self) -> str:
         if self._run_dir is None:
@@ -329,6 +333,8 @@ class LocalBackend:
             self._leases[spec.lease] += 1
             if spec.health is not None and spec.control == "basic":
                 self._watch_health(spec.task_id, spec.health, proc.pid, env)
+            if spec.timeout and spec.control == "basic":
+                self._set_deadline(spec.task_id, proc.pid, spec.timeout)
             if proc.sock is None:
                 b.set_now(pos, Outcome(spec.task_id, state="STANDBY", pid=proc.pid))
             else:
@@ -429,6 +435,10 @@ class LocalBackend:
 
     async def close(self) -> None:
         self._health.clear()
+        self._deadlines.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for job in [*self._checks, *([self._health_loop] if self._health_loop else [])]:
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -902,6 +912,33 @@ class LocalBackend:
             proc.sock = None
 
     # -- health checks ----------------------------------------------------------------
+
+    def _set_deadline(self, task_id: str, pid: int, timeout: float) -> None:
+        """A basic task with a timeout is ended when it runs longer (as AliECS's
+        executor does), and its exit is said with the reason."""
+        loop = self._bind_loop()
+        heapq.heappush(self._deadlines, (loop.time() + timeout, task_id, pid, timeout))
+        self._arm_deadlines(loop)
+
+    def _arm_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if self._deadlines:
+            self._deadline_timer = loop.call_at(self._deadlines[0][0], self._on_deadlines)
+
+    def _on_deadlines(self) -> None:
+        loop = self._bind_loop()
+        self._deadline_timer = None
+        now = loop.time()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, task_id, pid, timeout = heapq.heappop(self._deadlines)
+            proc = self._procs.get(task_id)
+            if proc is None or proc.pid != pid or proc.exited is not None:
+                continue  # it ended in time, or a relaunch runs under that id now
+            proc.note = f"ended: it ran longer than its timeout of {timeout:g} s"
+            _killpg(proc.pid, signal.SIGKILL)
+        self._arm_deadlines(loop)
 
     def _watch_health(self, task_id: str, spec: HealthCheck, pid: int, env: dict[str, str]) -> None:
         if not spec.command:

@@ -53,6 +53,7 @@ def encode_launches(batch: Sequence[Launch]) -> dict[str, Any]:
         h = -1 if x.health is None else checks.setdefault(x.health, len(checks))
         items.append(
             [x.task_id, x.path, c, x.control, [list(p) for p in x.env], x.log_path, h, x.lease]
+            + ([] if x.timeout is None else [x.timeout])
         )
     return {
         "commands": [
@@ -83,8 +84,9 @@ def decode_launches(data: dict[str, Any]) -> list[Launch]:
                 log,
                 None if h < 0 else checks[h],
                 None if lease is None else float(lease),
+                None if not rest else float(rest[0]),
             )
-            for tid, path, c, control, env, log, h, lease in data["launches"]
+            for tid, path, c, control, env, log, h, lease, *rest in data["launches"]
         ]
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise WireError(f"a launch batch that does not decode: {e}") from None

@@ -87,17 +87,25 @@ def parse_func(text: str) -> ParsedFunc:
 class Registry:
     """The call plugins by name: given, or loaded from the entry points."""
 
-    def __init__(self, plugins: Mapping[str, Plugin] | None = None) -> None:
+    def __init__(
+        self, plugins: Mapping[str, Plugin] | None = None, *, extra: Mapping[str, Plugin] = {}
+    ) -> None:
+        """``plugins``: these only; else the entry points'. ``extra`` (the site's
+        ``--call-plugin`` bridges) come on top, replacing one of the same name."""
         self._plugins: dict[str, Plugin] = {}
         self._broken: dict[str, str] = {}
         if plugins is not None:
             self._plugins.update(plugins)
+            self._plugins.update(extra)
             return
         for ep in importlib.metadata.entry_points(group=GROUP):
             try:
                 self._plugins[ep.name] = ep.load()()
             except Exception as e:  # a broken plugin is an error at its calls, not a crash
                 self._broken[ep.name] = f"plugin {ep.name} ({ep.value}) failed to load: {e}"
+        for name, plugin in extra.items():
+            self._broken.pop(name, None)
+            self._plugins[name] = plugin
 
     def names(self) -> list[str]:
         return sorted(self._plugins)
@@ -110,7 +118,10 @@ class Registry:
         if plugin is None:
             known = ", ".join(self.names()) or "none"
             raise CallError(f"unknown plugin {parsed.plugin!r} in {func!r} (known: {known})")
-        if parsed.method not in plugin.methods:
+        accepts = getattr(plugin, "accepts", None)
+        if not (
+            parsed.method in plugin.methods or (accepts is not None and accepts(parsed.method))
+        ):
             known = ", ".join(sorted(plugin.methods))
             raise CallError(
                 f"plugin {parsed.plugin} has no method {parsed.method!r} (it has: {known})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Mapping
@@ -68,46 +69,81 @@ class ExecPlugin:
             if not args:
                 raise CallError("exec.Run wants a command and its arguments")
             argv = [str(a) for a in args]
-        corral = [
-            ("CORRAL_ENVIRONMENT_ID", ctx.environment_id),
-            ("CORRAL_EVENT", ctx.event),
-            ("CORRAL_TRIGGER", ctx.trigger),
-            ("CORRAL_CALL_PATH", ctx.path),
-        ]
-        if ctx.run_number is not None:
-            corral.append(("CORRAL_RUN_NUMBER", str(ctx.run_number)))
-        passed = default_passed() if self.passed is None else self.passed
-        env = task_environment(ctx.env, corral, passed=passed)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-            )
-        except FileNotFoundError:
-            raise CallError(f"cannot run {argv[0]!r}: no such file or directory") from None
-        except PermissionError:
-            raise CallError(f"cannot run {argv[0]!r}: permission denied") from None
-        try:
-            out, err = await proc.communicate()
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(proc.wait())
-            raise
+        return await run_command(argv, ctx, self.passed)
+
+
+class BridgePlugin:
+    """A plugin that is a command (``--call-plugin NAME=COMMAND``): ``NAME.Method(a, b)``
+    runs ``COMMAND Method a b``, with the environment's variables as a JSON object on its
+    standard input; exit status 0 is success, stdout is the result. A site bridges its
+    own services this way (AliECS's dcs, odc, bookkeeping, ... plugins), or stands in for
+    them in a test."""
+
+    methods = frozenset[str]()  # any method: ``accepts`` says
+
+    def __init__(self, command: str, passed: Mapping[str, str] | None = None) -> None:
+        self.command = command
+        self.passed = None if passed is None else dict(passed)
+
+    @staticmethod
+    def accepts(method: str) -> bool:
+        return method.isidentifier()
+
+    async def call(self, method: str, args: tuple[object, ...], ctx: CallContext) -> str | None:
+        argv = [self.command, method, *("" if a is None else str(a) for a in args)]
+        data = json.dumps(dict(ctx.variables), sort_keys=True).encode()
+        return await run_command(argv, ctx, self.passed, data)
+
+
+async def run_command(
+    argv: list[str],
+    ctx: CallContext,
+    passed_given: Mapping[str, str] | None,
+    stdin: bytes | None = None,
+) -> str:
+    """Run a call's command in its own group, killed with it on cancellation; its
+    result is its stdout (capped), a non-zero exit a CallError with its stderr's end."""
+    corral = [
+        ("CORRAL_ENVIRONMENT_ID", ctx.environment_id),
+        ("CORRAL_EVENT", ctx.event),
+        ("CORRAL_TRIGGER", ctx.trigger),
+        ("CORRAL_CALL_PATH", ctx.path),
+        ("CORRAL_CALL_FUNC", ctx.func),
+    ]
+    if ctx.run_number is not None:
+        corral.append(("CORRAL_RUN_NUMBER", str(ctx.run_number)))
+    passed = default_passed() if passed_given is None else passed_given
+    env = task_environment(ctx.env, corral, passed=passed)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise CallError(f"cannot run {argv[0]!r}: no such file or directory") from None
+    except PermissionError:
+        raise CallError(f"cannot run {argv[0]!r}: permission denied") from None
+    try:
+        out, err = await proc.communicate(stdin)
+    except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # what it left behind in its group
-        if proc.returncode != 0:
-            tail = err[-2000:].decode("utf-8", "replace").strip().splitlines()[-5:]
-            status = (
-                f"status {proc.returncode}"
-                if (proc.returncode or 0) >= 0
-                else f"signal {-(proc.returncode or 0)}"
-            )
-            detail = (": " + " | ".join(tail)) if tail else ""
-            raise CallError(f"{argv[0]} ended with {status}{detail}")
-        return out[:OUTPUT_CAP].decode("utf-8", "replace").strip()
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(proc.wait())
+        raise
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what it left behind in its group
+    if proc.returncode != 0:
+        tail = err[-2000:].decode("utf-8", "replace").strip().splitlines()[-5:]
+        status = (
+            f"status {proc.returncode}"
+            if (proc.returncode or 0) >= 0
+            else f"signal {-(proc.returncode or 0)}"
+        )
+        detail = (": " + " | ".join(tail)) if tail else ""
+        raise CallError(f"{argv[0]} ended with {status}{detail}")
+    return out[:OUTPUT_CAP].decode("utf-8", "replace").strip()

@@ -28,12 +28,22 @@ from corral.backends.local import LocalBackend
 from corral.calls import CallError, Registry
 from corral.cli.client import remote_events, server_options
 from corral.cli.hardening import private_process
-from corral.cli.template import TIME_LIMIT, builtin_defaults, parse_vars, report, var_option
+from corral.cli.template import (
+    TIME_LIMIT,
+    builtin_defaults,
+    call_plugin_option,
+    load_site,
+    parse_call_plugins,
+    parse_vars,
+    report,
+    var_option,
+)
 from corral.control import recipes
 from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError
 from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
+from corral.control.site import DplRunner, make_site, repository_of
 from corral.lifecycle import task as tasksm
 from corral.model.inventory import Node
 from corral.ports import taskenv
@@ -42,6 +52,7 @@ from corral.store.inventory import InventoryError, load_inventory
 from corral.store.lock import DataDirInUse, DataLock
 from corral.store.sqlite import SqliteStore
 from corral.templates import check
+from corral.templates.services import RecordingSite
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -202,6 +213,12 @@ class Seconds(click.FloatRange):
 @inventory_option
 @priority_option
 @task_env_option
+@click.option(
+    "--defaults", "defaults_file", metavar="FILE", type=click.Path(dir_okay=False),
+    help="Site defaults: a YAML file of name: value under every template's own.",
+)  # fmt: skip
+@click.option("--run-dpl", is_flag=True, help="dpl.Generate* may run DPL commands.")
+@call_plugin_option
 def run(
     path: str,
     variables: tuple[str, ...],
@@ -212,6 +229,9 @@ def run(
     inventory: str | None,
     priority_classes: tuple[str, ...],
     task_env: tuple[str, ...],
+    defaults_file: str | None,
+    run_dpl: bool,
+    call_plugins: tuple[str, ...],
 ) -> None:
     """Run the workflow at PATH on this machine until Ctrl-C."""
     private_process()  # its environment is not its tasks' to read
@@ -221,18 +241,20 @@ def run(
     nodes = read_inventory(inventory)
     classes = parse_priorities(priority_classes)
     env_id = new_environment_id()
-    gdefaults = builtin_defaults(path)
+    gdefaults = {**load_site(defaults_file, None, run_dpl).defaults, **builtin_defaults(path)}
     gdefaults["environment_id"] = env_id
     sources = recipes.RecordingSources(DiskSources())
+    runner = DplRunner(repository_of(path), passed=passed) if run_dpl else None
+    site = RecordingSite(make_site(path, nodes or [], run_dpl=runner))
     plan, diags = check(
         path, sources, variables=user, global_defaults=gdefaults, seed=env_id,
-        time_limit=TIME_LIMIT, clock=time.monotonic,
+        time_limit=TIME_LIMIT, clock=time.monotonic, services=site,
     )  # fmt: skip
     if plan is None:
         report(diags)
         sys.exit(1)
     problems = []
-    registry = Registry()
+    registry = Registry(extra=parse_call_plugins(call_plugins, passed))
     for call in plan.calls:
         try:
             registry.check(call.func)
@@ -259,7 +281,7 @@ def run(
             registry,
             nodes,
             classes,
-            recipes.make(path, sources.files, user, gdefaults, env_id),
+            recipes.make(path, sources.files, user, gdefaults, env_id, site.record),
             passed,
         )
     )

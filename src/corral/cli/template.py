@@ -14,6 +14,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from corral.calls.builtin import BridgePlugin
 from corral.control.site import DplRunner, load_defaults, make_site, repository_of
 from corral.model.inventory import Node
 from corral.model.plan import Plan
@@ -74,6 +75,26 @@ def expand_file(
     if plan is None and not diags and sources.problems:  # pragma: no cover - defensive
         return None, diags
     return plan, diags
+
+
+def call_plugin_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--call-plugin", "call_plugins", multiple=True, metavar="NAME=COMMAND",
+        help="A call plugin that is a command: NAME.Method(args) runs COMMAND Method args, "
+        "the variables as JSON on its stdin (repeatable; docs/calls.md).",
+    )(f)  # fmt: skip
+
+
+def parse_call_plugins(
+    pairs: Iterable[str], passed: dict[str, str] | None = None
+) -> dict[str, BridgePlugin]:
+    out: dict[str, BridgePlugin] = {}
+    for pair in pairs:
+        name, eq, command = pair.partition("=")
+        if not eq or not name.isidentifier() or not command.strip():
+            raise click.BadParameter(f"{pair!r}: expected NAME=COMMAND", param_hint="--call-plugin")
+        out[name] = BridgePlugin(os.path.abspath(command) if os.sep in command else command, passed)
+    return out
 
 
 def is_task_file(path: str) -> bool:

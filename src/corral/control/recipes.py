@@ -3,10 +3,12 @@ process.
 
 A recipe holds the text of every template file the expansion read (the workflow, its
 includes, its task classes), the caller's variables, the defaults the control process
-supplied and the seed. Expanding it again gives the same plan even when the files on
-disk changed or are gone since. It is kept with the environment in the store (a few
-kilobytes), so that a control server that restarts can take over the environments a
-previous one left: RECOVER them, or destroy them.
+supplied, the seed, and what the site answered (``templates.services``: inventory,
+configuration, runtime entries, DPL descriptions). Expanding it again gives the same
+plan even when the files on disk, or the site, changed or are gone since. It is kept
+with the environment in the store (a few kilobytes), so that a control server that
+restarts can take over the environments a previous one left: RECOVER them, or destroy
+them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 
 from corral.model.plan import Plan
 from corral.templates import Diagnostic, DictSources, Sources, check
+from corral.templates.services import ReplaySite
 
 VERSION = 1
 
@@ -44,18 +47,19 @@ def make(
     variables: Mapping[str, str],
     defaults: Mapping[str, str],
     seed: str,
+    site: Mapping[str, str | None] | None = None,
 ) -> str:
-    return json.dumps(
-        {
-            "version": VERSION,
-            "root": root,
-            "files": dict(files),
-            "variables": dict(variables),
-            "defaults": dict(defaults),
-            "seed": seed,
-        },
-        sort_keys=True,
-    )
+    data: dict[str, object] = {
+        "version": VERSION,
+        "root": root,
+        "files": dict(files),
+        "variables": dict(variables),
+        "defaults": dict(defaults),
+        "seed": seed,
+    }
+    if site:  # what the site answered (inventory, configuration, DPL descriptions)
+        data["site"] = dict(site)
+    return json.dumps(data, sort_keys=True)
 
 
 def replay(recipe: str) -> tuple[Plan | None, list[Diagnostic] | str]:
@@ -66,9 +70,11 @@ def replay(recipe: str) -> tuple[Plan | None, list[Diagnostic] | str]:
             return None, f"a recipe of version {r.get('version')!r}, not {VERSION}"
         root, files = r["root"], r["files"]
         variables, defaults, seed = r["variables"], r["defaults"], r["seed"]
+        site = ReplaySite(r.get("site") or {})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"an unreadable recipe: {e}"
     plan, diags = check(
-        root, DictSources(files), variables=variables, global_defaults=defaults, seed=seed
-    )
+        root, DictSources(files), variables=variables, global_defaults=defaults, seed=seed,
+        services=site,
+    )  # fmt: skip
     return plan, diags

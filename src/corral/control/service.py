@@ -49,6 +49,7 @@ from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError, priority_of
 from corral.control.plane import Admit, ControlPlane, new_environment_id
+from corral.control.site import DplRunner, make_site, repository_of
 from corral.model.plan import Plan, PublicVar
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.store.files import DiskSources
@@ -56,6 +57,7 @@ from corral.templates import Diagnostic, check
 from corral.templates.public import bad_values, refusals
 from corral.templates.public import declared as declared_public
 from corral.templates.schema import PUBLIC_TAG
+from corral.templates.services import RecordingSite, Site
 
 ROLES = ("viewer", "operator", "admin")
 # the highest priority class each role may create environments with (None: none);
@@ -112,10 +114,14 @@ class ControlService:
         max_expansions: int = 2,
         max_waiting: int = 16,
         expansion_time_limit: float = 60.0,
+        site_defaults: Mapping[str, str] | None = None,
+        run_dpl: bool = False,
     ) -> None:
         """``role_priority``: the highest priority class per role (ValueError for a
         class the plane does not know), over DEFAULT_ROLE_PRIORITY. ``max_expansions``
-        template expansions run at once (in threads); ``max_waiting`` more may wait."""
+        template expansions run at once (in threads); ``max_waiting`` more may wait.
+        ``site_defaults``: what the site gives every template (under its own defaults);
+        ``run_dpl``: dpl.Generate* may run DPL commands (``control.site``)."""
         self.plane = plane
         self.store = plane.store
         self.workflows = os.path.abspath(workflows)
@@ -129,6 +135,9 @@ class ControlService:
         self._waiting = 0
         self._running = 0  # expansions in worker threads now
         self._declared: dict[str, dict[str, str]] = {}  # environment -> its template's detectors
+        self.site_defaults = dict(site_defaults or {})
+        self.run_dpl = run_dpl
+        self._dpl_runners: dict[str, DplRunner] = {}  # by workflow repository
         plane.admit_moves = self._admit_moves
 
     # -- tokens ------------------------------------------------------------------------------
@@ -487,19 +496,34 @@ class ControlService:
         """The plan, the errors, the workflow's path, the recipe to expand it again and
         the detectors its template files declare (see ``declared_detectors``)."""
         path = self.workflow_path(name)
-        defaults = {"python": sys.executable, "workflow_dir": os.path.dirname(path)}
+        defaults = {
+            **self.site_defaults,
+            "python": sys.executable,
+            "workflow_dir": os.path.dirname(path),
+        }
         if env_id:
             defaults["environment_id"] = env_id
         seed = env_id or "0"
         sources = recipes.RecordingSources(DiskSources())
+        site = RecordingSite(self._site(path))
         with heap.building():  # a plan lives as long as its environment
             plan, diags = check(
                 path, sources, variables=variables, global_defaults=defaults, seed=seed,
-                time_limit=self.expansion_time_limit, clock=time.monotonic,
+                time_limit=self.expansion_time_limit, clock=time.monotonic, services=site,
             )  # fmt: skip
-        recipe = recipes.make(path, sources.files, variables, defaults, seed)
+        recipe = recipes.make(path, sources.files, variables, defaults, seed, site.record)
         declared = declared_detectors(sources.files) if plan is not None else {}
         return plan, diags, path, recipe, declared
+
+    def _site(self, path: str) -> Site:
+        """What the expansion of ``path`` reads of the site (``control.site``)."""
+        runner = None
+        if self.run_dpl:
+            repo = repository_of(path)
+            runner = self._dpl_runners.get(repo)
+            if runner is None:
+                runner = self._dpl_runners[repo] = DplRunner(repo)
+        return make_site(path, self.plane.ledger.nodes, run_dpl=runner)
 
     # -- environments ----------------------------------------------------------------------------
 

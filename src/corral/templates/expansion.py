@@ -518,6 +518,8 @@ class _Expander:
         tainted = False
         if e.bare is not None:
             v = stack.get(e.bare)
+            if v is not None and not hole.raw:
+                return v  # as is: only the caller's part of it marked
             tainted = v is not None and (TAINT_START in v or TAINT_END in v)
         else:
             size = 0

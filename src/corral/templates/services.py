@@ -20,10 +20,11 @@ the expansion (``dpl.*``), which raises ``ServiceError``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 MAX_JIT_COMMAND = 64 * 1024  # the longest DPL command a jit file may hold
 
@@ -192,3 +193,78 @@ class Site:
         if self.run_dpl is None:
             raise ServiceError("DPL commands cannot be run here (no DPL runner configured)")
         return self.run_dpl(command, env)
+
+
+_METHODS = (
+    "detector_for_host", "detectors_for_hosts", "cru_cards_for_host", "endpoints_for_cru_card",
+    "config_resolve", "config_resolve_path", "runtime_get", "runtime_set", "jit_command",
+)  # fmt: skip
+
+
+def _key(name: str, args: tuple[object, ...]) -> str:
+    return json.dumps([name, *args], separators=(",", ":"), ensure_ascii=False)
+
+
+def _vars_digest(variables: Mapping[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(variables):
+        h.update(k.encode() + b"\0" + variables[k].encode() + b"\0")
+    return h.hexdigest()
+
+
+class RecordingSite:
+    """Answers from another site and keeps every answer, so that a later control process
+    expands the same plan again (``ReplaySite``, from the environment's recipe) even when
+    the inventory, the configuration or the DPL software changed since."""
+
+    def __init__(self, inner: Services) -> None:
+        self.inner = inner
+        self.record: dict[str, str | None] = {}
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name not in _METHODS:
+            raise AttributeError(name)
+        method = getattr(self.inner, name)
+
+        def call(*args: str) -> str | None:
+            value: str | None = method(*args)
+            self.record[_key(name, args)] = value
+            return value
+
+        return call
+
+    def config_get(self, path: str, variables: Mapping[str, str]) -> str:
+        value = self.inner.config_get(path, variables)
+        self.record[_key("config_get", (path, _vars_digest(variables)))] = value
+        return value
+
+    def dpl_dump(self, command: str, env: Mapping[str, str]) -> str:
+        value = self.inner.dpl_dump(command, env)
+        self.record[_key("dpl_dump", (command, *sorted(f"{k}={v}" for k, v in env.items())))] = (
+            value
+        )
+        return value
+
+
+class ReplaySite:
+    """The answers a ``RecordingSite`` kept; a question it was not asked is an error."""
+
+    def __init__(self, record: Mapping[str, str | None]) -> None:
+        self.record = dict(record)
+
+    def _get(self, key: str) -> str | None:
+        if key not in self.record:
+            raise ServiceError("the environment's recipe has no answer to this question")
+        return self.record[key]
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name not in _METHODS:
+            raise AttributeError(name)
+        return lambda *args: self._get(_key(name, args))
+
+    def config_get(self, path: str, variables: Mapping[str, str]) -> str:
+        return self._get(_key("config_get", (path, _vars_digest(variables)))) or ""
+
+    def dpl_dump(self, command: str, env: Mapping[str, str]) -> str:
+        key = _key("dpl_dump", (command, *sorted(f"{k}={v}" for k, v in env.items())))
+        return self._get(key) or ""
