@@ -75,6 +75,13 @@ NEEDS = {
     ("GET", "/api/workflows/{name}"): "viewer",
     ("POST", "/api/workflows/validate"): "viewer",  # reads only
     ("POST", "/api/workflows/render"): "viewer",  # reads only
+    ("GET", "/api/config"): "viewer",
+    ("POST", "/api/config/render"): "viewer",  # reads only
+    ("GET", "/api/config/{key}"): "viewer",
+    ("PUT", "/api/config/{key}"): "admin",
+    ("GET", "/api/config-history/{key}"): "viewer",
+    ("GET", "/api/runtime/{component}/{key}"): "viewer",
+    ("PUT", "/api/runtime/{component}/{key}"): "admin",
     ("POST", "/api/environments"): "operator",
     ("GET", "/api/environments"): "viewer",
     ("GET", "/api/environments/{env_id}"): "viewer",

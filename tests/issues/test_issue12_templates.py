@@ -661,9 +661,38 @@ def test_a_variable_holding_a_callers_value_keeps_only_that_part_marked() -> Non
                       shell_command: "cd /tmp && O2_ROLE={{ it }} exec true"
                     task: {load: sc, trigger: before_DEPLOY}
             """,
-        "tasks/sc.yaml": "name: sc\ncommand:\n  shell: true\n  value: >-\n    {{ shell_command }}\n",
+        "tasks/sc.yaml": """
+            name: sc
+            command:
+              shell: true
+              value: >-
+                {{ shell_command }}
+            """,
     }
     plan = expand_text(files, variables={"hosts": '["flp1"]'})
     c = plan.tasks[0].command
     assert c.value == 'cd /tmp && O2_ROLE="${CORRAL_VALUE_1}" exec true'
     assert c.env == (("CORRAL_VALUE_1", "flp1"),)
+
+
+def test_a_choice_between_variables_keeps_the_chosen_ones_marks() -> None:
+    """ALICE's stfsender class: ``{{ len(modulepath) > 0 ? _module : _plain }}`` where
+    _plain holds a caller's install path. The result is _plain as read: the command
+    stays the template's, with only the path read from a variable."""
+    files = {
+        "wf.yaml": "name: wf\nroles: [{name: r, task: {load: s}}]\n",
+        "tasks/s.yaml": """
+            name: s
+            defaults:
+              modulepath: ""
+              _module: "module load X && X"
+              _plain: "exec {{ prefix }}/bin/X --flag"
+            command:
+              shell: true
+              value: "{{ len(modulepath) > 0 ? _module : _plain }}"
+            """,
+    }
+    plan = expand_text(files, variables={"prefix": "/opt/o2 x; touch PWNED"})
+    c = plan.tasks[0].command
+    assert c.value == 'exec "${CORRAL_VALUE_1}"/bin/X --flag'
+    assert c.env == (("CORRAL_VALUE_1", "/opt/o2 x; touch PWNED"),)

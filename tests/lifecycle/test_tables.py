@@ -25,8 +25,8 @@ ENV_EXPECTED = {
 ENV_COMMANDS = {
     "DEPLOY": (env.Launch(),),
     "CONFIGURE": (env.Transition("CONFIGURE"),),
-    "START_ACTIVITY": (env.OpenRun(), env.Transition("START")),
-    "STOP_ACTIVITY": (env.Transition("STOP"), env.CloseRun()),
+    "START_ACTIVITY": (env.Transition("START"),),
+    "STOP_ACTIVITY": (env.Transition("STOP"),),
     "RESET": (env.Transition("RESET"),),
     "EXIT": (env.Transition("EXIT"), env.Terminate()),
     "GO_ERROR": (),
@@ -52,6 +52,13 @@ def test_every_environment_event_from_every_state(state: str, event: str) -> Non
     dst, commands = env.step(state, event)
     assert dst == expected
     assert commands == ENV_COMMANDS[event]
+
+
+def test_the_run_spans_start_and_stop_activity() -> None:
+    """The run number exists from START_ACTIVITY's first step to STOP_ACTIVITY's last, as
+    in AliECS (its before_START_ACTIVITY and after_STOP_ACTIVITY calls read it)."""
+    assert {"START_ACTIVITY"} == env.OPENS_RUN
+    assert {"STOP_ACTIVITY"} == env.CLOSES_RUN
 
 
 def test_allowed_events_and_done_is_final() -> None:

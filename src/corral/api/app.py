@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral import __version__
 from corral.api.metrics import Metrics
+from corral.control.configstore import ConfigStore
 from corral.control.journal import StoreUnavailable
 from corral.control.service import ControlService, Principal, ServiceError
 from corral.web import STATIC
@@ -100,6 +101,10 @@ _VALIDATE = _op("validate", "/api/workflows/validate", "post")
 _RENDER = _op("render", "/api/workflows/render", "post")
 _CREATE = _op("create", "/api/environments", "post")
 _REVOKE = _op("revoke_token", "/api/tokens/{token_id}", "delete")
+_CONFIG_GET = _op("config_get", "/api/config/{key}", "get")
+_CONFIG_HISTORY = _op("config_history", "/api/config-history/{key}", "get")
+_CONFIG_RENDER = _op("config_render", "/api/config/render", "post")
+CONFIG_KEYS = ["tpc/PHYSICS/flp1/readout", "tpc/ANY/any/readout", "common/ANY/any/header"]
 
 
 def _link(
@@ -258,6 +263,64 @@ class LockRequest(_Strict):
     )
     action: Literal["take", "release"]
     force: bool = Field(default=False, description="release another's lock (admin)")
+
+
+class ConfigPutRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"payload": '[readout]\nrate = {{ rate }}\n{% include "header" %}\n'},
+                {"payload": "# a header\n"},
+            ]
+        }
+    )
+    payload: str = Field(
+        description="the payload: text of at most 1 MiB (UTF-8), no NUL; a Jinja2 "
+        "template when rendered",
+        examples=["[readout]\nrate = {{ rate }}\n"],
+    )
+
+
+class ConfigRenderRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"key": "tpc/ANY/any/readout", "vars": {"rate": "200"}},
+                {"key": "common/ANY/any/header", "revision": 1},
+            ]
+        }
+    )
+    key: str = Field(min_length=1, max_length=512, examples=CONFIG_KEYS)
+    vars: dict[str, Annotated[str, Field(max_length=65536)]] = Field(
+        default_factory=dict, description="the template's variables", examples=[{"rate": "200"}]
+    )
+    revision: int | None = Field(
+        default=None, ge=0, le=MAX_INT, description="as of this revision (default: now)",
+        examples=[1],
+    )  # fmt: skip
+
+
+class RuntimeSetRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"value": "42"}]})
+    value: str = Field(description="text of at most 1 MiB (UTF-8), no NUL", examples=["42"])
+
+
+ConfigKey = Annotated[
+    str,
+    Path(description="a key: parts of letters, digits, `_`, `-`, `.`, joined by `/`",
+         examples=CONFIG_KEYS),
+]  # fmt: skip
+AtRevision = Annotated[
+    int | None, Query(ge=0, le=MAX_INT, description="as of this revision (default: now)",
+                      examples=[1])
+]  # fmt: skip
+
+Component = Annotated[str, Path(description="a component's name", examples=["tpc", "aliecs"])]
+
+RuntimeKey = Annotated[
+    str,
+    Path(description="the entry's key (a key, as above)", examples=["last_run", "flp1/state"]),
+]
 
 
 class RateLimited(ServiceError):
@@ -954,6 +1017,79 @@ def create_app(
             raise ServiceError(403, "Forbidden", "only an admin may force-release a lock")
         service.lock(req.detectors, who, release=req.action == "release", force=req.force)
         return service.store.locks()
+
+    # -- configuration (docs/config.md) ----
+
+    config = ConfigStore(service)
+    app.state.config = config
+    key_links = {
+        "GetPayload": _link(_CONFIG_GET, "the payload", key="$response.body#/key"),
+        "History": _link(_CONFIG_HISTORY, "its versions", key="$response.body#/key"),
+        "Render": _link(_CONFIG_RENDER, "render it", {"key": "$response.body#/key"}),
+    }
+
+    @app.get(
+        "/api/config", tags=["config"],
+        responses=_ok(200, "the keys, and the revision they are of", {
+            "GetPayload": _link(_CONFIG_GET, "the first key's payload",
+                                key="$response.body#/keys/0"),
+        }),
+    )  # fmt: skip
+    async def config_keys(
+        who: Viewer,
+        prefix: Annotated[
+            str, Query(max_length=513, description="only keys starting with this",
+                       examples=["tpc/", "tpc/ANY/any/"])
+        ] = "",
+        revision: AtRevision = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        return config.keys(who, prefix=prefix, revision=revision)
+
+    @app.post(
+        "/api/config/render", tags=["config"],
+        responses=_problems(e404="no payload at the key (or at an included one's, named)",
+                            e422="bad key, or the template failed (`key` and `line`)"),
+    )  # fmt: skip
+    async def config_render(req: ConfigRenderRequest, who: Viewer) -> dict[str, Any]:
+        return await config.render(req.key, req.vars, who, revision=req.revision)
+
+    @app.get(
+        "/api/config/{key:path}", tags=["config"],
+        responses=_ok(200, "the payload and its version",
+                      {k: v for k, v in key_links.items() if k != "GetPayload"})
+        | _problems(e404="no payload at this key (at that revision)"),
+    )  # fmt: skip
+    async def config_get(
+        key: ConfigKey, who: Viewer, revision: AtRevision = None
+    ) -> dict[str, Any]:
+        return config.get(key, who, revision=revision)
+
+    @app.put(
+        "/api/config/{key:path}", tags=["config"],
+        responses=_ok(200, "the new version: its revision and version", key_links),
+    )  # fmt: skip
+    async def config_put(key: ConfigKey, req: ConfigPutRequest, who: Admin) -> dict[str, Any]:
+        return config.put(key, req.payload, who)
+
+    @app.get(
+        "/api/config-history/{key:path}", tags=["config"],
+        responses=_problems(e404="no payload was ever at this key"),
+    )  # fmt: skip
+    async def config_history(key: ConfigKey, who: Viewer) -> list[dict[str, Any]]:
+        return config.history(key, who)
+
+    @app.get(
+        "/api/runtime/{component}/{key:path}", tags=["config"],
+        responses=_problems(e404="no such entry"),
+    )  # fmt: skip
+    async def runtime_get(component: Component, key: RuntimeKey, who: Viewer) -> dict[str, Any]:
+        return config.runtime_get(component, key, who)
+
+    @app.put("/api/runtime/{component}/{key:path}", tags=["config"])
+    async def runtime_put(
+        component: Component, key: RuntimeKey, req: RuntimeSetRequest, who: Admin
+    ) -> dict[str, Any]:
+        return config.runtime_set(component, key, req.value, who)
 
     # -- the web GUI ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import ssl
 import sys
@@ -134,6 +135,20 @@ def parse_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
     "CLASS none: no class). Defaults: operator=async, admin=online, viewer=none.",
 )  # fmt: skip
 @task_env_option
+@click.option(
+    "--kafka", metavar="HOST:PORT[,HOST:PORT...]",
+    help="Publish the events on these Kafka brokers, as AliECS's protobuf messages on its "
+    "topics (docs/kafka.md; needs the 'kafka' extra).",
+)  # fmt: skip
+@click.option(
+    "--kafka-topic-prefix", default="aliecs", show_default=True, metavar="PREFIX",
+    help="The first segment of the Kafka topics (PREFIX.environment, PREFIX.task, ...).",
+)  # fmt: skip
+@click.option(
+    "--kafka-option", "kafka_options", multiple=True, metavar="KEY=VALUE",
+    help="A librdkafka setting of the Kafka producer (repeatable): security.protocol=SSL, "
+    "message.timeout.ms=10000, ...",
+)  # fmt: skip
 def serve(
     data: str,
     listen: str,
@@ -151,8 +166,12 @@ def serve(
     priority_classes: tuple[str, ...],
     role_priority: tuple[str, ...],
     task_env: tuple[str, ...],
+    kafka: str | None,
+    kafka_topic_prefix: str,
+    kafka_options: tuple[str, ...],
 ) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
+    kafka_config = parse_kafka(kafka, kafka_topic_prefix, kafka_options)
     private_process()  # its environment holds CORRAL_TOKEN: not readable by its tasks
     host, port = parse_listen(listen)
     tls = parse_tls(tls_cert, tls_key)
@@ -168,8 +187,44 @@ def serve(
     sys.exit(asyncio.run(_serve(
         data, host, port, backend, sim_nodes, workflows, nodes, classes, agent_lease,
         reconcile_every, ray_address, sim_latency, passed, tls=tls, max_body=max_body,
-        role_priority=limits,
+        role_priority=limits, kafka=kafka, kafka_prefix=kafka_topic_prefix,
+        kafka_config=kafka_config,
     )))  # fmt: skip
+
+
+def parse_kafka(kafka: str | None, prefix: str, options: tuple[str, ...]) -> dict[str, str]:
+    """``--kafka``'s settings, checked now; exit 2 if the 'kafka' extra is not installed."""
+    if kafka is None:
+        if options:
+            raise click.UsageError("--kafka-option goes with --kafka")
+        return {}
+    try:
+        import confluent_kafka  # noqa: F401
+        import google.protobuf  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError as e:
+        err.print(
+            f"[bold red]error[/]: --kafka needs the 'kafka' extra ({e.name} is not installed): "
+            "pip install 'corral[kafka]'"
+        )
+        sys.exit(2)
+    if not kafka.strip() or any(":" not in b for b in kafka.split(",")):
+        raise click.BadParameter(f"{kafka!r}: expected HOST:PORT[,HOST:PORT...]",
+                                 param_hint="--kafka")  # fmt: skip
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", prefix):
+        raise click.BadParameter(f"{prefix!r}: letters, digits, '.', '_' and '-' only",
+                                 param_hint="--kafka-topic-prefix")  # fmt: skip
+    out: dict[str, str] = {}
+    for pair in options:
+        key, eq, value = (x.strip() for x in pair.partition("="))
+        if not eq or not key:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--kafka-option")
+        out[key] = value
+    from corral.events.kafka import check_config
+
+    wrong = check_config(kafka, out)
+    if wrong is not None:
+        raise click.BadParameter(wrong, param_hint="--kafka-option")
+    return out
 
 
 class _Server(uvicorn.Server):
@@ -199,9 +254,13 @@ async def _serve(
     tls: tuple[str, str] | None = None,
     max_body: int = MAX_BODY,
     role_priority: dict[str, str | None] | None = None,
+    kafka: str | None = None,
+    kafka_prefix: str = "aliecs",
+    kafka_config: dict[str, str] | None = None,
 ) -> int:
     """``task_env``: the ``--task-env`` variables with their values, passed through to
-    every task (the agents are told in their hello)."""
+    every task (the agents are told in their hello). ``kafka``: the brokers to publish
+    the events on (docs/kafka.md)."""
     task_env = task_env or {}
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
@@ -238,6 +297,16 @@ async def _serve(
         )
     plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
     service = ControlService(plane, workflows=workflows, role_priority=role_priority)
+    publisher = None
+    if kafka is not None:  # before anything is stored: the store's events, from where it was
+        from corral.events.kafka import KafkaPublisher
+
+        publisher = KafkaPublisher(
+            store, plane.bus, kafka, topic_prefix=kafka_prefix, config=kafka_config
+        )
+        await publisher.start()
+        err.print(f"kafka: publishing events to {kafka} ({kafka_prefix}.* topics) from event "
+                  f"{publisher.acked + 1}")  # fmt: skip
     keep = False  # at the end: leave the environments to the agent, or tear them down
     try:
         for note in await plane.adopt_leftovers():
@@ -254,6 +323,8 @@ async def _serve(
         if token is not None:
             print(f"admin token (shown once, keep it): {token}", flush=True)
         app = create_app(service, log_dir=log_dir, max_body=max_body)
+        if publisher is not None:
+            app.state.metrics.registry.register(publisher.collector())
         # no access log (a ?token= would be in it); the peer's address is the one the
         # failed logins count against (X-Forwarded-For from a local process would let it
         # pick a new one each time)
@@ -297,6 +368,8 @@ async def _serve(
             await service.detach()
         else:
             await service.close()
+        if publisher is not None:  # what the teardown stored, too
+            await publisher.close()
         store.close()
 
 

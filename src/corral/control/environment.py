@@ -270,8 +270,13 @@ class Environment:
         running: Running = {}
         error: str | None = None
         moved = False  # the tasks' part has begun: a failure now leaves them changed
+        if event in envsm.OPENS_RUN:
+            try:
+                self._open_run()  # before the first step: the before_ calls read it
+            except StoreUnavailable as e:
+                error = f"no run could be opened: {e}"
         try:
-            for slot in schedule(self.hooks.items, event, src, dst):
+            for slot in () if error else schedule(self.hooks.items, event, src, dst):
                 t_slot = self.clock()
                 if slot.tasks:
                     error = self._failure
@@ -300,6 +305,8 @@ class Environment:
                     await self._terminate(self.tasks)
             self._finish_failed(tid, event, src, dst, error, moved, started)
             raise TransitionError(f"{event} failed: {error}", state=self.state)
+        if event in envsm.CLOSES_RUN:
+            self._close_run()  # after the last step: the after_ calls read it
         self._set_state(dst, event=event)
         now = self.clock()
         ev = self._transition_event(event, src, dst, "DONE")
@@ -341,6 +348,8 @@ class Environment:
         # Before the tasks moved, a failed call leaves the state as it was; after it,
         # or when a critical task failed meanwhile, the environment is in ERROR.
         broken = moved or self._failure is not None
+        if event in envsm.OPENS_RUN and not broken:
+            self._close_run()  # no task started: the environment stays CONFIGURED, no run
         if event == "EXIT":
             self._set_state(envsm.DONE, event=event, error=error)
         elif broken and self.state != envsm.ERROR:
@@ -367,8 +376,6 @@ class Environment:
                 error = await self._launch_all(left)
             elif isinstance(cmd, envsm.Transition):
                 error = await self._order_all(cmd.name, left)
-            elif isinstance(cmd, envsm.OpenRun):
-                self._open_run()
             elif isinstance(cmd, envsm.CloseRun):
                 self._close_run()
             elif isinstance(cmd, envsm.Terminate):

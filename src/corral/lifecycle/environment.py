@@ -64,13 +64,8 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
-class OpenRun:
-    """Allocate the next run number before the tasks start (START_ACTIVITY)."""
-
-
-@dataclass(frozen=True, slots=True)
 class CloseRun:
-    """Record the end of the current run (after STOP_ACTIVITY, or when recovering)."""
+    """Record the end of the current run (when recovering; see also CLOSES_RUN)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +78,25 @@ class Recover:
     """Relaunch failed tasks; bring the others back to STANDBY (RECOVER)."""
 
 
-Command = Launch | Transition | OpenRun | CloseRun | Terminate | Recover
+Command = Launch | Transition | CloseRun | Terminate | Recover
 
 _WORK: dict[str, tuple[Command, ...]] = {
     "DEPLOY": (Launch(),),
     "CONFIGURE": (Transition("CONFIGURE"),),
-    "START_ACTIVITY": (OpenRun(), Transition("START")),
-    "STOP_ACTIVITY": (Transition("STOP"), CloseRun()),
+    "START_ACTIVITY": (Transition("START"),),
+    "STOP_ACTIVITY": (Transition("STOP"),),
     "RESET": (Transition("RESET"),),
     "EXIT": (Transition("EXIT"), Terminate()),
     "GO_ERROR": (),
     "RECOVER": (CloseRun(), Recover()),
 }
+
+
+# As in AliECS, the run number exists for the whole of START_ACTIVITY and STOP_ACTIVITY:
+# it is allocated before START_ACTIVITY's first step (its before_ calls read it) and
+# recorded ended after STOP_ACTIVITY's last (its after_ calls read it too).
+OPENS_RUN = frozenset({"START_ACTIVITY"})
+CLOSES_RUN = frozenset({"STOP_ACTIVITY"})
 
 
 class InvalidTransition(ValueError):

@@ -1,7 +1,8 @@
 """The embedded store: one SQLite file in WAL mode, in the data directory.
 
 It holds environments, their tasks, runs (with the run-number counter), transitions
-with their timings, and the numbered event log. The controller is its single writer;
+with their timings, the numbered event log, the configuration payloads (every version,
+numbered by a global revision) and the runtime key-value table. The controller is its single writer;
 every method that changes state is one transaction, and callers hand it whole
 batches (a node's tasks, a transition's events), never one row at a time.
 
@@ -15,9 +16,18 @@ import contextlib
 import json
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from corral.templates.configpayload import (
+    MAX_KEY,
+    ConfigError,
+    check_key,
+    check_payload,
+    check_prefix,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,6 +55,13 @@ CREATE TABLE IF NOT EXISTS tokens(
     created REAL NOT NULL, created_by TEXT, revoked REAL);
 CREATE TABLE IF NOT EXISTS locks(
     detector TEXT PRIMARY KEY, holder TEXT NOT NULL, taken REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS config(
+    key TEXT NOT NULL, revision INTEGER NOT NULL UNIQUE, version INTEGER NOT NULL,
+    payload TEXT NOT NULL, writer TEXT NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY(key, revision)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runtime(
+    component TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, writer TEXT NOT NULL,
+    time REAL NOT NULL, PRIMARY KEY(component, key)) WITHOUT ROWID;
 """
 
 
@@ -120,7 +137,9 @@ class SqliteStore:
         self._db.close()
 
     def _migrate(self) -> None:
-        """Add the columns later versions introduced to a store an older one created."""
+        """Add the columns later versions introduced to a store an older one created.
+        (Tables a later version introduced, ``config`` and ``runtime``, are made by
+        SCHEMA's ``CREATE TABLE IF NOT EXISTS``, run at every open.)"""
         added = {
             "environments": [("created_by", "TEXT"), ("recipe", "TEXT")],
             "transitions": [("actor", "TEXT")],
@@ -516,6 +535,123 @@ class SqliteStore:
                 (key, value),
             )
 
+    # -- configuration and runtime entries -----------------------------------------------------
+    # Payloads are versioned: every put adds a row, numbered by a global revision (one
+    # counter for the whole store, so "as of revision R" is one consistent state of every
+    # key) and by a version per key. Nothing is updated or deleted.
+
+    def config_put(self, key: str, payload: str, writer: str, now: float) -> int:
+        """Store a new version of ``key``; its revision (ConfigError for a bad key,
+        payload or writer)."""
+        check_key(key)
+        check_payload(payload)
+        _check_writer(writer)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT (SELECT COALESCE(MAX(revision), 0) FROM config), "
+                "(SELECT COALESCE(MAX(version), 0) FROM config WHERE key=?)",
+                (key,),
+            ).fetchone()
+            revision, version = int(row[0]) + 1, int(row[1]) + 1
+            db.execute(
+                "INSERT INTO config(key, revision, version, payload, writer, time) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, revision, version, payload, writer, now),
+            )
+            return revision
+
+    def config_get(self, key: str, revision: int | None = None) -> dict[str, Any] | None:
+        """``key`` as it was at ``revision`` (now when None): ``key``, ``payload``,
+        ``revision`` (the one that wrote it), ``version``, ``writer``, ``time``; None when
+        it had no value then. ConfigError for a revision after the current one."""
+        check_key(key)
+        at = self._at(revision)
+        row = self._db.execute(
+            "SELECT revision, version, payload, writer, time FROM config "
+            "WHERE key=? AND revision<=? ORDER BY revision DESC LIMIT 1",
+            (key, at),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("revision", "version", "payload", "writer", "time")
+        return {"key": key, **dict(zip(keys, row, strict=True))}
+
+    def config_history(self, key: str) -> list[dict[str, Any]]:
+        """Every version of ``key``, oldest first: ``revision``, ``version``, ``writer``,
+        ``time`` and ``size`` (bytes; ``config_get(key, revision)`` has the payload)."""
+        check_key(key)
+        cur = self._db.execute(
+            "SELECT revision, version, writer, time, length(CAST(payload AS BLOB)) FROM config "
+            "WHERE key=? ORDER BY revision",
+            (key,),
+        )
+        keys = ("revision", "version", "writer", "time", "size")
+        return [{"key": key, **dict(zip(keys, r, strict=True))} for r in cur]
+
+    def config_keys(self, prefix: str = "", revision: int | None = None) -> list[str]:
+        """The keys that start with ``prefix`` and had a value at ``revision`` (now when
+        None), in order."""
+        check_prefix(prefix)
+        at = self._at(revision)
+        # keys are ASCII: every key starting with the prefix sorts below prefix + U+10FFFF
+        cur = self._db.execute(
+            "SELECT DISTINCT key FROM config WHERE key >= ? AND key < ? AND revision <= ? "
+            "ORDER BY key",
+            (prefix, prefix + "\U0010ffff", at),
+        )
+        return [r[0] for r in cur]
+
+    def config_reader(self) -> ConfigReader:
+        """A reader of payloads on a connection of its own, for another thread."""
+        return ConfigReader(self.path)
+
+    def config_revision(self) -> int:
+        """The current revision: that of the last put (0: none yet)."""
+        return int(self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM config").fetchone()[0])
+
+    def _at(self, revision: int | None) -> int:
+        current = self.config_revision()
+        if revision is None:
+            return current
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+            raise ConfigError(f"a revision is a number from 0, not {revision!r}")
+        if revision > current:
+            raise ConfigError(f"revision {revision} is after the current one, {current}")
+        return revision
+
+    def runtime_get(self, component: str, key: str) -> str | None:
+        """A runtime entry (AliECS's ``runtime.Get``): a value that changes as things run,
+        not versioned."""
+        return None if (row := self.runtime_entry(component, key)) is None else row["value"]
+
+    def runtime_entry(self, component: str, key: str) -> dict[str, Any] | None:
+        """A runtime entry with who wrote it and when: ``component``, ``key``, ``value``,
+        ``writer``, ``time``."""
+        _check_component(component)
+        check_key(key)
+        row = self._db.execute(
+            "SELECT value, writer, time FROM runtime WHERE component=? AND key=?",
+            (component, key),
+        ).fetchone()
+        if row is None:
+            return None
+        return {"component": component, "key": key, "value": row[0], "writer": row[1],
+                "time": row[2]}  # fmt: skip
+
+    def runtime_set(self, component: str, key: str, value: str, writer: str, now: float) -> None:
+        """Set a runtime entry (AliECS's ``runtime.Set``), replacing its value."""
+        _check_component(component)
+        check_key(key)
+        check_payload(value, "value")
+        _check_writer(writer)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runtime(component, key, value, writer, time) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(component, key) DO UPDATE SET value=excluded.value, "
+                "writer=excluded.writer, time=excluded.time",
+                (component, key, value, writer, now),
+            )
+
     # -- a restart ---------------------------------------------------------------------------
 
     def unfinished(self) -> list[dict[str, Any]]:
@@ -606,6 +742,31 @@ class SqliteStore:
             )
 
 
+class ConfigReader:
+    """Reads configuration payloads on its own read-only connection, so that a worker
+    thread (a render) reads without touching the store's connection. Stored versions
+    never change: what it reads at a revision is what the store reads there."""
+
+    def __init__(self, path: str) -> None:
+        self._db = sqlite3.connect(
+            f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True,
+            check_same_thread=False,
+        )  # fmt: skip
+        self._db.execute("PRAGMA busy_timeout=5000")
+
+    def payload(self, key: str, revision: int) -> str | None:
+        """The payload of ``key`` at ``revision``, or None."""
+        check_key(key)
+        row = self._db.execute(
+            "SELECT payload FROM config WHERE key=? AND revision<=? ORDER BY revision DESC LIMIT 1",
+            (key, revision),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception.
 
@@ -629,6 +790,18 @@ class _Tx:
         else:
             store._db.execute("ROLLBACK")
         store._pending_seq = None
+
+
+def _check_writer(writer: str) -> None:
+    if not isinstance(writer, str) or not writer or len(writer) > MAX_KEY:
+        raise ConfigError(f"the writer must be a name of 1 to {MAX_KEY} characters")
+
+
+def _check_component(component: str) -> None:
+    """A runtime entry's component: one part of a key."""
+    check_key(component, "component")
+    if "/" in component:
+        raise ConfigError(f"the component {component!r} must be one name, without '/'")
 
 
 def _runs(idxs: Iterable[int]) -> list[tuple[int, int]]:

@@ -555,10 +555,14 @@ class _Expander:
                 f"the limit is {MAX_VALUE}",
                 pos,
             )
-        if tainted and _is_clean_input(s, e.analysis.names, stack):
-            # The result is the value of a variable of the template's own, as read:
-            # the caller's value chose it (``size(x) > 0 ? a : b``), wrote none of it.
-            tainted = False
+        if tainted:
+            same = _input_as_read(s, e.analysis.names, stack)
+            if same is not None and not hole.raw:
+                # The result is one of the variables it read, as read: the caller's value
+                # chose it (``size(x) > 0 ? a : b``), and wrote only what it wrote of it.
+                return same
+            if same is not None and TAINT_START not in same and TAINT_END not in same:
+                tainted = False
         if hole.raw:
             if tainted:
                 bad = sorted({c for c in s if not RAW_SAFE.fullmatch(c)})
@@ -1421,14 +1425,19 @@ def _merge_channels(defaults: list[ChannelDef], own: list[ChannelDef]) -> list[C
     return out
 
 
-def _is_clean_input(result: str, names: tuple[str, ...], stack: Mapping[str, str]) -> bool:
-    """Whether ``result`` is exactly the value of one of the variables an expression
-    read that holds no caller's value."""
+def _input_as_read(result: str, names: tuple[str, ...], stack: Mapping[str, str]) -> str | None:
+    """The value, with its marks, of a variable the expression read that is exactly
+    ``result`` (a clean one first, then the one marked least); None if none is."""
+    best = None
     for n in names:
         v = stack.get(n)
-        if v is not None and v == result and TAINT_START not in v and TAINT_END not in v:
-            return True
-    return False
+        if v is None or len(v) < len(result):
+            continue
+        if v == result:
+            return v  # holds no caller's value
+        if unmark(v) == result and (best is None or len(v) < len(best)):
+            best = v
+    return best
 
 
 def _role_of(pos: RolePos | None) -> str | None:
