@@ -133,9 +133,12 @@ def test_hostile_payloads_are_refused(tmp_path: Path) -> None:
         store.config_put("a/b", "\ud800", "alice", 1.0)
     with pytest.raises(ConfigError, match="writer"):
         store.config_put("a/b", "x", "", 1.0)
-    with pytest.raises(ConfigError, match="one name"):
-        store.runtime_set("a/b", "k", "v", "alice", 1.0)
+    with pytest.raises(ConfigError, match="component"):
+        store.runtime_set("a/../b", "k", "v", "alice", 1.0)
     assert store.config_revision() == 0 and store.config_keys() == []
+    # AliECS keeps component/key as one path: runtime.Get('trg/ltu', 'x') is trg/ltu/x
+    store.runtime_set("trg/ltu", "x", "v", "alice", 1.0)
+    assert store.runtime_get("trg", "ltu/x") == "v" == store.runtime_get("trg/ltu", "x")
     assert store.config_put("a/b", "x" * MAX_PAYLOAD, "alice", 1.0) == 1  # the limit itself
     store.close()
 

@@ -696,3 +696,74 @@ def test_a_choice_between_variables_keeps_the_chosen_ones_marks() -> None:
     c = plan.tasks[0].command
     assert c.value == 'exec "${CORRAL_VALUE_1}"/bin/X --flag'
     assert c.env == (("CORRAL_VALUE_1", "/opt/o2 x; touch PWNED"),)
+
+
+# -- on a real server: the configuration store, the runtime table, site defaults, bridges --
+
+
+SERVER_WF = """\
+name: site
+defaults:
+  run_type: PHYSICS
+  rate: "10"
+roles:
+  - name: r
+    vars:
+      cfg: "{{ config.Get('readout/' + run_type + '/flp001/cfg') }}"
+      where: "{{ config.Resolve('readout', run_type, 'flp001', 'cfg') }}"
+      ltu: "{{ runtime.Get('trg/ltu', 'mode') }}"
+      noted: "{{ runtime.Set('corral', 'last_site', site_name) }}"
+    task: {load: show}
+  - name: sor
+    call: {func: "dcs.StartOfRun(1)", trigger: before_START_ACTIVITY, timeout: 30s}
+"""
+SHOW_CLASS = """\
+name: show
+command: {value: /bin/sleep, arguments: ["3600", "{{ cfg }}", "{{ where }}", "{{ ltu }}"]}
+"""
+
+
+def test_templates_read_the_store_and_the_site_on_a_server(tmp_path: Path) -> None:
+    from tests.api.server import Server
+    from tests.issues.test_issue12_config import tokens
+
+    wf = tmp_path / "workflows"
+    (wf / "tasks").mkdir(parents=True)
+    (wf / "site.yaml").write_text(SERVER_WF)
+    (wf / "tasks" / "show.yaml").write_text(SHOW_CLASS)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "site-defaults.yaml").write_text("site_name: point2\n")  # read by serve
+    record = tmp_path / "calls"
+    plugin = tmp_path / "dcs-standin"
+    plugin.write_text(f'#!/bin/sh\necho "$@" >> {record}\necho ok\n')
+    plugin.chmod(0o755)
+    args = ("--backend", "sim", "--workflows", str(wf), "--call-plugin", f"dcs={plugin}")
+    with Server(data, *args) as s:
+        t = tokens(s)
+        with s.client(t["admin"]) as admin, s.client(t["viewer"]) as viewer:
+            r = admin.put("/api/config/readout/ANY/any/cfg", json={"payload": "rate={{ rate }}"})
+            assert r.status_code == 200, r.text
+            r = admin.put("/api/runtime/trg/ltu/mode", json={"value": "global"})
+            assert r.status_code == 200, r.text
+            # a viewer's render reads the store (resolved through ANY/any, rendered with
+            # the variables) and writes nothing
+            r = viewer.post("/api/workflows/render", json={"workflow": "site"})
+            assert r.status_code == 200, r.text
+            [task] = r.json()["tasks"]
+            assert task["command"]["arguments"] == [
+                "3600", "rate=10", "readout/ANY/any/cfg", "global"
+            ]  # fmt: skip
+            assert admin.get("/api/runtime/corral/last_site").status_code == 404
+            # creating applies runtime.Set; the site default came from the data directory
+            r = admin.post("/api/environments", json={"workflow": "site"})
+            assert r.status_code == 201, r.text
+            env_id = r.json()["id"]
+            got = admin.get("/api/runtime/corral/last_site").json()
+            assert got["value"] == "point2" and "admin" in got["writer"]
+            for event in ("DEPLOY", "CONFIGURE", "START_ACTIVITY"):
+                r = admin.post(f"/api/environments/{env_id}/transitions", json={"event": event})
+                assert r.status_code == 200, r.text
+            # the bridge plugin ran for dcs.StartOfRun(1)
+            assert record.read_text().split() == ["StartOfRun", "1"]
+            assert admin.delete(f"/api/environments/{env_id}").status_code in (200, 202, 204)

@@ -27,6 +27,8 @@ from corral.api.app import MAX_BODY, create_app
 from corral.backends.agent import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE, socket_path
 from corral.backends.remote import AgentBackend, AgentUnavailable, start_agent
 from corral.backends.sim import SimBackend
+from corral.calls import Registry
+from corral.calls.builtin import BridgePlugin
 from corral.cli.hardening import private_process
 from corral.cli.run import (
     Seconds,
@@ -38,8 +40,10 @@ from corral.cli.run import (
     read_inventory,
     task_env_option,
 )
+from corral.cli.template import call_plugin_option, load_site, parse_call_plugins
 from corral.control.plane import ControlPlane, install_child_watcher
 from corral.control.service import ROLES, ControlService, ServiceError
+from corral.control.site import SITE_DEFAULTS_FILE
 from corral.model.inventory import Node
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import Backend
@@ -149,6 +153,13 @@ def parse_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
     help="A librdkafka setting of the Kafka producer (repeatable): security.protocol=SSL, "
     "message.timeout.ms=10000, ...",
 )  # fmt: skip
+@click.option(
+    "--defaults", "defaults_file", metavar="FILE", type=click.Path(dir_okay=False),
+    help="Site defaults: a YAML file of name: value under every template's own (default: "
+    "site-defaults.yaml in --data, if there is one).",
+)  # fmt: skip
+@click.option("--run-dpl", is_flag=True, help="dpl.Generate* may run DPL commands.")
+@call_plugin_option
 def serve(
     data: str,
     listen: str,
@@ -169,13 +180,20 @@ def serve(
     kafka: str | None,
     kafka_topic_prefix: str,
     kafka_options: tuple[str, ...],
+    defaults_file: str | None,
+    run_dpl: bool,
+    call_plugins: tuple[str, ...],
 ) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
     kafka_config = parse_kafka(kafka, kafka_topic_prefix, kafka_options)
+    if defaults_file is None and os.path.isfile(os.path.join(data, SITE_DEFAULTS_FILE)):
+        defaults_file = os.path.join(data, SITE_DEFAULTS_FILE)
+    site_defaults = load_site(defaults_file, None, run_dpl).defaults
     private_process()  # its environment holds CORRAL_TOKEN: not readable by its tasks
     host, port = parse_listen(listen)
     tls = parse_tls(tls_cert, tls_key)
     passed = parse_task_env(task_env)
+    bridges = parse_call_plugins(call_plugins, passed)
     nodes = read_inventory(inventory)
     classes = parse_priorities(priority_classes)
     limits = parse_role_priorities(role_priority, classes)
@@ -188,7 +206,8 @@ def serve(
         data, host, port, backend, sim_nodes, workflows, nodes, classes, agent_lease,
         reconcile_every, ray_address, sim_latency, passed, tls=tls, max_body=max_body,
         role_priority=limits, kafka=kafka, kafka_prefix=kafka_topic_prefix,
-        kafka_config=kafka_config,
+        kafka_config=kafka_config, site_defaults=site_defaults, run_dpl=run_dpl,
+        call_plugins=bridges,
     )))  # fmt: skip
 
 
@@ -257,6 +276,9 @@ async def _serve(
     kafka: str | None = None,
     kafka_prefix: str = "aliecs",
     kafka_config: dict[str, str] | None = None,
+    site_defaults: dict[str, str] | None = None,
+    run_dpl: bool = False,
+    call_plugins: dict[str, BridgePlugin] | None = None,
 ) -> int:
     """``task_env``: the ``--task-env`` variables with their values, passed through to
     every task (the agents are told in their hello). ``kafka``: the brokers to publish
@@ -295,8 +317,14 @@ async def _serve(
             launch_latency=sim_latency,
             transition_latency=sim_latency,
         )
-    plane = ControlPlane(store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes)
-    service = ControlService(plane, workflows=workflows, role_priority=role_priority)
+    plane = ControlPlane(
+        store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes,
+        calls=Registry(extra=call_plugins or {}),
+    )  # fmt: skip
+    service = ControlService(
+        plane, workflows=workflows, role_priority=role_priority,
+        site_defaults=site_defaults, run_dpl=run_dpl,
+    )  # fmt: skip
     publisher = None
     if kafka is not None:  # before anything is stored: the store's events, from where it was
         from corral.events.kafka import KafkaPublisher

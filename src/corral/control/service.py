@@ -49,7 +49,7 @@ from corral.control.environment import Environment, TransitionError
 from corral.control.journal import StoreUnavailable
 from corral.control.ledger import PlacementError, priority_of
 from corral.control.plane import Admit, ControlPlane, new_environment_id
-from corral.control.site import DplRunner, make_site, repository_of
+from corral.control.site import DplRunner, make_site, repository_of, with_store
 from corral.model.plan import Plan, PublicVar
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.store.files import DiskSources
@@ -101,6 +101,9 @@ def digest(token: str) -> str:
     A token is 192 random bits (``create_token``): no salt or slow hash is needed, as
     there is nothing to guess from a digest."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+RuntimeWrites = dict[tuple[str, str], str]  # runtime.Set of an expansion: (component, key) -> value
 
 
 class ControlService:
@@ -391,7 +394,7 @@ class ControlService:
         self, name: str, variables: dict[str, str], *, env_id: str = ""
     ) -> tuple[Plan | None, list[Diagnostic], str]:
         """Expand on the calling thread (blocks it; on the loop, prefer ``expand_async``)."""
-        plan, diags, path, _, _ = self._expand(name, variables, env_id=env_id)
+        plan, diags, path, _, _, _ = self._expand(name, variables, env_id=env_id)
         return plan, diags, path
 
     async def expand_async(
@@ -401,7 +404,7 @@ class ControlService:
         Refused (403) when ``who`` may not set one of the variables."""
         # reads and parses the workflow's files: off the loop, like the expansion
         await asyncio.to_thread(self.precheck_variables, name, variables, who)
-        plan, diags, path, _, _ = await self._expanded(name, variables)
+        plan, diags, path, _, _, _ = await self._expanded(name, variables)
         self.check_variables(plan, variables, who, path)
         return plan, diags, path
 
@@ -457,7 +460,7 @@ class ControlService:
 
     async def _expanded(
         self, name: str, variables: dict[str, str], *, env_id: str = ""
-    ) -> tuple[Plan | None, list[Diagnostic], str, str, dict[str, str]]:
+    ) -> tuple[Plan | None, list[Diagnostic], str, str, dict[str, str], RuntimeWrites]:
         """``_expand`` in a worker thread, at most ``max_expansions`` at once; up to
         ``max_waiting`` more wait for their turn, and beyond that it is refused (503).
         A request that goes away does not free its slot before its expansion ends."""
@@ -492,7 +495,7 @@ class ControlService:
 
     def _expand(
         self, name: str, variables: dict[str, str], *, env_id: str = ""
-    ) -> tuple[Plan | None, list[Diagnostic], str, str, dict[str, str]]:
+    ) -> tuple[Plan | None, list[Diagnostic], str, str, dict[str, str], RuntimeWrites]:
         """The plan, the errors, the workflow's path, the recipe to expand it again and
         the detectors its template files declare (see ``declared_detectors``)."""
         path = self.workflow_path(name)
@@ -505,15 +508,35 @@ class ControlService:
             defaults["environment_id"] = env_id
         seed = env_id or "0"
         sources = recipes.RecordingSources(DiskSources())
-        site = RecordingSite(self._site(path))
-        with heap.building():  # a plan lives as long as its environment
-            plan, diags = check(
-                path, sources, variables=variables, global_defaults=defaults, seed=seed,
-                time_limit=self.expansion_time_limit, clock=time.monotonic, services=site,
-            )  # fmt: skip
+        inner = self._site(path)
+        site = RecordingSite(inner)
+        reader = self.store.config_reader()  # its own connection: this is a worker thread
+        try:
+            with_store(inner, reader)
+            with heap.building():  # a plan lives as long as its environment
+                plan, diags = check(
+                    path, sources, variables=variables, global_defaults=defaults, seed=seed,
+                    time_limit=self.expansion_time_limit, clock=time.monotonic, services=site,
+                )  # fmt: skip
+        finally:
+            reader.close()
         recipe = recipes.make(path, sources.files, variables, defaults, seed, site.record)
         declared = declared_detectors(sources.files) if plan is not None else {}
-        return plan, diags, path, recipe, declared
+        return plan, diags, path, recipe, declared, dict(inner.runtime_writes)
+
+    def _runtime_writes(self, writes: RuntimeWrites, who: Principal) -> None:
+        now = self.clock()
+
+        def put() -> None:
+            for (component, key), value in writes.items():
+                self.store.runtime_set(component, key, value, f"template ({who.name})", now)
+
+        try:
+            self.plane.journal.call(put)
+        except StoreUnavailable as e:
+            raise ServiceError(503, "Store unavailable", str(e)) from None
+        except ValueError as e:  # a bad component, key or value the template gave
+            raise ServiceError(422, "Bad runtime entry", f"runtime.Set: {e}") from None
 
     def _site(self, path: str) -> Site:
         """What the expansion of ``path`` reads of the site (``control.site``)."""
@@ -584,7 +607,9 @@ class ControlService:
         # reads and parses the workflow's files: off the loop, like the expansion
         await asyncio.to_thread(self.precheck_variables, name, variables, who)
         env_id = new_environment_id()
-        plan, diags, path, recipe, declared = await self._expanded(name, variables, env_id=env_id)
+        plan, diags, path, recipe, declared, writes = await self._expanded(
+            name, variables, env_id=env_id
+        )
         self.check_variables(plan, variables, who, path)
         if plan is None:
             raise ServiceError(
@@ -599,6 +624,8 @@ class ControlService:
                 problems.append({"message": f"call {c.path}: {e}", "role": c.path})
         if problems:
             raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
+        if writes:  # runtime.Set of the template, once it expanded (one transaction)
+            self._runtime_writes(writes, who)
         _, rank = self.check_priority(plan, who)
         # what the template and the caller name, at once (the placement adds its nodes')
         self.check_locks(self._uses((), plan, declared), who)

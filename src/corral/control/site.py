@@ -19,12 +19,16 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from corral.model.inventory import Node
 from corral.ports.taskenv import task_environment
+from corral.store.sqlite import ConfigReader
+from corral.templates import configpayload
+from corral.templates.configpayload import ConfigError
 from corral.templates.dpl import MAX_DUMP
 from corral.templates.services import MAX_JIT_COMMAND, ServiceError, Site
 
@@ -176,3 +180,55 @@ def make_site(
         jit=jit_reader(repository_of(workflow_path)),
         run_dpl=run_dpl,
     )
+
+
+class _Runtime(Mapping[tuple[str, str], str]):
+    """The runtime table as the site reads it: one entry at a time, when asked."""
+
+    def __init__(self, reader: ConfigReader) -> None:
+        self._reader = reader
+
+    def __getitem__(self, key: tuple[str, str]) -> str:
+        value = self._reader.runtime(*key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:
+        value = self._reader.runtime(*key)
+        return default if value is None else value
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def with_store(site: Site, reader: ConfigReader) -> int:
+    """Give ``site`` the configuration store as it is now (its revision, returned: what
+    the expansion reads is pinned there) and the runtime table."""
+    revision = reader.revision()
+
+    def get(key: str) -> str | None:
+        try:
+            return reader.payload(key, revision)
+        except ConfigError:
+            return None
+
+    class _Keys:
+        def __contains__(self, key: object) -> bool:
+            return isinstance(key, str) and get(key) is not None
+
+    keys = _Keys()
+
+    def render_path(path: str, variables: Mapping[str, str]) -> str:
+        key = path.split("@", 1)[0]
+        if key.count("/") == 3:  # component/RUNTYPE/role/entry: resolved as apricot does
+            key = configpayload.resolve_path(key, keys)
+        return configpayload.render(key, get, variables)
+
+    site.config_render = render_path
+    site.config_resolve_fn = lambda c, rt, role, e: configpayload.resolve(c, rt, role, e, keys)
+    site.runtime = _Runtime(reader)
+    return revision

@@ -627,8 +627,7 @@ class SqliteStore:
     def runtime_entry(self, component: str, key: str) -> dict[str, Any] | None:
         """A runtime entry with who wrote it and when: ``component``, ``key``, ``value``,
         ``writer``, ``time``."""
-        _check_component(component)
-        check_key(key)
+        component, key = runtime_id(component, key)
         row = self._db.execute(
             "SELECT value, writer, time FROM runtime WHERE component=? AND key=?",
             (component, key),
@@ -640,8 +639,7 @@ class SqliteStore:
 
     def runtime_set(self, component: str, key: str, value: str, writer: str, now: float) -> None:
         """Set a runtime entry (AliECS's ``runtime.Set``), replacing its value."""
-        _check_component(component)
-        check_key(key)
+        component, key = runtime_id(component, key)
         check_payload(value, "value")
         _check_writer(writer)
         with self._tx() as db:
@@ -763,6 +761,22 @@ class ConfigReader:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    def revision(self) -> int:
+        """The configuration's current revision (0: nothing put yet)."""
+        row = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM config").fetchone()
+        return int(row[0])
+
+    def runtime(self, component: str, key: str) -> str | None:
+        """A runtime entry's value now, or None."""
+        try:
+            component, key = runtime_id(component, key)
+        except ConfigError:
+            return None
+        row = self._db.execute(
+            "SELECT value FROM runtime WHERE component=? AND key=?", (component, key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def close(self) -> None:
         self._db.close()
 
@@ -797,11 +811,14 @@ def _check_writer(writer: str) -> None:
         raise ConfigError(f"the writer must be a name of 1 to {MAX_KEY} characters")
 
 
-def _check_component(component: str) -> None:
-    """A runtime entry's component: one part of a key."""
+def runtime_id(component: str, key: str) -> tuple[str, str]:
+    """A runtime entry's (component, key) as stored: AliECS keeps ``component/key`` as
+    one path (``runtime.Get('trg/ltu', 'x')`` is ``trg/ltu/x``), so the component is its
+    first part and the key the rest, however the caller split it."""
     check_key(component, "component")
-    if "/" in component:
-        raise ConfigError(f"the component {component!r} must be one name, without '/'")
+    check_key(key)
+    first, _, rest = f"{component}/{key}".partition("/")
+    return first, rest
 
 
 def _runs(idxs: Iterable[int]) -> list[tuple[int, int]]:
