@@ -17,6 +17,14 @@ import os
 import sys
 from typing import Any
 
+if "CORRAL_CONTROL_FD" in os.environ:  # run by corral as the device it described
+    sys.argv = [sys.argv[0], os.path.basename(sys.argv[1]), *sys.argv[2:]]
+    os.environ["STANDIN_MODE"] = "fairmq"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import standin_task
+
+    sys.exit(standin_task.run_device(standin_task.FairMQ()))
+
 exe = sys.argv[1]
 args = [a for a in sys.argv[2:] if a != "--dump-workflow"]
 dump: dict[str, Any] = {"workflow": [], "metadata": []}

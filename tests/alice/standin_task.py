@@ -17,6 +17,8 @@ from typing import Any
 
 from corral.taskctl import Device, Task, run, run_device
 
+__all__ = ["Direct", "FairMQ", "run_device"]
+
 NAME = sys.argv[1] if len(sys.argv) > 1 else "task"
 
 

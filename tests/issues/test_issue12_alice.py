@@ -61,15 +61,15 @@ def standins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     exes: set[str] = set()
     for f in (Path(CWF) / "jit").iterdir():
         exes |= set(re.findall(r"(?:^|[|&;]\s*)(o2-[A-Za-z0-9_.-]+)", f.read_text()))
-    for exe in sorted(exes):
-        wrapper(bin_ / exe, str(STANDINS / "standin_dpl.py"), exe)
+    rec = f"STANDIN_RECORD={record} "
+    for exe in sorted(exes):  # describes itself in a pipeline; a FairMQ device under corral
+        wrapper(bin_ / exe, str(STANDINS / "standin_dpl.py"), exe, env=rec)
     (bin_ / "consul").write_text("#!/bin/sh\necho 0\n")
     (bin_ / "numactl").write_text(
         '#!/bin/sh\nwhile [ "$#" -gt 0 ] && [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n'
     )
     o2 = root / "o2" / "bin"
     o2.mkdir(parents=True)
-    rec = f"STANDIN_RECORD={record} "
     wrapper(o2 / "o2-readout-exe", str(STANDINS / "standin_task.py"), "readout", env=rec)
     for name in ("StfBuilder", "StfSender"):
         fmq = rec + "STANDIN_MODE=fairmq "
@@ -108,11 +108,16 @@ def workflows() -> list[str]:
 def test_every_workflow_validates_and_renders_unchanged(
     standins: tuple[Path, Path], name: str
 ) -> None:
+    """The tpc-* workflows are an FLP's DPL workflow: they meet readout's channels by
+    global alias, so they are checked where they run, included by readout-dataflow for
+    TPC's FLPs (tpc_dpl_workflow=NAME), as AliECS includes them."""
     root, _ = standins
     path = str(Path(CWF) / "workflows" / name)
     args = ["--var", f"hosts={HOSTS}"]
-    if name.startswith("tpc-"):  # included by readout-dataflow per FLP: `it` is the FLP
-        args += ["--var", "it=alio2-cr1-flp001"]
+    if name.startswith("tpc-"):
+        path = str(Path(CWF) / "workflows" / "readout-dataflow.yaml")
+        hosts = '["alio2-cr1-flp001","alio2-cr1-flp145"]'  # the A side, and SAC's FLP
+        args = ["--var", f"hosts={hosts}", "--var", f"tpc_dpl_workflow={name[:-5]}"]
     if name == "resources-cleanup.yaml":  # its caller names the detector (AliECS's GUI)
         args += ["--var", "detector=TPC"]
     r = corral(root, "template", "validate", path, *site_args(), *args)
@@ -121,6 +126,30 @@ def test_every_workflow_validates_and_renders_unchanged(
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["tasks"], "no tasks"
+    if name.startswith("tpc-"):
+        assert any(".dpl." in t["path"] for t in plan["tasks"]), "the DPL workflow is there"
+
+
+def test_readout_dataflow_with_dpl_workflows_from_jit(standins: tuple[Path, Path]) -> None:
+    """The FLPs' DPL workflows: TPC's through a workflow of jit/ commands, ITS's from a
+    jit/ command directly; their proxies meet StfBuilder and StfSender by global alias."""
+    root, _ = standins
+    path = str(Path(CWF) / "workflows" / "readout-dataflow.yaml")
+    r = corral(
+        root, "template", "render", path, *site_args(), "--var", f"hosts={HOSTS}",
+        "--var", "tpc_dpl_workflow=tpc-sac-cmv-full-split",
+        "--var", "its_dpl_workflow=its-qc-fhr-fee", "-o", "json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    dpl = [t for t in plan["tasks"] if ".dpl." in t["path"]]
+    assert {t["control"] for t in dpl} == {"fairmq"} and len(dpl) >= 6
+    by_alias = {b["global"]: b for b in plan["channels"]["binds"] if b["global"]}
+    for host in ("alio2-cr1-flp001", "alio2-cr1-flp160"):
+        assert f"readout-proxy-{host}" in by_alias  # StfBuilder's, for DPL's readout proxy
+        assert f"downstream-{host}" in by_alias  # DPL's output proxy, for StfSender
+    connected = {(c["task"].split(".")[1], c["target"]) for c in plan["channels"]["connects"]}
+    assert ("host-alio2-cr1-flp160", "::downstream-alio2-cr1-flp160") in connected
 
 
 def test_every_task_file_validates_on_its_own(standins: tuple[Path, Path]) -> None:
@@ -139,11 +168,12 @@ def test_readout_dataflow_with_its_integrations_runs(
     path = str(Path(CWF) / "workflows" / "readout-dataflow.yaml")
     variables = {
         **INTEGRATIONS,
-        "hosts": '["alio2-cr1-flp001"]',
+        "hosts": '["alio2-cr1-flp160"]',
         "o2_install_path": str(root / "o2"),
         "user": "",  # the tasks' user: this one (AliECS's is flp)
         "fmq_initial_shm_cleanup_enabled": "false",  # they source /etc/profile.d/o2.sh
         "fmq_cleanup_enabled": "false",
+        "its_dpl_workflow": "its-qc-fhr-fee",  # a DPL workflow from jit/, run by stand-ins
     }
     args = [a for k, v in variables.items() for a in ("--var", f"{k}={v}")]
     plugins = [a for p in PLUGINS for a in ("--call-plugin", f"{p}={root / 'path'}/plugin-{p}")]
@@ -156,11 +186,14 @@ def test_readout_dataflow_with_its_integrations_runs(
     assert readout[:3] == ["CONFIGURE", "START", "STOP"]
     stfb = [json.loads(x)["step"] for x in (record / "StfBuilder.jsonl").read_text().splitlines()]
     assert stfb[:6] == ["INIT DEVICE", "BIND", "CONNECT", "INIT TASK", "RUN", "STOP"]
+    proxy = (record / "o2-dpl-raw-proxy.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in proxy][:5] == ["INIT DEVICE", "BIND", "CONNECT",
+                                                          "INIT TASK", "RUN"]  # fmt: skip
     calls = [json.loads(x) for x in (record / "calls.jsonl").read_text().splitlines()]
     made = {(c["plugin"], c["method"]) for c in calls}
     wanted = [
         ("dcs", "PrepareForRun"), ("dcs", "StartOfRun"), ("dcs", "EndOfRun"),
-        ("trg", "PrepareForRun"), ("trg", "RunStart"), ("trg", "RunStop"),
+        ("trg", "RunStart"), ("trg", "RunStop"),
         ("odc", "Configure"), ("odc", "Start"), ("odc", "Stop"), ("ccdb", "RunStart"),
         ("ddsched", "PartitionInitialize"), ("lhc", "UpdateFillInfo"),
     ]  # fmt: skip

@@ -767,3 +767,53 @@ def test_templates_read_the_store_and_the_site_on_a_server(tmp_path: Path) -> No
             # the bridge plugin ran for dcs.StartOfRun(1)
             assert record.read_text().split() == ["StartOfRun", "1"]
             assert admin.delete(f"/api/environments/{env_id}").status_code in (200, 202, 204)
+
+
+def test_dpl_raw_channels_meet_the_including_workflow_by_global_alias() -> None:
+    """DPL's proxies declare raw channels (``--channel-config``): bound ones get the
+    global alias NAME-{{ it }}, connected ones target ::NAME-{{ it }}, as O2 writes them
+    for AliECS, so the FLP's StfBuilder and StfSender meet them."""
+    proxy_in = '--channel-config "name=readout-proxy,type=pull,method=connect,address=ipc://x"'
+    proxy_out = (
+        '--channel-config "name=downstream,type=push,method=bind,address=ipc:///tmp/p,'
+        'transport=shmem,rateLogging=10"'
+    )
+    dump = {
+        "workflow": [
+            {"name": "readout-proxy", "outputs": [{"origin": "TPC", "description": "RAW"}]},
+            {"name": "output-proxy", "inputs": [{"origin": "TPC", "description": "RAW"}]},
+        ],
+        "metadata": [
+            {"name": "readout-proxy", "executable": "o2-dpl-raw-proxy",
+             "cmdLineArgs": ["-b", "--readout-proxy", proxy_in]},
+            {"name": "output-proxy", "executable": "o2-dpl-output-proxy",
+             "cmdLineArgs": ["--dpl-output-proxy", proxy_out]},
+        ],
+    }  # fmt: skip
+    files = {
+        "workflows/wf.yaml": """
+            name: wf
+            roles:
+              - name: host-{{ it }}
+                for: {range: '["flp1","flp2"]', var: it}
+                roles:
+                  - name: stfb
+                    bind: [{name: dpl-chan, type: push, addressing: ipc,
+                            global: "readout-proxy-{{ it }}"}]
+                    task: {load: t}
+                  - name: stfs
+                    connect: [{name: downstream, type: pull, target: "::downstream-{{ it }}"}]
+                    task: {load: t}
+                  - name: dpl
+                    include: "{{ dpl.GenerateFromUri('flp') }}"
+            """,
+        "tasks/t.yaml": "name: t\ncontrol: {mode: direct}\ncommand: {value: /bin/true}\n",
+    }
+    site = Site(jit={"flp": json.dumps(dump)}.get)
+    plan = expand_text(files, root="workflows/wf.yaml", services=site)
+    links = {(c.task, c.name, c.bind_task) for c in plan.connects}
+    for h in ("flp1", "flp2"):
+        assert (f"wf.host-{h}.dpl.readout-proxy", "readout-proxy", f"wf.host-{h}.stfb") in links
+        assert (f"wf.host-{h}.stfs", "downstream", f"wf.host-{h}.dpl.output-proxy") in links
+    out = {b.task: b for b in plan.binds if b.name == "downstream"}
+    assert out["wf.host-flp1.dpl.output-proxy"].transport == "shmem"

@@ -10,7 +10,12 @@ JSON dump itself and writes its own:
 - one role per device, running a task class ``NAME-DEVICE`` in FairMQ control mode, its
   command the device's executable with its command-line arguments and ``--id DEVICE``;
 - one channel per producer → consumer route, ``from_PRODUCER_to_CONSUMER``, bound
-  (push, ipc) by the producer's class and connected (pull) by the consumer's role.
+  (push, ipc) by the producer's class and connected (pull) by the consumer's role;
+- a device's raw channels (``--channel-config "name=N,type=T,method=bind|connect,..."``
+  in its arguments or its metadata's ``channels``: DPL's proxies to readout and
+  StfBuilder) as O2 writes them for AliECS: one it binds gets the global alias
+  ``N-{{ it }}``, one it connects targets ``::N-{{ it }}`` (the FLP the workflow is
+  included for), so that the including workflow's channels meet them.
 
 The name is ``jit-`` and a hash of the description, so the same description always
 makes the same files (AliECS names its generated workflows the same way). The output is
@@ -88,6 +93,41 @@ def _matches(out: _Spec, inp: _Spec) -> bool:
     )
 
 
+_CHANNEL_CONFIG = re.compile(r"""--channel-config[\s=]+["']?([^"']+)""")
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    name: str
+    type: str
+    method: str  # bind | connect
+    transport: str | None
+    addressing: str | None
+
+
+def _raw_channels(texts: list[str]) -> list[_Raw]:
+    """The raw channels ``--channel-config`` declares in a device's arguments."""
+    out: list[_Raw] = []
+    for text in texts:
+        for m in _CHANNEL_CONFIG.finditer(text):
+            fields = dict(part.split("=", 1) for part in m.group(1).split(",") if "=" in part)
+            name, method = fields.get("name", ""), fields.get("method", "")
+            if not name or method not in ("bind", "connect"):
+                continue
+            address = fields.get("address", "")
+            addressing = (
+                "ipc"
+                if address.startswith("ipc:")
+                else ("tcp" if address.startswith("tcp:") else None)
+            )
+            transport = fields.get("transport")
+            out.append(_Raw(
+                _name(name), fields.get("type", "push" if method == "bind" else "pull"),
+                method, transport if transport in ("zeromq", "shmem") else None, addressing,
+            ))  # fmt: skip
+    return out
+
+
 def parse_dump(text: str) -> dict[str, Any]:
     if len(text) > MAX_DUMP:
         raise DplError(f"the DPL description is {len(text)} bytes; the limit is {MAX_DUMP}")
@@ -153,6 +193,8 @@ def generate(text: str, channel_prefix: str = "") -> Generated:
         argv = [_literal(a) for a in args]
         if "--id" not in args:
             argv += ["--id", _literal(d["name"])]
+        chans = m.get("channels") or []
+        raw = _raw_channels([*args, *(c for c in chans if isinstance(c, str))])
         cls_name = f"{name}-{names[k]}"
         cls: dict[str, Any] = {
             "name": cls_name,
@@ -160,15 +202,31 @@ def generate(text: str, channel_prefix: str = "") -> Generated:
             "control": {"mode": "fairmq"},
             "command": {"value": _literal(exe), "arguments": argv},
         }
-        if binds.get(k):
-            cls["bind"] = [{"name": ch, "type": "push", "addressing": "ipc"} for ch in binds[k]]
+        bind = [{"name": ch, "type": "push", "addressing": "ipc"} for ch in binds.get(k, [])]
+        for r in raw:
+            if r.method == "bind":
+                entry: dict[str, Any] = {"name": r.name, "type": r.type}
+                if r.transport:
+                    entry["transport"] = r.transport
+                entry["addressing"] = r.addressing or "ipc"
+                entry["global"] = f"{r.name}-{{{{ it }}}}"
+                bind.append(entry)
+        if bind:
+            cls["bind"] = bind
         classes[cls_name] = yaml.safe_dump(cls, sort_keys=False, width=1 << 20)
         role: dict[str, Any] = {"name": names[k]}
-        if connects.get(k):
-            role["connect"] = [
-                {"name": ch, "type": "pull", "target": f"{{{{ Parent().Path }}}}.{names[p]}:{ch}"}
-                for ch, p in connects[k]
-            ]
+        connect: list[dict[str, Any]] = [
+            {"name": ch, "type": "pull", "target": f"{{{{ Parent().Path }}}}.{names[p]}:{ch}"}
+            for ch, p in connects.get(k, [])
+        ]
+        for r in raw:
+            if r.method == "connect":
+                entry = {"name": r.name, "type": r.type, "target": f"::{r.name}-{{{{ it }}}}"}
+                if r.transport:
+                    entry["transport"] = r.transport
+                connect.append(entry)
+        if connect:
+            role["connect"] = connect
         role["task"] = {"load": cls_name}
         roles.append(role)
     wf = {"name": name, "description": "generated from a DPL workflow description", "roles": roles}

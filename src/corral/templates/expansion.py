@@ -444,7 +444,10 @@ class _Expander:
         except TextSyntaxError as e:
             raise ServiceError(f"jit/{uri}: {e}") from None
         parts = tuple(p if isinstance(p, str) else Hole(p[0], loc) for p in pieces)
-        command = self.mtext(Text(text, loc, parts), stack, None)
+        try:
+            command = self.mtext(Text(text, loc, parts), stack, None)
+        except _Skip:  # its own error is said at jit/NAME
+            raise ServiceError(f"the DPL command in jit/{uri} did not expand") from None
         return self._dpl_command(command, stack)
 
     def _dpl_command(self, command: str, stack: Mapping[str, str]) -> str:
