@@ -127,7 +127,10 @@ class ControlService:
         ``run_dpl``: dpl.Generate* may run DPL commands (``control.site``)."""
         self.plane = plane
         self.store = plane.store
-        self.workflows = os.path.abspath(workflows)
+        self.workflows = os.path.realpath(workflows)
+        nested = os.path.join(self.workflows, "workflows")
+        if os.path.isdir(nested):  # an AliECS repository: workflows/, tasks/, jit/
+            self.workflows = nested
         self.clock = clock
         self._jobs: dict[str, asyncio.Task[str]] = {}
         self.priority_limits = priority_limits(plane.priority_classes, role_priority or {})
