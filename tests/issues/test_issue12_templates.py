@@ -817,3 +817,35 @@ def test_dpl_raw_channels_meet_the_including_workflow_by_global_alias() -> None:
         assert (f"wf.host-{h}.stfs", "downstream", f"wf.host-{h}.dpl.output-proxy") in links
     out = {b.task: b for b in plan.binds if b.name == "downstream"}
     assert out["wf.host-flp1.dpl.output-proxy"].transport == "shmem"
+
+
+def test_every_field_of_a_public_variable_is_kept_in_role_defaults() -> None:
+    files = {
+        "wf.yaml": """
+            name: !public wf
+            description: !public "a workflow"
+            roles:
+              - name: r
+                defaults:
+                  extra_env: !public
+                    value: ""
+                    type: string
+                    label: "Extra ENV variables"
+                    description: "exported before the script"
+                    widget: editBox
+                    panel: EPNs_Workflows
+                    index: 3
+                    rows: 35
+                    visibleif: $$epn_enabled === "true"
+                task: {load: t}
+            """,
+        "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+    }
+    plan = expand_text(files)
+    [p] = [p.to_dict() for p in plan.public if p.name == "extra_env"]
+    assert p == {
+        "name": "extra_env", "value": "", "type": "string", "label": "Extra ENV variables",
+        "description": "exported before the script", "widget": "editBox", "values": [],
+        "panel": "EPNs_Workflows", "index": 3, "visibleif": '$$epn_enabled === "true"',
+        "rows": 35,
+    }  # fmt: skip

@@ -238,6 +238,7 @@ class PublicVar:
     panel: str | None = None
     index: int | None = None
     visible_if: str | None = None
+    rows: int | None = None  # the height of an editBox, in lines
 
     def to_dict(self) -> JSON:
         return {
@@ -251,6 +252,7 @@ class PublicVar:
             "panel": self.panel,
             "index": self.index,
             "visibleif": self.visible_if,
+            "rows": self.rows,
         }
 
 

@@ -409,6 +409,7 @@ class _Expander:
         self.collections: list[Collection] = []
         self.paths: set[str] = set()
         self.public: dict[str, PublicVar] = {}
+        self._public_seen: set[int] = set()
         self._class_cache: dict[int, tuple[_Memo, _Memo]] = {}
         self._channel_cache: dict[int, _Memo] = {}
         self._merged: dict[tuple[int, int], tuple[list[ChannelDef], list[ChannelDef]]] = {}
@@ -732,6 +733,9 @@ class _Expander:
         d, v, stack = self.layer(
             r.defaults, r.vars, parent.defaults, parent.vars, loc_vars, s0, pre
         )
+        if (r.defaults or r.vars) and id(r) not in self._public_seen:
+            self._public_seen.add(id(r))  # a role's own public variables, once per role
+            self._collect_public(r.defaults + r.vars)
         name = self.mtext(r.name, stack, pre)
         if marked(name):
             name = unmark(name)

@@ -34,6 +34,7 @@ def public_var(vd: VarDef) -> PublicVar:
         panel=spec.get("panel"),
         index=spec.get("index"),
         visible_if=spec.get("visibleif"),
+        rows=spec.get("rows"),
     )
 
 
