@@ -224,11 +224,7 @@ def render(
     run_dpl: bool,
 ) -> None:
     """Expand a workflow and print its plan."""
-    site = load_site(defaults_file, inventory, run_dpl)
-    plan, diags = expand_file(path, parse_vars(variables), seed, site)
-    if plan is None:
-        report(diags)
-        sys.exit(1)
+    plan = plan_or_exit(path, variables, seed, load_site(defaults_file, inventory, run_dpl))
     data = plan.to_dict()
     if output == "json":
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
@@ -236,6 +232,15 @@ def render(
         sys.stdout.write(yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
     else:
         print_table(plan)
+
+
+def plan_or_exit(path: str, variables: tuple[str, ...], seed: str, site: SiteOptions) -> Plan:
+    """The plan; or the errors said, and exit 1."""
+    plan, diags = expand_file(path, parse_vars(variables), seed, site)
+    if plan is None:
+        report(diags)
+        sys.exit(1)
+    return plan
 
 
 def print_table(plan: Plan) -> None:
@@ -278,11 +283,7 @@ def graph(
     run_dpl: bool,
 ) -> None:
     """Print the tasks and channels as a Graphviz DOT graph."""
-    site = load_site(defaults_file, inventory, run_dpl)
-    plan, diags = expand_file(path, parse_vars(variables), seed, site)
-    if plan is None:
-        report(diags)
-        sys.exit(1)
+    plan = plan_or_exit(path, variables, seed, load_site(defaults_file, inventory, run_dpl))
     sys.stdout.write(to_dot(plan))
 
 
