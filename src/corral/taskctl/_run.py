@@ -3,7 +3,7 @@
 Concurrency model. Everything happens in the one thread that called ``run()``; the library
 starts no thread and needs no lock for the task's own state:
 
-- the loop waits with ``poll()`` on the control socket and on a wakeup pipe for SIGTERM.
+- the loop waits with ``poll()`` on the control socket and on a wakeup socket for SIGTERM.
   While the task is RUNNING and overrides ``tick()``, the wait has timeout 0 and the loop
   calls ``tick()`` after each wait, so ``tick`` runs continuously between messages; it
   must itself wait on its input (timeouts of at most ~20 ms) and return, or control
@@ -19,35 +19,22 @@ starts no thread and needs no lock for the task's own state:
 - SIGTERM only sets a flag (and wakes the wait); at the next turn of the loop the task is
   wound down (STOP if RUNNING, then EXIT) and ``run()`` returns 0. EOF on the control
   socket (the controller is gone) is handled the same way.
+
+The loop's machinery, shared with the FairMQ loop, is ``corral.taskctl._loop``; this
+module adds the direct protocol's state machine (docs/protocol.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import select
-import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
-from corral.taskctl._protocol import (
-    DONE,
-    ENV_CONTROL_FD,
-    MAX_LINE,
-    PROTOCOL_VERSION,
-    RUNNING,
-    STANDBY,
-    TRANSITIONS,
-    LineSplitter,
-)
-from corral.taskctl._task import Outbox, Task
-
-_CHUNK = 1 << 16
+from corral.taskctl._loop import ControlLoop, control_socket
+from corral.taskctl._protocol import DONE, RUNNING, STANDBY, TRANSITIONS
+from corral.taskctl._task import Task
 
 
 def _say(text: str) -> None:
@@ -60,148 +47,39 @@ def run(task: Task) -> int:
     Use as ``sys.exit(run(MyTask()))``. Returns 2, after a message on stderr, when
     ``CORRAL_CONTROL_FD`` is unset or does not name a stream socket.
     """
-    raw = os.environ.get(ENV_CONTROL_FD)
-    if raw is None:
-        _say(
-            f"{ENV_CONTROL_FD} is not set. This program is a corral task (control mode "
-            "'direct'): the corral controller starts it and passes its control socket's "
-            f"file descriptor in {ENV_CONTROL_FD}. See docs/protocol.md."
-        )
+    sock = control_socket(_say, "direct")
+    if sock is None:
         return 2
-    try:
-        fd = int(raw)
-        sock = socket.socket(fileno=fd)
-    except (ValueError, OSError) as e:
-        _say(f"{ENV_CONTROL_FD}={raw!r} does not name an open socket: {e}")
-        return 2
-    if sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        _say(f"{ENV_CONTROL_FD}={raw!r} is not a stream socket")
-        return 2
-    sock.setblocking(True)
-    os.set_inheritable(fd, False)  # processes this task starts must not hold the socket
     try:
         return _Loop(task, sock).run()
     finally:
         sock.close()
 
 
-class _Loop:
+class _Loop(ControlLoop):
     def __init__(self, task: Task, sock: socket.socket) -> None:
+        super().__init__(sock, _say)
         self.task = task
-        self.sock = sock
-        self.lines = LineSplitter(MAX_LINE)
-        self.gone = False  # the controller closed the connection
-        self.terminating = False  # SIGTERM
-        self.box = Outbox(self._write)
         self.ticks = type(task).tick is not Task.tick
         self.tick_failed = False
-
-    # -- output -------------------------------------------------------------------------
-
-    def _write(self, data: bytes) -> None:
-        if self.gone:
-            return
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            self.gone = True
 
     def _answer(self, mid: int, **fields: Any) -> None:
         self.box.send({"id": mid, **fields})
 
-    def _protocol_error(self, why: str) -> None:
-        _say(f"protocol error: {why}")
-        self.box.post({"event": "ERROR", "error": f"protocol error: {why}"})
+    def _attach(self) -> str:
+        task = self.task
+        task._taskctl_state = STANDBY
+        task._taskctl_eos_sent = False
+        task._taskctl_outbox = self.box
+        return STANDBY
 
-    # -- the loop -----------------------------------------------------------------------
+    def _detach(self) -> None:
+        self.task._taskctl_outbox = None
 
-    def run(self) -> int:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        restore = self._catch_sigterm(wake_w)
-        try:
-            task = self.task
-            task._taskctl_state = STANDBY
-            task._taskctl_eos_sent = False
-            task._taskctl_outbox = self.box
-            self.box.send({"state": STANDBY, "pid": os.getpid(), "protocol": PROTOCOL_VERSION})
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-            poller.register(wake_r.fileno(), select.POLLIN)
-            while True:
-                if self.gone or self.terminating:
-                    self._wind_down("SIGTERM" if self.terminating else "the controller is gone")
-                    return 0
-                ticking = self.ticks and not self.tick_failed and task.state == RUNNING
-                for fd, _ in poller.poll(0 if ticking else None):
-                    if fd == wake_r.fileno():
-                        with contextlib.suppress(OSError):
-                            wake_r.recv(_CHUNK)
-                    elif self._read():
-                        return 0  # answered EXIT
-                if (
-                    ticking
-                    and task.state == RUNNING
-                    and not self.tick_failed
-                    and not (self.gone or self.terminating)
-                ):
-                    self._tick()
-        finally:
-            restore()
-            self.task._taskctl_outbox = None
-            wake_r.close()
-            wake_w.close()
+    def _busy(self) -> bool:
+        return self.ticks and not self.tick_failed and self.task.state == RUNNING
 
-    def _catch_sigterm(self, wake_w: socket.socket) -> Callable[[], None]:
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            self.terminating = True
-
-        try:
-            old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-            old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: leave signals alone
-            return lambda: None
-
-        def restore() -> None:
-            signal.set_wakeup_fd(old_fd)
-            signal.signal(signal.SIGTERM, old_handler)
-
-        return restore
-
-    def _read(self) -> bool:
-        """Read one chunk and handle its complete lines; True once EXIT was answered."""
-        try:
-            data = self.sock.recv(_CHUNK)
-        except InterruptedError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            self.gone = True
-            return False
-        for line in self.lines.feed(data):
-            if line is None:
-                self._protocol_error(f"a line longer than {MAX_LINE} bytes")
-            elif line.strip() and self._message(line):
-                return True
-        return False
-
-    def _message(self, line: bytes) -> bool:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            shown = line[:80].decode("utf-8", "replace")
-            self._protocol_error(f"a message that is not JSON: {shown!r}")
-            return False
-        if not isinstance(msg, dict):
-            self._protocol_error(f"a message that is not an object: {line[:80]!r}")
-            return False
-        mid = msg.get("id")
-        if not isinstance(mid, int) or isinstance(mid, bool):
-            self._protocol_error(f"a message without an integer id: {line[:80]!r}")
-            return False
+    def _order(self, mid: int, msg: dict[str, Any]) -> bool:
         transition = msg.get("transition")
         args = msg.get("args", {})
         if not isinstance(transition, str) or transition not in TRANSITIONS:
@@ -240,7 +118,8 @@ class _Loop:
             return True
         return False
 
-    def _tick(self) -> None:
+    def _work(self) -> None:
+        """One ``tick()``; if it raises, an ERROR event, and no more ticks until START."""
         try:
             self.task.tick()
         except Exception as e:

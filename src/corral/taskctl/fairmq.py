@@ -12,27 +12,21 @@ Transitions that FairMQ follows by an automatic one (``BIND``: BINDING, then BOU
 answered with the state after it. A step that raises sends the device to ERROR, as in
 FairMQ: from there it answers every transition with an error, until corral ends it.
 
-Concurrency is that of ``corral.taskctl.run``: everything happens in the thread that
-called ``run_device()``, which waits with ``poll()`` on the control socket (timeout 0
-while RUNNING with a ``conditional_run``, else blocking); ``end_of_stream()`` and
-``error()`` may be called from the device's own threads.
+Concurrency is that of ``corral.taskctl.run``, whose loop (``corral.taskctl._loop``) this
+module shares: everything happens in the thread that called ``run_device()``, which waits
+with ``poll()`` on the control socket (timeout 0 while RUNNING with a ``conditional_run``,
+else blocking); ``end_of_stream()`` and ``error()`` may be called from the device's own
+threads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import select
-import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
-from types import FrameType
 from typing import Any, Final
 
-from corral.taskctl._protocol import ENV_CONTROL_FD, MAX_LINE, PROTOCOL_VERSION, LineSplitter
+from corral.taskctl._loop import ControlLoop, control_socket
 from corral.taskctl._task import Outbox
 
 IDLE: Final = "IDLE"
@@ -75,7 +69,6 @@ _WIND_DOWN: Final[dict[str, str]] = {
     INITIALIZING_DEVICE: "COMPLETE INIT",
     IDLE: "END",
 }
-_CHUNK = 1 << 16
 
 
 def _say(text: str) -> None:
@@ -207,141 +200,36 @@ def run_device(device: Device) -> int:
     Use as ``sys.exit(run_device(MyDevice()))``. Returns 2, after a message on stderr,
     when ``CORRAL_CONTROL_FD`` is unset or does not name a stream socket.
     """
-    raw = os.environ.get(ENV_CONTROL_FD)
-    if raw is None:
-        _say(
-            f"{ENV_CONTROL_FD} is not set. This program is a corral task (control mode "
-            "'fairmq'): the corral controller starts it and passes its control socket's "
-            f"file descriptor in {ENV_CONTROL_FD}. See docs/protocol.md."
-        )
+    sock = control_socket(_say, "fairmq")
+    if sock is None:
         return 2
-    try:
-        fd = int(raw)
-        sock = socket.socket(fileno=fd)
-    except (ValueError, OSError) as e:
-        _say(f"{ENV_CONTROL_FD}={raw!r} does not name an open socket: {e}")
-        return 2
-    if sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        _say(f"{ENV_CONTROL_FD}={raw!r} is not a stream socket")
-        return 2
-    sock.setblocking(True)
-    os.set_inheritable(fd, False)
     try:
         return _Loop(device, sock).run()
     finally:
         sock.close()
 
 
-class _Loop:
+class _Loop(ControlLoop):
     def __init__(self, device: Device, sock: socket.socket) -> None:
+        super().__init__(sock, _say)
         self.device = device
-        self.sock = sock
-        self.lines = LineSplitter(MAX_LINE)
-        self.gone = False
-        self.terminating = False
-        self.box = Outbox(self._write)
         self.runs = type(device).conditional_run is not Device.conditional_run
         self.run_over = False  # conditional_run said no more, or raised, in this run
 
-    def _write(self, data: bytes) -> None:
-        if self.gone:
-            return
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            self.gone = True
-
-    def _protocol_error(self, why: str) -> None:
-        _say(f"protocol error: {why}")
-        self.box.post({"event": "ERROR", "error": f"protocol error: {why}"})
-
-    def run(self) -> int:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        restore = self._catch_sigterm(wake_w)
+    def _attach(self) -> str:
         device = self.device
-        try:
-            device._fairmq_state = IDLE
-            device._fairmq_eos_sent = False
-            device._fairmq_outbox = self.box
-            self.box.send({"state": IDLE, "pid": os.getpid(), "protocol": PROTOCOL_VERSION})
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-            poller.register(wake_r.fileno(), select.POLLIN)
-            while True:
-                if self.gone or self.terminating:
-                    self._wind_down("SIGTERM" if self.terminating else "the controller is gone")
-                    return 0
-                running = self.runs and not self.run_over and device.state == RUNNING
-                for fd, _ in poller.poll(0 if running else None):
-                    if fd == wake_r.fileno():
-                        with contextlib.suppress(OSError):
-                            wake_r.recv(_CHUNK)
-                    elif self._read():
-                        return 0  # answered END
-                if (
-                    running
-                    and device.state == RUNNING
-                    and not self.run_over
-                    and not (self.gone or self.terminating)
-                ):
-                    self._conditional_run()
-        finally:
-            restore()
-            device._fairmq_outbox = None
-            wake_r.close()
-            wake_w.close()
+        device._fairmq_state = IDLE
+        device._fairmq_eos_sent = False
+        device._fairmq_outbox = self.box
+        return IDLE
 
-    def _catch_sigterm(self, wake_w: socket.socket) -> Callable[[], None]:
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            self.terminating = True
+    def _detach(self) -> None:
+        self.device._fairmq_outbox = None
 
-        try:
-            old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-            old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: leave signals alone
-            return lambda: None
+    def _busy(self) -> bool:
+        return self.runs and not self.run_over and self.device.state == RUNNING
 
-        def restore() -> None:
-            signal.set_wakeup_fd(old_fd)
-            signal.signal(signal.SIGTERM, old_handler)
-
-        return restore
-
-    def _read(self) -> bool:
-        """Read one chunk and handle its complete lines; True once END was answered."""
-        try:
-            data = self.sock.recv(_CHUNK)
-        except InterruptedError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            self.gone = True
-            return False
-        for line in self.lines.feed(data):
-            if line is None:
-                self._protocol_error(f"a line longer than {MAX_LINE} bytes")
-            elif line.strip() and self._message(line):
-                return True
-        return False
-
-    def _message(self, line: bytes) -> bool:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            shown = line[:80].decode("utf-8", "replace")
-            self._protocol_error(f"a message that is not JSON: {shown!r}")
-            return False
-        if not isinstance(msg, dict):
-            self._protocol_error(f"a message that is not an object: {line[:80]!r}")
-            return False
-        mid = msg.get("id")
-        if not isinstance(mid, int) or isinstance(mid, bool):
-            self._protocol_error(f"a message without an integer id: {line[:80]!r}")
-            return False
+    def _order(self, mid: int, msg: dict[str, Any]) -> bool:
         self.box.hold()
         try:
             answer = handle(self.device, msg.get("transition"), msg.get("args", {}))
@@ -355,7 +243,8 @@ class _Loop:
             return True
         return False
 
-    def _conditional_run(self) -> None:
+    def _work(self) -> None:
+        """One ``conditional_run()``: False ends the run's data, raising sends to ERROR."""
         device = self.device
         try:
             more = device.conditional_run()
