@@ -546,7 +546,9 @@ def test_a_dpl_command_runs_and_a_callers_value_stays_one_word(tmp_path: Path) -
     # without --run-dpl (no runner), a command is an error, not run
     site = make_site(path, [])
     plan, diags = check(path, DiskSources(), services=site)
-    assert plan is None and "DPL commands cannot be run here" in str(diags[0])
+    assert plan is None and "DPL commands run only where the site allows it: add --run-dpl" in str(
+        diags[0]
+    )
 
 
 # -- on a real control plane: the timeout of a basic task, task_hostname at launch --------
@@ -755,6 +757,10 @@ def test_templates_read_the_store_and_the_site_on_a_server(tmp_path: Path) -> No
                 "3600", "rate=10", "readout/ANY/any/cfg", "global"
             ]  # fmt: skip
             assert admin.get("/api/runtime/corral/last_site").status_code == 404
+            # a dry run writes nothing either
+            r = admin.post("/api/environments", json={"workflow": "site", "dry_run": True})
+            assert r.status_code == 200 and r.json()["dry_run"], r.text
+            assert admin.get("/api/runtime/corral/last_site").status_code == 404
             # creating applies runtime.Set; the site default came from the data directory
             r = admin.post("/api/environments", json={"workflow": "site"})
             assert r.status_code == 201, r.text
@@ -849,3 +855,193 @@ def test_every_field_of_a_public_variable_is_kept_in_role_defaults() -> None:
         "panel": "EPNs_Workflows", "index": 3, "visibleif": '$$epn_enabled === "true"',
         "rows": 35,
     }  # fmt: skip
+
+
+def test_an_error_a_site_function_answers_is_a_warning_with_its_place() -> None:
+    """As in AliECS the expansion goes on with {"error":...} as the value; the plan says
+    where it happened, so that validate, render and create show it."""
+    files = {
+        "wf.yaml": """
+            name: wf
+            roles:
+              - name: host-{{ it }}
+                for: {range: '["flp001","flp009","flp010"]', var: it}
+                vars: {det: "{{ inventory.DetectorForHost(it) }}"}
+                task: {load: t}
+            """,
+        "tasks/t.yaml": "name: t\ncommand: {value: /bin/true, arguments: ['{{ det }}']}\n",
+    }
+    plan = expand_text(files, services=Site(SITE_LABELS))
+    assert [t.command.arguments[0] for t in plan.tasks] == [
+        "TPC",
+        '{"error":"detector not found for host flp009"}',
+        '{"error":"detector not found for host flp010"}',
+    ]
+    assert plan.warnings == (
+        "wf.yaml:5:21: inventory.DetectorForHost('flp009') answered "
+        '{"error":"detector not found for host flp009"} (wf.host-{{ it }} [it=flp009])',
+        "wf.yaml:5:21: inventory.DetectorForHost('flp010') answered "
+        '{"error":"detector not found for host flp010"} (wf.host-{{ it }} [it=flp010])',
+    )
+    assert plan.to_dict()["warnings"] == list(plan.warnings)
+
+
+def test_an_entry_that_reads_one_below_it_is_told_the_order() -> None:
+    errors = errors_of(
+        {
+            "wf.yaml": """
+                name: wf
+                defaults:
+                  bin: "{{ base }}/bin"
+                  base: /opt
+                roles: [{name: r, task: {load: t}}]
+                """,
+            "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+        }
+    )
+    assert any("'base' is set below, at line 4: an entry of a defaults block reads only "
+               "the entries above it" in e for e in errors)  # fmt: skip
+
+
+def test_a_task_class_anywhere_is_checked_and_never_rendered(tmp_path: Path) -> None:
+    loose = tmp_path / "worker.yaml"
+    loose.write_text("name: worker\ncontrol: {mode: fairmq}\ncommand: {value: '{{ exe }}'}\n")
+    r = corral("template", "validate", str(loose))
+    assert r.returncode == 0 and "a task class" in r.stderr, r.stderr
+    loose.write_text("name: worker\ncontrol: {mode: fairmqq}\ncommand: {value: x}\n")
+    r = corral("template", "validate", str(loose))
+    assert r.returncode == 1 and f"{loose}:2:" in r.stderr and "fairmqq" in r.stderr
+    r = corral("template", "render", str(loose))
+    assert r.returncode == 1 and "is a task class, not a workflow" in r.stderr
+
+
+def test_template_commands_read_a_data_directorys_store(tmp_path: Path) -> None:
+    from corral.store.sqlite import SqliteStore
+
+    data = tmp_path / "data"
+    store = SqliteStore(str(data / "corral.db"))
+    store.config_put("readout/ANY/any/cfg", "rate={{ rate }}", "admin", 1.0)
+    store.runtime_set("trg", "mode", "global", "admin", 1.0)
+    store.close()
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "t.yaml").write_text(
+        "name: t\ncommand: {value: /bin/true, arguments: ['{{ cfg }}', '{{ mode }}']}\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        textwrap.dedent(
+            """
+            name: wf
+            defaults: {rate: "5"}
+            roles:
+              - name: r
+                vars:
+                  cfg: "{{ config.Get('readout/PHYSICS/flp1/cfg') }}"
+                  mode: "{{ runtime.Get('trg', 'mode') }}"
+                task: {load: t}
+            """
+        )
+    )
+    wf = str(tmp_path / "wf.yaml")
+    r = corral("template", "render", wf, "--data", str(data), "-o", "json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["tasks"][0]["command"]["arguments"] == ["rate=5", "global"]
+    assert plan["warnings"] == []
+    # without the store: the AliECS error value, and a warning that says where
+    r = corral("template", "validate", wf)
+    assert r.returncode == 0
+    assert (
+        "warning: " in r.stderr
+        and "wf.yaml:7:" in r.stderr
+        and "no configuration store" in r.stderr
+    )
+    r = corral("template", "validate", wf, "--data", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "no store there" in r.stderr
+
+
+# -- what an attacker tried (issue 12 review) ----------------------------------------------
+
+
+def test_a_raw_channels_type_is_data_never_template_code() -> None:
+    evil = '--channel-config "name=a,method=bind,type={{ strings.ToUpper(workflow_dir) }}"'
+    dump = {
+        "workflow": [{"name": "p"}],
+        "metadata": [{"name": "p", "executable": "x", "cmdLineArgs": [evil]}],
+    }
+    files, site = dpl_files({"evil": json.dumps(dump)})
+    errors = errors_of(files, root="workflows/wf.yaml", variables={"dpl_workflow": "evil"},
+                       services=site)  # fmt: skip
+    assert len(errors) == 1 and "is not one of push, pull, pub, sub" in errors[0], errors
+    assert "WORKFLOW" not in errors[0]  # nothing was evaluated
+
+
+def test_a_description_whose_routes_grow_as_devices_squared_is_refused() -> None:
+    n = 2000  # every device consumes what every other produces: n * (n - 1) channels
+    dump = {
+        "workflow": [
+            {"name": f"d{i}", "inputs": [{"origin": "A", "description": "B"}],
+             "outputs": [{"origin": "A", "description": "B", "subspec": 0}]}
+            for i in range(n)
+        ],
+        "metadata": [{"name": f"d{i}", "executable": "x"} for i in range(n)],
+    }  # fmt: skip
+    files, site = dpl_files({"quad": json.dumps(dump)})
+    errors = errors_of(files, root="workflows/wf.yaml", variables={"dpl_workflow": "quad"},
+                       services=site)  # fmt: skip
+    assert "makes more than 50000 channels" in errors[0]
+
+
+def test_what_a_dpl_command_prints_is_read_within_its_bound(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from corral.templates.dpl import MAX_DUMP
+    from corral.templates.services import ServiceError
+
+    runner = DplRunner(str(tmp_path))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ServiceError, match=f"printed more than {MAX_DUMP} bytes"):
+            runner("head -c 200000000 /dev/zero; yes err >&2 | head -c 50000000 #", {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_DUMP, peak
+
+
+def test_a_calls_output_is_read_within_its_cap() -> None:
+    import asyncio
+    import tracemalloc
+
+    from corral.calls import CallContext
+    from corral.calls.builtin import OUTPUT_CAP, ExecPlugin
+
+    ctx = CallContext("env", "CONFIGURE", "before_CONFIGURE", "wf.c", "exec.Shell", None, {})
+    tracemalloc.start()
+    try:
+        out = asyncio.run(
+            ExecPlugin({}).call("Shell", ("yes xxxxxxxx | tr -d '\\n' | head -c 200000000",), ctx)
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out == "x" * OUTPUT_CAP
+    assert peak < 16 * OUTPUT_CAP + (1 << 20), peak
+
+
+def test_a_config_render_counts_the_items_filters_walk() -> None:
+    import time
+
+    from corral.templates.configpayload import RenderError, render
+
+    payload = "{{ ('a' * 400000)" + "|select('ne', 'b')" * 20 + "|list|length }}"
+    with pytest.raises(RenderError, match="more than 1000000 steps"):
+        render("k", {"k": payload}.get, {}, clock=time.monotonic, time_limit=60)
+
+
+def test_deep_site_files_are_refused_not_crashed_on(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(SiteError, match="nests too deep"):
+        load_defaults(str(deep))
+    r = corral("template", "validate", str(tmp_path / "x.yaml"), "--inventory", str(deep))
+    assert r.returncode == 2 and "nest more than 64 deep" in r.stderr, r.stderr

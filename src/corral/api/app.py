@@ -40,7 +40,7 @@ from corral import __version__
 from corral.api.metrics import Metrics
 from corral.control.configstore import ConfigStore
 from corral.control.journal import StoreUnavailable
-from corral.control.service import ControlService, Principal, ServiceError
+from corral.control.service import ControlService, Principal, ServiceError, an
 from corral.web import STATIC
 
 PROBLEM = "application/problem+json"
@@ -448,7 +448,7 @@ async def caller(
 def _needs(role: str) -> Callable[[Principal], Principal]:
     def check(who: Principal) -> Principal:
         if not who.can(role):
-            raise ServiceError(403, "Forbidden", f"{who.name} is a {who.role}; this needs {role}")
+            raise ServiceError(403, "Forbidden", f"{who.name} is {an(who.role)}; this needs {role}")
         return who
 
     return check
@@ -686,7 +686,8 @@ def create_app(
             return {"ok": False, "errors": [x["message"] for x in e.extra.get("errors", [])]}
         if plan is None:
             return {"ok": False, "errors": [str(d) for d in diags]}
-        return {"ok": True, "errors": [], "tasks": len(plan.tasks), "calls": len(plan.calls)}
+        return {"ok": True, "errors": [], "warnings": list(plan.warnings),
+                "tasks": len(plan.tasks), "calls": len(plan.calls)}  # fmt: skip
 
     @app.post(
         "/api/workflows/render", tags=["workflows"], response_model=None,
@@ -731,7 +732,7 @@ def create_app(
                 return {"dry_run": True, "fits": True, "evict": evicted, "protected": protected}
             return dict(summary(env.id), evicted=evicted, protected=protected)
         env = await service.create(req.workflow, req.vars, who)
-        return summary(env.id)
+        return dict(summary(env.id), warnings=list(env.plan.warnings))
 
     @app.get(
         "/api/environments", tags=["environments"],

@@ -325,7 +325,11 @@ class LocalBackend:
                 b.set_now(pos, Outcome(spec.task_id, error=self._spawn_error(spec, e)))
                 continue
             except (ValueError, KeyError, TypeError) as e:  # a NUL byte, an unknown user
-                why = f"cannot start {argv_of(spec)[0]!r}: {type(e).__name__}: {e}"
+                user = spec.command.user
+                if isinstance(e, KeyError) and user and "getpwnam" in str(e):
+                    why = f"cannot start it as user {user!r}: no such user on this node"
+                else:
+                    why = f"cannot start {argv_of(spec)[0]!r}: {type(e).__name__}: {e}"
                 b.set_now(pos, Outcome(spec.task_id, error=why[:2000]))
                 continue
             self._procs[spec.task_id] = proc
@@ -634,7 +638,11 @@ class LocalBackend:
             if proc.waiting is None:
                 continue
             if proc.waiting[0] < 0:
-                why = f"no hello within {timeout:.1f} s (process {proc.pid} is alive)"
+                why = (
+                    f"no hello within {timeout:.1f} s (process {proc.pid} is alive; a "
+                    f"{proc.control} task speaks corral's control protocol on "
+                    "CORRAL_CONTROL_FD: docs/protocol.md)"
+                )
             elif proc.control == "fairmq":
                 why = f"no answer within {timeout:.1f} s; process {proc.pid} is alive"
                 why = _failed(proc, proc.waiting[1], why)

@@ -128,7 +128,10 @@ async def run_command(
     except PermissionError:
         raise CallError(f"cannot run {argv[0]!r}: permission denied") from None
     try:
-        out, err = await proc.communicate(stdin)
+        out, err, _ = await asyncio.gather(
+            _first(proc.stdout, OUTPUT_CAP), _last(proc.stderr, 2000), _feed(proc, stdin)
+        )
+        await proc.wait()
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -138,7 +141,7 @@ async def run_command(
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # what it left behind in its group
     if proc.returncode != 0:
-        tail = err[-2000:].decode("utf-8", "replace").strip().splitlines()[-5:]
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-5:]
         status = (
             f"status {proc.returncode}"
             if (proc.returncode or 0) >= 0
@@ -146,4 +149,31 @@ async def run_command(
         )
         detail = (": " + " | ".join(tail)) if tail else ""
         raise CallError(f"{argv[0]} ended with {status}{detail}")
-    return out[:OUTPUT_CAP].decode("utf-8", "replace").strip()
+    return out.decode("utf-8", "replace").strip()
+
+
+async def _first(stream: asyncio.StreamReader | None, cap: int) -> bytes:
+    """The first ``cap`` bytes of a stream, read to its end (the rest is dropped as it
+    comes: a command that prints gigabytes costs no memory)."""
+    buf = bytearray()
+    while stream is not None and (chunk := await stream.read(65536)):
+        if len(buf) < cap:
+            buf += chunk[: cap - len(buf)]
+    return bytes(buf)
+
+
+async def _last(stream: asyncio.StreamReader | None, keep: int) -> bytes:
+    """The last ``keep`` bytes of a stream, read to its end."""
+    buf = b""
+    while stream is not None and (chunk := await stream.read(65536)):
+        buf = (buf + chunk)[-keep:]
+    return buf
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
+    if data is None or proc.stdin is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+    proc.stdin.close()

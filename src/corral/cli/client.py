@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from corral.cli.template import parse_vars, var_option
@@ -177,6 +178,8 @@ def env_create(workflow: str, variables: tuple[str, ...], server: str, token: st
         show([e], [], "json")
     else:
         out.print(e["id"])
+        for w in e.get("warnings", []):
+            err.print(f"[yellow]warning[/]: {escape(w)}", markup=True)
 
 
 @env.command("list")

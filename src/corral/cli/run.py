@@ -36,6 +36,7 @@ from corral.cli.template import (
     parse_call_plugins,
     parse_vars,
     report,
+    report_warnings,
     var_option,
 )
 from corral.control import recipes
@@ -253,6 +254,7 @@ def run(
     if plan is None:
         report(diags)
         sys.exit(1)
+    report_warnings(plan)
     problems = []
     registry = Registry(extra=parse_call_plugins(call_plugins, passed))
     for call in plan.calls:

@@ -15,11 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from corral.calls.builtin import BridgePlugin
-from corral.control.site import DplRunner, load_defaults, make_site, repository_of
+from corral.control.site import DplRunner, load_defaults, make_site, repository_of, with_store
 from corral.model.inventory import Node
 from corral.model.plan import Plan
 from corral.store.files import DiskSources
 from corral.store.inventory import load_inventory
+from corral.store.sqlite import ConfigReader
 from corral.templates import Diagnostic, check
 from corral.templates.expansion import check_task_file as check_task_text
 
@@ -54,6 +55,7 @@ class SiteOptions:
     defaults: dict[str, str] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
     run_dpl: bool = False
+    store: str | None = None  # a data directory's corral.db: its configuration, runtime
 
 
 def expand_file(
@@ -62,16 +64,24 @@ def expand_file(
     site = site or SiteOptions()
     sources = DiskSources()
     runner = DplRunner(repository_of(path)) if site.run_dpl else None
-    plan, diags = check(
-        path,
-        sources,
-        variables=variables,
-        global_defaults={**site.defaults, **builtin_defaults(path)},
-        seed=seed,
-        time_limit=TIME_LIMIT,
-        clock=time.monotonic,
-        services=make_site(path, site.nodes, run_dpl=runner),
-    )
+    services = make_site(path, site.nodes, run_dpl=runner)
+    reader = None if site.store is None else ConfigReader(site.store)
+    try:
+        if reader is not None:
+            with_store(services, reader)
+        plan, diags = check(
+            path,
+            sources,
+            variables=variables,
+            global_defaults={**site.defaults, **builtin_defaults(path)},
+            seed=seed,
+            time_limit=TIME_LIMIT,
+            clock=time.monotonic,
+            services=services,
+        )
+    finally:
+        if reader is not None:
+            reader.close()
     if plan is None and not diags and sources.problems:  # pragma: no cover - defensive
         return None, diags
     return plan, diags
@@ -98,8 +108,19 @@ def parse_call_plugins(
 
 
 def is_task_file(path: str) -> bool:
-    """A file of a ``tasks/`` folder: a task class, not a workflow."""
-    return os.path.basename(os.path.dirname(os.path.abspath(path))) == "tasks"
+    """A task class, not a workflow: a file of a ``tasks/`` folder, or one whose top
+    level has a ``command`` and no ``roles``."""
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) == "tasks":
+        return True
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f.read(1 << 20), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        return False  # said when it is checked as a workflow
+    if not isinstance(node, yaml.MappingNode):
+        return False
+    keys = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return "command" in keys and "roles" not in keys
 
 
 def check_task_file(path: str, variables: dict[str, str], site: SiteOptions) -> list[Diagnostic]:
@@ -110,6 +131,11 @@ def check_task_file(path: str, variables: dict[str, str], site: SiteOptions) -> 
         path, DiskSources(), variables=variables,
         global_defaults={**site.defaults, **builtin_defaults(path)},
     )  # fmt: skip
+
+
+def report_warnings(plan: Plan) -> None:
+    for w in plan.warnings:
+        err.print(f"[yellow]warning[/]: {escape(w)}", markup=True, emoji=False)
 
 
 def report(diags: list[Diagnostic]) -> None:
@@ -128,7 +154,13 @@ seed_option = click.option(
 
 
 def site_options(f: Callable[..., None]) -> Callable[..., None]:
-    """--defaults FILE, --inventory FILE, --run-dpl: the site a template expands at."""
+    """--defaults FILE, --inventory FILE, --run-dpl, --data DIR: the site a template
+    expands at."""
+    f = click.option(
+        "--data", "store_dir", metavar="DIR", type=click.Path(file_okay=False),
+        help="Read the configuration store and runtime table of this data directory "
+        "(read-only), for config.* and runtime.*.",
+    )(f)  # fmt: skip
     f = click.option(
         "--run-dpl", is_flag=True,
         help="Run the DPL commands dpl.Generate* name (with --dump-workflow) in the workflow "
@@ -145,13 +177,20 @@ def site_options(f: Callable[..., None]) -> Callable[..., None]:
     return f
 
 
-def load_site(defaults_file: str | None, inventory: str | None, run_dpl: bool) -> SiteOptions:
+def load_site(
+    defaults_file: str | None, inventory: str | None, run_dpl: bool, store_dir: str | None = None
+) -> SiteOptions:
     try:
         defaults = load_defaults(defaults_file) if defaults_file else {}
         nodes = load_inventory(inventory) if inventory else []
     except ValueError as e:  # SiteError, InventoryError: they say file and line
         raise click.UsageError(str(e)) from None
-    return SiteOptions(defaults, nodes, run_dpl)
+    store = None
+    if store_dir is not None:
+        store = os.path.join(store_dir, "corral.db")
+        if not os.path.isfile(store):
+            raise click.UsageError(f"--data {store_dir}: no store there (no corral.db)")
+    return SiteOptions(defaults, nodes, run_dpl, store)
 
 
 @click.group()
@@ -171,12 +210,14 @@ def validate(
     defaults_file: str | None,
     inventory: str | None,
     run_dpl: bool,
+    store_dir: str | None,
 ) -> None:
     """Check workflow templates; print every error as FILE:LINE:COL: message.
 
-    A task file (a file of a tasks/ folder) is checked on its own."""
+    A task class file (in a tasks/ folder, or with a command and no roles) is checked
+    on its own."""
     user = parse_vars(variables)
-    site = load_site(defaults_file, inventory, run_dpl)
+    site = load_site(defaults_file, inventory, run_dpl, store_dir)
     failed = 0
     for path in paths:
         t0 = time.perf_counter()
@@ -195,6 +236,7 @@ def validate(
             err.print(f"[red]✗[/] {escape(path)}", markup=True)
             report(diags)
         else:
+            report_warnings(plan)
             ms = (time.perf_counter() - t0) * 1000
             err.print(
                 f"[green]✓[/] {path}: {len(plan.tasks)} tasks, {len(plan.calls)} calls, "
@@ -222,9 +264,11 @@ def render(
     defaults_file: str | None,
     inventory: str | None,
     run_dpl: bool,
+    store_dir: str | None,
 ) -> None:
     """Expand a workflow and print its plan."""
-    plan = plan_or_exit(path, variables, seed, load_site(defaults_file, inventory, run_dpl))
+    site = load_site(defaults_file, inventory, run_dpl, store_dir)
+    plan = plan_or_exit(path, variables, seed, site)
     data = plan.to_dict()
     if output == "json":
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
@@ -236,10 +280,18 @@ def render(
 
 def plan_or_exit(path: str, variables: tuple[str, ...], seed: str, site: SiteOptions) -> Plan:
     """The plan; or the errors said, and exit 1."""
+    if is_task_file(path):
+        err.print(
+            f"[bold red]error[/]: {escape(path)} is a task class, not a workflow: "
+            "`corral template validate` checks it on its own; render a workflow that loads it",
+            markup=True,
+        )
+        sys.exit(1)
     plan, diags = expand_file(path, parse_vars(variables), seed, site)
     if plan is None:
         report(diags)
         sys.exit(1)
+    report_warnings(plan)
     return plan
 
 
@@ -281,9 +333,11 @@ def graph(
     defaults_file: str | None,
     inventory: str | None,
     run_dpl: bool,
+    store_dir: str | None,
 ) -> None:
     """Print the tasks and channels as a Graphviz DOT graph."""
-    plan = plan_or_exit(path, variables, seed, load_site(defaults_file, inventory, run_dpl))
+    site = load_site(defaults_file, inventory, run_dpl, store_dir)
+    plan = plan_or_exit(path, variables, seed, site)
     sys.stdout.write(to_dot(plan))
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from corral.control.journal import STORE_ERRORS, StoreUnavailable
-from corral.control.service import ControlService, Principal, ServiceError
+from corral.control.service import ControlService, Principal, ServiceError, an
 from corral.templates.configpayload import (
     ConfigError,
     ConfigNotFound,
@@ -210,7 +210,7 @@ class _Exists:
 
 def _admin(who: Principal, what: str) -> None:
     if not who.can("admin"):
-        raise ServiceError(403, "Forbidden", f"{who.name} is a {who.role}; to {what} needs admin")
+        raise ServiceError(403, "Forbidden", f"{who.name} is {an(who.role)}; to {what} needs admin")
 
 
 def _error(e: ConfigError) -> ServiceError:

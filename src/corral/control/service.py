@@ -364,7 +364,7 @@ class ControlService:
             highest = "none" if limit is None else f"{limit[0]} ({limit[1]})"
             raise ServiceError(
                 403, "Priority not allowed", f"priority class {name} ({rank}) is not allowed "
-                f"for {who.name}, {_a(who.role)}: the highest {_a(who.role)} may use is {highest}",
+                f"for {who.name}, {an(who.role)}: the highest {an(who.role)} may use is {highest}",
                 priority_class=name, role=who.role,
                 allowed=None if limit is None else limit[0],
             )  # fmt: skip
@@ -450,7 +450,7 @@ class ControlService:
             refused = ", ".join(n for n in names if n not in {p.name for p in public})
             raise ServiceError(
                 403, "Variable not allowed",
-                f"{who.name}, {_a(who.role)}, may set only the public variables "
+                f"{who.name}, {an(who.role)}, may set only the public variables "
                 f"of this workflow ({offered}), not {refused}; an admin may set any",
                 errors=[{"message": p} for p in problems], role=who.role,
             )  # fmt: skip
@@ -528,18 +528,21 @@ class ControlService:
         return plan, diags, path, recipe, declared, dict(inner.runtime_writes)
 
     def _runtime_writes(self, writes: RuntimeWrites, who: Principal) -> None:
+        """runtime.Set of an environment's template, once the environment exists (a dry
+        run or a refused create writes nothing); one transaction."""
+        if not writes:
+            return
         now = self.clock()
 
         def put() -> None:
-            for (component, key), value in writes.items():
-                self.store.runtime_set(component, key, value, f"template ({who.name})", now)
+            self.store.runtime_set_many(
+                [(c, k, v) for (c, k), v in writes.items()], f"template ({who.name})", now
+            )
 
         try:
             self.plane.journal.call(put)
-        except StoreUnavailable as e:
-            raise ServiceError(503, "Store unavailable", str(e)) from None
-        except ValueError as e:  # a bad component, key or value the template gave
-            raise ServiceError(422, "Bad runtime entry", f"runtime.Set: {e}") from None
+        except (StoreUnavailable, ValueError) as e:  # the environment exists: said, not fatal
+            log.warning("runtime.Set of a template not stored: %s", e)
 
     def _site(self, path: str) -> Site:
         """What the expansion of ``path`` reads of the site (``control.site``)."""
@@ -561,6 +564,7 @@ class ControlService:
             c.plan, env_id=c.env_id, source=c.path, created_by=who.name, recipe=c.recipe,
             admit=self._admission(who, c.declared)))  # fmt: skip
         self._declared[env.id] = c.declared
+        self._runtime_writes(c.writes, who)
         return env
 
     async def create_preempting(
@@ -585,6 +589,7 @@ class ControlService:
             raise ServiceError(503, "Store unavailable", str(e)) from None
         if env is not None:
             self._declared[env.id] = c.declared
+            self._runtime_writes(c.writes, who)
         return evicted, env, protected
 
     def _placed(self, plan: Plan, make: Callable[[], Environment]) -> Environment:
@@ -604,8 +609,8 @@ class ControlService:
         detectors are checked once the tasks are placed (``_admission``)."""
         if self.priority_limits.get(who.role) is None:  # no class at all: do not expand
             raise ServiceError(
-                403, "Priority not allowed", f"{who.name}, {_a(who.role)}, may use no priority "
-                f"class: the highest {_a(who.role)} may use is none", role=who.role, allowed=None,
+                403, "Priority not allowed", f"{who.name}, {an(who.role)}, may use no priority "
+                f"class: the highest {an(who.role)} may use is none", role=who.role, allowed=None,
             )  # fmt: skip
         # reads and parses the workflow's files: off the loop, like the expansion
         await asyncio.to_thread(self.precheck_variables, name, variables, who)
@@ -627,14 +632,12 @@ class ControlService:
                 problems.append({"message": f"call {c.path}: {e}", "role": c.path})
         if problems:
             raise ServiceError(422, "Bad calls", f"{len(problems)} bad calls", errors=problems)
-        if writes:  # runtime.Set of the template, once it expanded (one transaction)
-            self._runtime_writes(writes, who)
         _, rank = self.check_priority(plan, who)
         # what the template and the caller name, at once (the placement adds its nodes')
         self.check_locks(self._uses((), plan, declared), who)
         for gone in [k for k in self._declared if k not in self.plane.environments]:
             del self._declared[gone]  # (environments that ended since)
-        return _Checked(plan, env_id, recipe, path, declared, rank)
+        return _Checked(plan, env_id, recipe, path, declared, rank, writes)
 
     def get(self, env_id: str) -> Environment:
         env = self.plane.environments.get(env_id)
@@ -789,6 +792,7 @@ class _Checked:
     path: str
     declared: dict[str, str]
     priority: int
+    writes: RuntimeWrites  # runtime.Set of the template: applied once the environment exists
 
 
 def priority_limits(
@@ -817,7 +821,7 @@ def priority_limits(
     return out
 
 
-def _a(role: str) -> str:
+def an(role: str) -> str:
     """``role`` with its article: "an operator", "a viewer"."""
     return ("an " if role[:1] in "aeiou" else "a ") + role
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +32,7 @@ from corral.store.sqlite import ConfigReader
 from corral.templates import configpayload
 from corral.templates.configpayload import ConfigError
 from corral.templates.dpl import MAX_DUMP
-from corral.templates.services import MAX_JIT_COMMAND, ServiceError, Site
+from corral.templates.services import ServiceError, Site
 
 DPL_TIMEOUT = 120.0
 MAX_DEFAULTS_FILE = 4 * 1024 * 1024
@@ -54,6 +56,8 @@ def load_defaults(path: str) -> dict[str, str]:
         node = yaml.compose(raw.decode("utf-8"), Loader=yaml.SafeLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SiteError(f"{path}: not YAML: {e}") from None
+    except RecursionError:
+        raise SiteError(f"{path}: nests too deep for a file of name: value") from None
     if node is None:
         return {}
     if not isinstance(node, yaml.MappingNode):
@@ -85,7 +89,7 @@ def jit_reader(repo: str) -> Callable[[str], str | None]:
         path = os.path.join(repo, "jit", name)
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_JIT_COMMAND + 1)
+                data = f.read(MAX_DUMP + 1)  # a JSON description, or a command
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -140,22 +144,52 @@ class DplRunner:
         except OSError as e:
             raise ServiceError(f"cannot run the DPL command: {e.strerror}") from None
         try:
-            out, err = p.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(p)
-            raise ServiceError(
-                f"the DPL command ran longer than {self.timeout:g} s; ended"
-            ) from None
+            out, err, why = _bounded_output(p, self.timeout, MAX_DUMP)
         finally:
             _kill_group(p)  # what it left in its group
+        if why is not None:
+            raise ServiceError(f"the DPL command {why}; ended")
         if p.returncode != 0:
             tail = err.decode("utf-8", "replace").strip()[-2000:]
             raise ServiceError(
                 f"the DPL command failed (exit {p.returncode})" + (f": {tail}" if tail else "")
             )
-        if len(out) > MAX_DUMP:
-            raise ServiceError(f"the DPL command printed more than {MAX_DUMP} bytes")
         return out.decode("utf-8", "replace")
+
+
+def _bounded_output(
+    p: subprocess.Popen[bytes], timeout: float, limit: int
+) -> tuple[bytes, bytes, str | None]:
+    """Read a child's stdout (at most ``limit`` bytes) and the end of its stderr until it
+    closes them, within ``timeout`` seconds: (stdout, stderr's end, why it was cut
+    short or None). Nothing it prints is held beyond those bounds."""
+    assert p.stdout is not None and p.stderr is not None
+    out = bytearray()
+    err = bytearray()
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        sel.register(p.stderr, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return bytes(out), bytes(err), f"ran longer than {timeout:g} s"
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.fileobj is p.stdout:
+                    out += chunk
+                    if len(out) > limit:
+                        return bytes(out[:limit]), bytes(err), f"printed more than {limit} bytes"
+                else:
+                    err = (err + chunk)[-4096:]
+    left = max(0.0, deadline - time.monotonic())
+    try:
+        p.wait(left)
+    except subprocess.TimeoutExpired:
+        return bytes(out), bytes(err), f"ran longer than {timeout:g} s"
+    return bytes(out), bytes(err), None
 
 
 def _kill_group(p: subprocess.Popen[bytes]) -> None:
@@ -163,6 +197,9 @@ def _kill_group(p: subprocess.Popen[bytes]) -> None:
         os.killpg(p.pid, signal.SIGKILL)
     if p.returncode is None:
         p.wait()
+    for pipe in (p.stdout, p.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def make_site(
@@ -226,7 +263,7 @@ def with_store(site: Site, reader: ConfigReader) -> int:
         key = path.split("@", 1)[0]
         if key.count("/") == 3:  # component/RUNTYPE/role/entry: resolved as apricot does
             key = configpayload.resolve_path(key, keys)
-        return configpayload.render(key, get, variables)
+        return configpayload.render(key, get, variables, clock=time.monotonic)
 
     site.config_render = render_path
     site.config_resolve_fn = lambda c, rt, role, e: configpayload.resolve(c, rt, role, e, keys)

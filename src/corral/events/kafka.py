@@ -55,7 +55,11 @@ from corral.events.aliecs_map import AliecsMapper, Outgoing, StoreReader, topics
 from corral.events.bus import EventBus
 
 log = logging.getLogger("corral.kafka")
-rdlog = logging.getLogger("corral.kafka.librdkafka")  # librdkafka's own log lines
+# librdkafka's own log lines: not shown (an unreachable broker is said once, by the
+# publisher, from the error callback); to see them, attach a handler to this logger
+rdlog = logging.getLogger("corral.kafka.librdkafka")
+rdlog.addHandler(logging.NullHandler())
+rdlog.propagate = False
 
 ACKED_KEY = "kafka.acked_seq"
 INSTANCE_KEY = "kafka.instance"
@@ -436,6 +440,9 @@ class KafkaPublisher:
         conf["logger"] = rdlog
         producer = Producer(conf)
         try:
+            # the cluster first: an unreachable broker is said after one timeout, not one
+            # per topic
+            producer.list_topics(timeout=self.connect_timeout)
             parts = {t: self._partitions_of(producer, t) for t in self._topics}
             tails = self._read_tails(parts)
         except BaseException:

@@ -271,6 +271,9 @@ class Plan:
     collections: tuple[Collection, ...] = ()
     public: tuple[PublicVar, ...] = ()
     files: tuple[str, ...] = field(default=())
+    # what a site function answered with an error value, as AliECS does ("FILE:LINE:COL:
+    # message (role)"): the expansion went on with it, a person should see it
+    warnings: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> JSON:
         return {
@@ -279,6 +282,7 @@ class Plan:
             "seed": self.seed,
             "variables": dict(sorted(self.variables.items())),
             "files": list(self.files),
+            "warnings": list(self.warnings),
             "public": [p.to_dict() for p in self.public],
             "tasks": [t.to_dict() for t in self.tasks],
             "calls": [c.to_dict() for c in self.calls],

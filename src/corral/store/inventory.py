@@ -27,14 +27,39 @@ class InventoryError(ValueError):
     """A broken inventory file; the message says which node and field."""
 
 
+MAX_NESTING = 64  # lists and maps in lists and maps: an inventory needs 4
+
+
+def _nesting(text: str) -> int:
+    """How deep lists and maps nest, read as events (libyaml builds the tree
+    recursively, and a deep enough one overflows its stack)."""
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=yaml.CSafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_NESTING:
+                break
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return deepest
+
+
 def load_inventory(path: str) -> list[Node]:
     try:
         with open(path, encoding="utf-8") as fh:
-            doc = yaml.load(fh, Loader=yaml.CSafeLoader)
+            text = fh.read()
+        if _nesting(text) > MAX_NESTING:
+            raise InventoryError(f"{path}: lists and maps nest more than {MAX_NESTING} deep")
+        doc = yaml.load(text, Loader=yaml.CSafeLoader)
     except OSError as e:
         raise InventoryError(f"{path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InventoryError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise InventoryError(f"{path}: not YAML: {e}") from None
+    except RecursionError:
+        raise InventoryError(f"{path}: lists and maps nest too deep") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
         raise InventoryError(f"{path}: expected a mapping with a list `nodes`")
     out: list[Node] = []

@@ -639,15 +639,24 @@ class SqliteStore:
 
     def runtime_set(self, component: str, key: str, value: str, writer: str, now: float) -> None:
         """Set a runtime entry (AliECS's ``runtime.Set``), replacing its value."""
-        component, key = runtime_id(component, key)
-        check_payload(value, "value")
+        self.runtime_set_many([(component, key, value)], writer, now)
+
+    def runtime_set_many(
+        self, entries: Sequence[tuple[str, str, str]], writer: str, now: float
+    ) -> None:
+        """Set runtime entries (component, key, value), all or none: one transaction."""
         _check_writer(writer)
+        rows = []
+        for component, key, value in entries:
+            component, key = runtime_id(component, key)
+            check_payload(value, "value")
+            rows.append((component, key, value, writer, now))
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO runtime(component, key, value, writer, time) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(component, key) DO UPDATE SET value=excluded.value, "
                 "writer=excluded.writer, time=excluded.time",
-                (component, key, value, writer, now),
+                rows,
             )
 
     # -- a restart ---------------------------------------------------------------------------

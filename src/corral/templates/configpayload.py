@@ -53,6 +53,7 @@ from collections.abc import (
     Iterator,
     Mapping,
     MutableMapping,
+    Sequence,
 )
 from typing import Any, NoReturn
 
@@ -578,6 +579,42 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self._tick()
         template: Template = super().get_template(name, parent, globals)
         return template
+
+    # Filters that walk a sequence (select, reject, map, sort by attribute, ...) call a
+    # test, a filter or an item lookup per item: each is a step, so a filter chain over a
+    # long string or list stops at the budget like a loop does.
+
+    def call_test(
+        self,
+        name: str,
+        value: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        context: Context | None = None,
+        eval_ctx: Any = None,
+    ) -> Any:
+        self._tick()
+        return super().call_test(name, value, args, kwargs, context, eval_ctx)
+
+    def call_filter(
+        self,
+        name: str,
+        value: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        context: Context | None = None,
+        eval_ctx: Any = None,
+    ) -> Any:
+        self._tick()
+        return super().call_filter(name, value, args, kwargs, context, eval_ctx)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self._tick()
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self._tick()
+        return super().getattr(obj, attribute)
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         self._tick()

@@ -34,7 +34,10 @@ from typing import Any
 import yaml
 
 MAX_DUMP = 16 * 1024 * 1024  # the largest JSON description read
-MAX_DEVICES = 10_000
+MAX_DEVICES = 5_000
+MAX_SPECS = 100_000  # inputs and outputs of all devices
+MAX_ROUTES = 50_000  # producer -> consumer channels
+CHANNEL_TYPES = ("push", "pull", "pub", "sub")
 _BAD_NAME = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -47,6 +50,13 @@ class Generated:
     name: str  # the workflow's name, also its include reference
     workflow: str  # the workflow file's text
     classes: dict[str, str]  # task class name -> its file's text
+
+
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's when it is there
+
+
+def _dump(data: dict[str, Any]) -> str:
+    return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, width=1 << 20, allow_unicode=True)
 
 
 def _name(s: str) -> str:
@@ -85,14 +95,6 @@ def _specs(items: Any, where: str) -> list[_Spec]:
     return out
 
 
-def _matches(out: _Spec, inp: _Spec) -> bool:
-    return (
-        out.origin == inp.origin
-        and out.description == inp.description
-        and (inp.subspec is None or out.subspec is None or inp.subspec == out.subspec)
-    )
-
-
 _CHANNEL_CONFIG = re.compile(r"""--channel-config[\s=]+["']?([^"']+)""")
 
 
@@ -121,11 +123,54 @@ def _raw_channels(texts: list[str]) -> list[_Raw]:
                 else ("tcp" if address.startswith("tcp:") else None)
             )
             transport = fields.get("transport")
+            kind = fields.get("type", "push" if method == "bind" else "pull").strip()
+            if kind not in CHANNEL_TYPES:
+                raise DplError(
+                    f"channel {_name(name)!r}: type {kind[:40]!r} is not one of "
+                    f"{', '.join(CHANNEL_TYPES)}"
+                )
             out.append(_Raw(
-                _name(name), fields.get("type", "push" if method == "bind" else "pull"),
-                method, transport if transport in ("zeromq", "shmem") else None, addressing,
+                _name(name), kind, method,
+                transport if transport in ("zeromq", "shmem") else None, addressing,
             ))  # fmt: skip
     return out
+
+
+def _routes(
+    names: list[str], ins: list[list[_Spec]], outs: list[list[_Spec]], prefix: str
+) -> tuple[dict[int, list[str]], dict[int, list[tuple[str, int]]]]:
+    """The channels: producer -> consumer where an output matches an input (origin and
+    description, and subspec when both give one); found through an index of the
+    outputs, so the work grows with the routes found, never with devices squared."""
+    exact: dict[tuple[str, str, int | None], list[int]] = {}
+    any_sub: dict[tuple[str, str], list[int]] = {}
+    for p, pout in enumerate(outs):
+        for o in pout:
+            exact.setdefault((o.origin, o.description, o.subspec), []).append(p)
+            any_sub.setdefault((o.origin, o.description), []).append(p)
+    binds: dict[int, list[str]] = {}
+    connects: dict[int, list[tuple[str, int]]] = {}
+    count = 0
+    for c, cin in enumerate(ins):
+        found: set[int] = set()
+        for i in cin:
+            if i.subspec is None:
+                candidates = any_sub.get((i.origin, i.description), [])
+            else:
+                candidates = exact.get((i.origin, i.description, i.subspec), []) + exact.get(
+                    (i.origin, i.description, None), []
+                )
+            for p in candidates:
+                if p != c and p not in found:
+                    found.add(p)
+                    count += 1
+                    if count > MAX_ROUTES:
+                        raise DplError(f"the DPL description makes more than {MAX_ROUTES} channels")
+        for p in sorted(found):
+            chan = f"{prefix}from_{names[p]}_to_{names[c]}"
+            binds.setdefault(p, []).append(chan)
+            connects.setdefault(c, []).append((chan, p))
+    return binds, connects
 
 
 def parse_dump(text: str) -> dict[str, Any]:
@@ -159,31 +204,33 @@ def generate(text: str, channel_prefix: str = "") -> Generated:
     ).hexdigest()
     name = f"jit-{digest}"
     names: list[str] = []
+    taken: set[str] = set()
     ins: list[list[_Spec]] = []
     outs: list[list[_Spec]] = []
+    specs = 0
     for k, d in enumerate(devices):
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise DplError(f"workflow[{k}]: a device needs a string 'name'")
         n = _name(d["name"])
-        if n in names:
+        if n in taken:
             raise DplError(f"workflow[{k}]: two devices are named {n!r}")
         names.append(n)
+        taken.add(n)
         ins.append(_specs(d.get("inputs"), f"workflow[{k}].inputs"))
         outs.append(_specs(d.get("outputs"), f"workflow[{k}].outputs"))
-    # routes: producer -> consumer when an output matches an input
-    binds: dict[int, list[str]] = {}
-    connects: dict[int, list[tuple[str, int]]] = {}
-    for c, cin in enumerate(ins):
-        for p, pout in enumerate(outs):
-            if p == c or not any(_matches(o, i) for o in pout for i in cin):
-                continue
-            chan = f"{channel_prefix}from_{names[p]}_to_{names[c]}"
-            binds.setdefault(p, []).append(chan)
-            connects.setdefault(c, []).append((chan, p))
+        specs += len(ins[-1]) + len(outs[-1])
+        if specs > MAX_SPECS:
+            raise DplError(f"the DPL description has more than {MAX_SPECS} inputs and outputs")
+    binds, connects = _routes(names, ins, outs, channel_prefix)
     classes: dict[str, str] = {}
     roles: list[dict[str, Any]] = []
     for k, d in enumerate(devices):
-        m = meta.get(d["name"], {})
+        m = meta.get(d["name"])
+        if m is None:
+            raise DplError(
+                f"device {d['name']!r} has no entry in the description's 'metadata' list "
+                "(its executable and command-line arguments)"
+            )
         exe = m.get("executable")
         if not isinstance(exe, str) or not exe:
             raise DplError(f"device {d['name']!r}: its metadata names no 'executable'")
@@ -213,7 +260,7 @@ def generate(text: str, channel_prefix: str = "") -> Generated:
                 bind.append(entry)
         if bind:
             cls["bind"] = bind
-        classes[cls_name] = yaml.safe_dump(cls, sort_keys=False, width=1 << 20)
+        classes[cls_name] = _dump(cls)
         role: dict[str, Any] = {"name": names[k]}
         connect: list[dict[str, Any]] = [
             {"name": ch, "type": "pull", "target": f"{{{{ Parent().Path }}}}.{names[p]}:{ch}"}
@@ -230,4 +277,4 @@ def generate(text: str, channel_prefix: str = "") -> Generated:
         role["task"] = {"load": cls_name}
         roles.append(role)
     wf = {"name": name, "description": "generated from a DPL workflow description", "roles": roles}
-    return Generated(name, yaml.safe_dump(wf, sort_keys=False, width=1 << 20), classes)
+    return Generated(name, _dump(wf), classes)

@@ -32,6 +32,7 @@ the parse.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -100,6 +101,7 @@ from corral.templates.text import (
 DEFAULT_CALL_TIMEOUT = 30.0
 MAX_ITERATIONS = 1_000_000
 MAX_INCLUDE_DEPTH = 64
+MAX_WARNINGS = 100  # distinct warnings a plan keeps
 MAX_ROLE_DEPTH = 100  # roles inside roles, through includes too (the walk recurses)
 MAX_VALUE = 1 << 20  # characters in one variable value or expression result
 MAX_EXPRESSION_INPUT = 16 << 10  # characters of variables one CEL evaluation reads
@@ -410,9 +412,21 @@ class _Expander:
         self.paths: set[str] = set()
         self.public: dict[str, PublicVar] = {}
         self._public_seen: set[int] = set()
+        self.warnings: dict[tuple[Loc, str], list[Any]] = {}  # -> [role, count]
         self._class_cache: dict[int, tuple[_Memo, _Memo]] = {}
         self._channel_cache: dict[int, _Memo] = {}
         self._merged: dict[tuple[int, int], tuple[list[ChannelDef], list[ChannelDef]]] = {}
+
+    def _site_warnings(self, loc: Loc, pos: RolePos | None) -> None:
+        """A site function answered an error value: the expansion goes on with it (as
+        AliECS's does), and the plan says where (once per place and message)."""
+        for message in self.ev.site_errors:
+            key = (loc, message)
+            if key in self.warnings:
+                self.warnings[key][1] += 1
+            elif len(self.warnings) < MAX_WARNINGS:
+                self.warnings[key] = [_role_of(pos), 1]
+        self.ev.site_errors.clear()
 
     # -- DPL workflow generation (dpl.*) ------------------------------------------
 
@@ -434,10 +448,12 @@ class _Expander:
             if name == "dpl.GenerateFromUriOrFallbackToTemplate":
                 return uri  # AliECS: then the workflow of that name
             raise ServiceError(f"failed to read DPL command from 'jit/{uri}': no such file")
-        if len(text) > MAX_JIT_COMMAND:
-            raise ServiceError(f"jit/{uri} is {len(text)} characters; limit {MAX_JIT_COMMAND}")
         if text.lstrip().startswith("{"):  # a JSON description, as o2-… --dump-workflow prints
-            return self._dpl_register(text, f"jit/{uri}")
+            return self._dpl_register(text, f"jit/{uri}")  # (its size is checked there)
+        if len(text) > MAX_JIT_COMMAND:
+            raise ServiceError(
+                f"the command in jit/{uri} is {len(text)} characters; limit {MAX_JIT_COMMAND}"
+            )
         # a command file is a template itself, expanded with the variables (as AliECS does)
         loc = Loc(f"jit/{uri}", 1, 1)
         try:
@@ -454,7 +470,7 @@ class _Expander:
     def _dpl_command(self, command: str, stack: Mapping[str, str]) -> str:
         """Run a DPL command for its JSON description; callers' values stay one word."""
         if self.services is None:
-            raise ServiceError("DPL commands cannot be run here (no site)")
+            raise ServiceError("DPL commands cannot be run here: no site is known")
         jit_env = stack.get("jit_env_vars", "")
         if unmark(jit_env).strip() and unmark(jit_env).strip() != "none":
             command = f"export {jit_env} && {command}"
@@ -548,6 +564,8 @@ class _Expander:
             value = self.ev.evaluate(e, _Unmarked(stack) if tainted else stack, pos)
         except ExprError as err:
             self.fail(hole.loc, f"in {{{{ {hole.source} }}}}: {err}", pos)
+        if self.ev.site_errors:
+            self._site_warnings(hole.loc, pos)
         # Marks in a result are never the caller's word on where their value is: CEL got
         # the values unmarked, so a mark here was made by it (json.Unmarshal of a
         # "\ue001" escape, say). Taken out; the whole result is marked below if tainted.
@@ -688,6 +706,12 @@ class _Expander:
             collections=tuple(self.collections),
             public=tuple(self.public.values()),
             files=tuple(self.lib.files),
+            warnings=tuple(
+                f"{loc}: {msg}"
+                + (f" ({role})" if role else "")
+                + (f" [{n} times]" if n > 1 else "")
+                for (loc, msg), (role, n) in self.warnings.items()
+            ),
         )
 
     def children(self, roles: list[RoleDef], scope: _Scope) -> None:
@@ -832,6 +856,7 @@ class _Expander:
                 value = self.mtext(vd.value, s, pos)
             except _Skip:  # said; the entries below are still checked
                 failed = True
+                self._read_below(vd, defaults[k + 1 :], s, pos)
                 continue
             out[vd.name] = value
             if k < last:  # an entry below may read it
@@ -841,6 +866,22 @@ class _Expander:
         if failed:
             raise _Skip
         return out
+
+    def _read_below(
+        self, vd: VarDef, below: list[VarDef], stack: Mapping[str, str], pos: RolePos | None
+    ) -> None:
+        """A defaults entry failed: if it reads one set below it, say so (the order)."""
+        later = {b.name: b for b in below}
+        for hole in vd.value.holes:
+            for n in self.ev.expr(hole.source).analysis.names:
+                if n in later and n not in stack:
+                    self.diags.error(
+                        vd.value.loc,
+                        f"{n!r} is set below, at line {later[n].value.loc.line}: an entry of a "
+                        "defaults block reads only the entries above it",
+                        _role_of(pos),
+                    )
+                    return
 
     def role(self, r: RoleDef, parent: _Scope) -> None:
         if r.iterator is not None:
@@ -1478,13 +1519,16 @@ def check_task_file(
     variables: Mapping[str, str] | None = None,
     global_defaults: Mapping[str, str] | None = None,
 ) -> list[Diagnostic]:
-    """Errors of a task class file (``…/tasks/NAME.yaml``) checked on its own: loaded
-    by a one-role workflow beside its folder and expanded, every variable that a
-    workflow would give it (and nothing here defines) standing in as its own name."""
-    folder = posixpath.dirname(posixpath.normpath(path))
+    """Errors of a task class file checked on its own, wherever it is: loaded by a
+    one-role workflow (as ``tasks/NAME.yaml`` of a folder of its own) and expanded,
+    every variable that a workflow would give it (and nothing here defines) standing in
+    as its own name."""
+    path = posixpath.normpath(path)
     name = posixpath.basename(path).rsplit(".", 1)[0]
-    root = posixpath.join(posixpath.dirname(folder), "__corral_task_check__.yaml")
-    text = sources.read(posixpath.normpath(path))
+    here = posixpath.join(posixpath.dirname(path), "__corral_task_check__")
+    root = posixpath.join(here, "wf.yaml")
+    as_class = posixpath.join(here, "tasks", name + ".yaml")
+    text = sources.read(path)
     if text is None:
         return [Diagnostic(Loc(path), "no such file", None)]
     names: dict[str, None] = {}
@@ -1497,9 +1541,17 @@ def check_task_file(
 
     class _With:
         def read(self, p: str) -> str | None:
-            return wf if p == root else sources.read(p)
+            if p == root:
+                return wf
+            return text if p == as_class else sources.read(p)
 
     _, diags = check(
         root, _With(), variables=variables, global_defaults={**stand_ins, **(global_defaults or {})}
     )
-    return [d for d in diags if d.loc.file != root]
+    out = []
+    for d in diags:
+        if d.loc.file == as_class:
+            d = dataclasses.replace(d, loc=dataclasses.replace(d.loc, file=path))
+        if d.loc.file != root:
+            out.append(d)
+    return out

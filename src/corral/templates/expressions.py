@@ -691,6 +691,7 @@ class Evaluator:
         self.dpl: Callable[[str, str, Mapping[str, str]], str] | None = None
         self._stack: Mapping[str, str] = {}
         self._service_fns: list[Any] | None = None
+        self.site_errors: list[str] = []  # error values site functions answered (AliECS's way)
         self._uid_count = 0
         self._envs: dict[frozenset[str], Any] = {}
         self._exprs: dict[str, Expr] = {}
@@ -844,10 +845,14 @@ class Evaluator:
         def site(*args: str) -> str:
             svc = self.services
             if svc is None:
-                return error_value(f"{name}: no site is known here")
-            if method is None:  # config.Get, config.GetLegacy: rendered with the variables
-                return svc.config_get(args[0], self._stack)
-            result: str = getattr(svc, method)(*args)
+                result = error_value(f"{name}: no site is known here")
+            elif method is None:  # config.Get, config.GetLegacy: rendered with the variables
+                result = svc.config_get(args[0], self._stack)
+            else:
+                result = getattr(svc, method)(*args)
+            if result.startswith(('{"error":', '["error: ')):
+                shown = ", ".join(repr(a[:60]) for a in args)
+                self.site_errors.append(f"{name}({shown}) answered {result[:300]}")
             return result
 
         return site

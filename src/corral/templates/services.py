@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from corral.templates.configpayload import ConfigError, check_key, check_payload
+
 MAX_JIT_COMMAND = 64 * 1024  # the longest DPL command a jit file may hold
 
 
@@ -179,8 +181,11 @@ class Site:
         return value
 
     def runtime_set(self, component: str, key: str, value: str) -> str:
-        if not component or not key:
-            return error_value("runtime.Set needs a component and a key")
+        try:
+            check_key(f"{component}/{key}", "runtime entry")
+            check_payload(value, "runtime value")
+        except ConfigError as e:
+            return error_value(f"runtime.Set: {e}")
         self.runtime_writes[(component, key)] = value
         return value
 
@@ -191,7 +196,10 @@ class Site:
 
     def dpl_dump(self, command: str, env: Mapping[str, str]) -> str:
         if self.run_dpl is None:
-            raise ServiceError("DPL commands cannot be run here (no DPL runner configured)")
+            raise ServiceError(
+                "DPL commands run only where the site allows it: add --run-dpl "
+                "(corral template, corral run, corral serve)"
+            )
         return self.run_dpl(command, env)
 
 
