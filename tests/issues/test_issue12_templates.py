@@ -1045,3 +1045,17 @@ def test_deep_site_files_are_refused_not_crashed_on(tmp_path: Path) -> None:
         load_defaults(str(deep))
     r = corral("template", "validate", str(tmp_path / "x.yaml"), "--inventory", str(deep))
     assert r.returncode == 2 and "nest more than 64 deep" in r.stderr, r.stderr
+
+
+def test_the_alice_examples_load() -> None:
+    """examples/alice: the site defaults and the inventory docs/migration.md starts from
+    (ALICE's templates themselves are checked by test_issue12_alice.py, with a checkout)."""
+    from corral.store.inventory import load_inventory
+
+    defaults = load_defaults(os.path.join(ROOT, "examples", "alice", "site-defaults.yaml"))
+    assert {"consul_endpoint", "modulepath", "o2_install_path", "infologger_mode"} <= set(defaults)
+    nodes = load_inventory(os.path.join(ROOT, "examples", "alice", "inventory.yaml"))
+    site = make_site("wf.yaml", nodes)
+    assert site.detector_for_host("alio2-cr1-flp160") == "ITS"
+    assert site.cru_cards_for_host("alio2-cr1-flp001") == '["0228"]'
+    assert site.endpoints_for_cru_card("alio2-cr1-flp001", "0228") == "0 1"
