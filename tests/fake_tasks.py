@@ -8,6 +8,8 @@ is tested against the wire format itself. Behaviour is chosen by argv[1]:
   crash     exits 3 when told to CONFIGURE
   slowhello waits argv[2] seconds before its hello
   eos       sends END_OF_STREAM after START
+  eosconf   sends END_OF_STREAM once it answered CONFIGURE (before any run)
+  boolid    answers CONFIGURE with the id true (Python's True == 1)
   flood     sends 200,000 END_OF_STREAM at once after START, then obeys
   child     also starts a grandchild (sleep) in its process group, writes its pid to argv[2]
 """
@@ -48,8 +50,12 @@ for line in f:
     if t == "CONFIGURE" and "CORRAL_ARGS_FILE" in os.environ:
         path = os.environ["CORRAL_ARGS_FILE"] + "." + os.environ["CORRAL_TASK_PATH"]
         open(path, "w").write(json.dumps(m["args"]))
+    if t == "CONFIGURE" and mode == "boolid":
+        send({"id": True, "state": "CONFIGURED"}); continue
     send({"id": m["id"], "state": answers[t]})
     if t == "START" and mode == "eos":
+        send({"event": "END_OF_STREAM"})
+    if t == "CONFIGURE" and mode == "eosconf":
         send({"event": "END_OF_STREAM"})
     if t == "START" and mode == "flood":
         try:

@@ -115,6 +115,19 @@ def test_garbage_fails_the_task_with_a_clear_reason(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_an_id_that_is_not_an_integer_breaks_the_protocol(tmp_path: Path) -> None:
+    """Found by an attacker (issue 12): ``"id": true`` answered order 1 (True == 1)."""
+
+    async def main() -> None:
+        b = LocalBackend(run_dir=str(tmp_path / "run"))
+        await b.launch(NODE, [launch(tmp_path, "e:0", "boolid")], PATIENCE, 5)
+        [out] = await b.transition(NODE, [Order("e:0", "CONFIGURE")], PATIENCE, 2)
+        assert not out.ok and "an id that is not an integer: 'True'" in (out.error or "")
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_a_mute_task_fails_at_the_deadline_and_is_reported_slow(tmp_path: Path) -> None:
     async def main() -> None:
         b = LocalBackend(run_dir=str(tmp_path / "run"))

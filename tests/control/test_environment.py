@@ -221,6 +221,23 @@ def test_the_run_stops_when_every_task_reported_end_of_stream(tmp_path: Path) ->
     run(tmp_path / "2", body2)
 
 
+def test_an_end_of_stream_said_between_runs_does_not_stop_the_next(tmp_path: Path) -> None:
+    """Found by an attacker (issue 12): a task that said END_OF_STREAM while no run was
+    on (here while it configured; after a STOP alike) stopped the next run as soon as it
+    started."""
+
+    async def body(h: Harness) -> None:
+        env = h.create(plan_of(tmp_path, TWO, {"mode": "eosconf", "b_mode": "eosconf"}))
+        for event in ("DEPLOY", "CONFIGURE"):
+            await env.transition(event)
+        assert await env.transition("START_ACTIVITY") == "RUNNING"
+        assert not env.taskset.all_end_of_stream()
+        assert env.transitioning is None and env.state == "RUNNING"
+        assert not [e for e in h.events if "automatic" in str(e.get("note", ""))]
+
+    run(tmp_path, body)
+
+
 def test_destroy_from_running_leaves_nothing(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         env = h.create(plan_of(tmp_path, TWO))

@@ -496,3 +496,57 @@ def test_the_helper_steps_down_to_exiting_on_sigterm(tmp_path: Path) -> None:
             proc.wait()
         f.close()
         ours.close()
+
+
+RAW_DEVICE = r"""
+import json, os, socket, sys, threading
+s = socket.socket(fileno=int(os.environ["CORRAL_CONTROL_FD"]))
+f = s.makefile("rb")
+say = lambda m: s.sendall((json.dumps(m) + "\n").encode())
+say({"state": "IDLE", "pid": os.getpid(), "protocol": 1})
+states = {"INIT DEVICE": "INITIALIZING DEVICE", "COMPLETE INIT": "INITIALIZED",
+          "BIND": "BOUND", "CONNECT": "DEVICE READY", "INIT TASK": "READY"}
+for line in f:
+    m = json.loads(line)
+    if m["transition"] == sys.argv[1]:  # an ERROR event at this step, and no answer
+        say({"event": "ERROR", "error": "calibration lost"})
+        threading.Event().wait()
+    say({"id": m["id"], "state": states[m["transition"]]})
+"""
+
+
+def test_an_error_event_at_a_step_is_said_with_it_whichever_word_comes_first(
+    tmp_path: Path,
+) -> None:
+    """Found by an attacker: an ERROR event's report carried no step, and whichever of
+    it and the failed order reached the controller first became the task's reason. Two
+    devices, three times: each time, each says its step."""
+    device = tmp_path / "raw_device.py"
+    device.write_text(RAW_DEVICE)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "raw.yaml").write_text(
+        "name: raw\ncontrol: {mode: fairmq}\n"
+        "command: {value: '{{ python }}', arguments: ['{{ device }}', '{{ step }}']}\n"
+    )
+    (tmp_path / "wf.yaml").write_text(
+        "name: wf\nroles:\n"
+        "  - {name: a, vars: {step: BIND}, task: {load: raw}}\n"
+        "  - {name: b, vars: {step: CONNECT}, task: {load: raw}}\n"
+    )
+    defaults = {"python": sys.executable, "device": str(device)}
+    plan = expand(str(tmp_path / "wf.yaml"), DiskSources(), global_defaults=defaults)
+
+    async def body(h: Harness) -> None:
+        for _ in range(3):
+            env = h.create(plan)
+            await env.transition("DEPLOY")
+            pids = [t.pid for t in env.tasks if t.pid]
+            with pytest.raises(TransitionError):
+                await env.transition("CONFIGURE")
+            for path, step in (("wf.a", "BIND"), ("wf.b", "CONNECT")):
+                t = env.by_path[path]
+                said = f"CONFIGURE failed at {step}: the task reported an error: calibration lost"
+                assert t.state == "ERROR" and said in (t.reason or ""), t.reason
+            await gone(h, env, pids)
+
+    run(tmp_path, body)

@@ -755,12 +755,15 @@ class LocalBackend:
                     + str(msg.get("error") or "no reason given")[:2000]
                 )
                 waiting, proc.waiting = proc.waiting, None
+                failed = why
                 if waiting is not None:  # what it owes us fails now, not at the deadline
                     failed = why if waiting[0] < 0 else _failed(proc, waiting[1], why)
                     waiting[2].resolve(
                         proc.task_id, Outcome(proc.task_id, error=failed, pid=proc.pid)
                     )
-                self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
+                # the report says the same as the outcome: whichever the controller hears
+                # first is the task's reason
+                self._emit([Report(proc.task_id, "error", failed, pid=proc.pid)])
             else:
                 self._broken(proc, f"protocol error: unknown event {str(event)[:80]!r}")
             return
@@ -774,9 +777,12 @@ class LocalBackend:
                 return
             self._broken(proc, f"protocol error: unexpected message {line[:80]!r}")
             return
-        if waiting is None or msg.get("id") != waiting[0]:
-            mid = msg.get("id")
-            if isinstance(mid, int) and 0 < mid <= proc.next_id:
+        mid = msg.get("id")
+        if type(mid) is not int:  # true, 1.0: not an id (true == 1 in Python)
+            self._broken(proc, f"protocol error: an id that is not an integer: {str(mid)[:40]!r}")
+            return
+        if waiting is None or mid != waiting[0]:
+            if 0 < mid <= proc.next_id:
                 return  # a late answer to an order whose deadline passed
             self._broken(proc, f"protocol error: answer to an unknown id {str(mid)[:40]!r}")
             return
@@ -844,12 +850,15 @@ class LocalBackend:
             with contextlib.suppress(Exception):
                 self._bind_loop().remove_reader(proc.sock.fileno())
         waiting, proc.waiting = proc.waiting, None
+        failed = why
         if resolve is not None:
             resolve[0].resolve(proc.task_id, Outcome(proc.task_id, error=resolve[1]))
         elif waiting is not None:
             failed = why if waiting[0] < 0 else _failed(proc, waiting[1], why)
             waiting[2].resolve(proc.task_id, Outcome(proc.task_id, error=failed, pid=proc.pid))
-        self._emit([Report(proc.task_id, "error", why, pid=proc.pid)])
+        # the report says the same as the outcome: whichever the controller hears first
+        # is the task's reason
+        self._emit([Report(proc.task_id, "error", failed, pid=proc.pid)])
 
     def _closed(self, proc: _Proc, why: str) -> None:
         """EOF on the control connection: the process is ending, or broke off."""

@@ -665,7 +665,10 @@ class Environment:
             if t is None:
                 continue
             if r.kind == "end_of_stream":
-                if r.pid is None or t.pid is None or r.pid == t.pid:
+                # of this run: the task runs, or its START answer is on its way (said
+                # just before this); one said between runs is nobody's and is dropped
+                this_run = t.state == tasksm.RUNNING or self.transitioning == "START_ACTIVITY"
+                if this_run and (r.pid is None or t.pid is None or r.pid == t.pid):
                     self.taskset.end_of_stream(t)
                     events.append(self._task_event(t, t.state, status="END_OF_STREAM"))
                 continue

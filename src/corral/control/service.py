@@ -709,6 +709,11 @@ class ControlService:
         self._jobs[env_id] = task
         if not wait:
             await asyncio.sleep(0)
+            if task.done() and task.cancelled():  # a destroy came first (exception() would raise)
+                raise ServiceError(
+                    409, "Transition interrupted", f"{event.upper()} was interrupted: the "
+                    f"environment was destroyed meanwhile", state=env.state,
+                )  # fmt: skip
             if task.done() and task.exception() is not None:
                 exc = task.exception()
                 raise ServiceError(409, "Transition refused", str(exc), state=env.state)
