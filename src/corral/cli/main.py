@@ -12,6 +12,7 @@ from corral import __version__
 from corral.cli.agent import agent
 from corral.cli.client import env, lock, node, task, token_group
 from corral.cli.config import config
+from corral.cli.job import job
 from corral.cli.run import events, run
 from corral.cli.serve import serve
 from corral.cli.template import template
@@ -28,6 +29,7 @@ cli.add_command(run)
 cli.add_command(events)
 cli.add_command(serve)
 cli.add_command(agent)
+cli.add_command(job)
 for group in (env, task, token_group, lock, node, config):
     cli.add_command(group)
 

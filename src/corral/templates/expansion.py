@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from corral.model.durations import parse_duration
 from corral.model.plan import (
     HOST_PLACEHOLDER,
     NO_RESOURCES,
@@ -113,8 +114,6 @@ _ROLE_NAME = re.compile(r"^[^\s.:/]+$")
 _CALLER_ROLE_NAME = re.compile(r"[A-Za-z0-9_+@%=,~-]+")
 _HOLE = re.compile(r"\{\{.*?\}\}", re.S)
 _FUNC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\(.*\)$", re.S)
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _COMPLEMENT = {"push": "pull", "pull": "push", "pub": "sub", "sub": "pub"}
 
 
@@ -255,26 +254,6 @@ class _Memo:
         else:
             self.lookups += 1
         return hit
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a Go-style duration (``1m30s``, ``500ms``) or a plain number."""
-    s = text.strip()
-    try:
-        value = float(s)
-    except ValueError:
-        pos, total = 0, 0.0
-        for m in _DURATION_PART.finditer(s):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(s) or not s:
-            raise ValueError(f"bad duration {text!r}: use e.g. 500ms, 10s, 1m30s") from None
-        value = total
-    if value < 0 or value != value or value == float("inf"):
-        raise ValueError(f"bad duration {text!r}: must be a finite number, not negative")
-    return value
 
 
 _JIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")

@@ -1,0 +1,89 @@
+"""``corral job validate``: check job files (services, batch jobs, DAGs, periodic jobs).
+
+Running jobs is not built yet (issue 13); this reads and checks their specifications
+(docs/jobs.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from corral.jobs.spec import (
+    MAX_FILE_BYTES,
+    BatchSpec,
+    DagSpec,
+    Diagnostic,
+    JobSpec,
+    Loc,
+    PeriodicSpec,
+    describe,
+    load_job,
+)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def read_job(path: str) -> tuple[JobSpec | None, list[Diagnostic]]:
+    """A job file read (at most MAX_FILE_BYTES + 1 bytes: a larger one is refused) and
+    checked; a periodic job's job named by file is read and checked too."""
+    spec, diags = _load(path)
+    if isinstance(spec, PeriodicSpec) and spec.job_file is not None:
+        target = os.path.join(os.path.dirname(path), spec.job_file)
+        inner, inner_diags = _load(target)
+        diags = list(inner_diags)
+        if not os.path.isfile(target):
+            diags = [Diagnostic(spec.job_loc, f"job {spec.job_file!r}: no such file")]
+        elif inner is not None and not isinstance(inner, BatchSpec | DagSpec):
+            diags.append(
+                Diagnostic(
+                    spec.job_loc,
+                    f"job {spec.job_file!r} is a {inner.kind} job; a periodic job runs "
+                    "a batch or dag job",
+                )
+            )
+        if diags:
+            return None, diags
+    return spec, diags
+
+
+def _load(path: str) -> tuple[JobSpec | None, list[Diagnostic]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        return None, [Diagnostic(Loc(path), f"cannot read: {e.strerror or e}")]
+    return load_job(path, data)
+
+
+def report(diags: list[Diagnostic]) -> None:
+    for d in diags:
+        err.print(f"[bold red]error[/]: {escape(str(d))}", markup=True, emoji=False)
+    n = len(diags)
+    err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]", markup=True)
+
+
+@click.group()
+def job() -> None:
+    """Check job files: services, batch jobs, DAGs, periodic jobs (running them: not yet)."""
+
+
+@job.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def validate(paths: tuple[str, ...]) -> None:
+    """Check job files; print every error as FILE:LINE:COL: message (exit 1 on errors)."""
+    failed = 0
+    for path in paths:
+        spec, diags = read_job(path)
+        if spec is None:
+            failed += 1
+            err.print(f"[red]✗[/] {escape(path)}", markup=True)
+            report(diags)
+        else:
+            err.print(f"[green]✓[/] {escape(path)}: {escape(describe(spec))}", markup=True)
+    if failed:
+        sys.exit(1)
