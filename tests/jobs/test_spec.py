@@ -14,7 +14,6 @@ from corral.jobs.spec import (
     MAX_NESTING,
     BatchSpec,
     DagSpec,
-    Diagnostic,
     JobSpec,
     PeriodicSpec,
     ServiceSpec,
@@ -23,6 +22,7 @@ from corral.jobs.spec import (
     load_job,
     parse_duration,
 )
+from corral.templates.diagnostics import Diagnostic
 from tests.conftest import ROOT
 
 SERVICE = """\

@@ -17,13 +17,12 @@ from corral.jobs.spec import (
     MAX_FILE_BYTES,
     BatchSpec,
     DagSpec,
-    Diagnostic,
     JobSpec,
-    Loc,
     PeriodicSpec,
     describe,
     load_job,
 )
+from corral.templates.diagnostics import Diagnostic, Loc
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

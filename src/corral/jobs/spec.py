@@ -25,7 +25,10 @@ import yaml
 
 from corral.jobs.cron import CronError, Schedule
 from corral.model.durations import parse_duration
+from corral.model.plan import NO_RESOURCES, Command, Constraint, Resources
 from corral.model.regex import regex_error
+from corral.templates.diagnostics import Diagnostic, Loc
+from corral.templates.schema import too_deep
 
 try:  # the C loader is ~10x faster; fall back where libyaml is missing
     from yaml import CSafeLoader as _Loader
@@ -62,33 +65,7 @@ _PLAIN_TAGS = frozenset(
 )
 
 
-# ---------------------------------------------------------------------------
-# Places and errors (the same shape as corral.templates.diagnostics, which this
-# layer may not import)
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Loc:
-    """A place in a job file; line and col are 1-based (0: the whole file)."""
-
-    file: str
-    line: int = 0
-    col: int = 0
-
-    def __str__(self) -> str:
-        if self.line <= 0:
-            return self.file
-        return f"{self.file}:{self.line}:{self.col}"
-
-
-@dataclass(frozen=True, slots=True)
-class Diagnostic:
-    loc: Loc
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.loc}: {self.message}"
+NOWHERE = Loc("")  # a place not known (yet)
 
 
 # ---------------------------------------------------------------------------
@@ -97,39 +74,10 @@ class Diagnostic:
 
 
 @dataclass(frozen=True, slots=True)
-class Command:
-    """What a task class's ``command`` says: an argument vector unless ``shell``."""
-
-    value: str
-    arguments: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    shell: bool = False
-    user: str | None = None
-    cwd: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Resources:
-    """What one instance wants; memory in MB, as in task classes."""
-
-    cpu: float = 0.0
-    memory: float = 0.0
-    gpu: int = 0
-    ports: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Constraint:
-    attribute: str
-    value: str
-    operator: str = "equals"
-
-
-@dataclass(frozen=True, slots=True)
 class Placement:
     """Where a job's instances may run and how they rank: the same for every kind."""
 
-    wants: Resources = Resources()
+    wants: Resources = NO_RESOURCES
     constraints: tuple[Constraint, ...] = ()
     pool: str | None = None
     priority_class: str = DEFAULT_PRIORITY_CLASS
@@ -214,7 +162,7 @@ class DagStep:
     needs: tuple[str, ...] = ()  # as written, then those implied by inputs
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
-    wants: Resources = Resources()
+    wants: Resources = NO_RESOURCES
     retries: Retries = Retries()
     success_exit_codes: tuple[int, ...] = (0,)
     deadline: float | None = None
@@ -239,7 +187,7 @@ class PeriodicSpec:
     schedule: str
     job: BatchSpec | DagSpec | None  # inline; None when given by file
     job_file: str | None = None  # relative to the periodic job's file
-    job_loc: Loc = Loc("")
+    job_loc: Loc = NOWHERE
     description: str = ""
     timezone: str = "UTC"
     overlap: Literal["skip", "queue", "replace"] = "skip"
@@ -546,7 +494,7 @@ class _Reader:
                 return None
         text = text.removeprefix("\ufeff")
         try:
-            deep = _too_deep(text)
+            deep = too_deep(text, MAX_NESTING)
             if deep is not None:
                 message = f"lists and maps nest more than {MAX_NESTING} levels deep"
                 self.error(Loc(self.file, *deep), message)
@@ -651,7 +599,7 @@ class _Reader:
         ports = self.field(keys, "ports", lambda n, k: self.integer(n, f"{what} {k}", 0, 1024))
         return Resources(
             float(cpu) if isinstance(cpu, float) else 0.0,
-            float(memory) if isinstance(memory, float) else 0.0,
+            int(memory) if isinstance(memory, float) else 0,
             gpu if isinstance(gpu, int) else 0,
             ports if isinstance(ports, int) else 0,
         )
@@ -1150,21 +1098,6 @@ def _cycle_through(first: str, members: set[str], edges: dict[str, list[str]]) -
                     nxt.append(w)
         frontier = nxt
     return [first, first]  # pragma: no cover - a component always has a cycle
-
-
-def _too_deep(text: str) -> tuple[int, int] | None:
-    """(line, column) where ``text`` first nests lists and maps deeper than MAX_NESTING,
-    read as a stream of events before libyaml composes the tree recursively."""
-    depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_NESTING:
-                m = event.start_mark
-                return (m.line + 1, m.column + 1) if m is not None else (1, 1)
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-    return None
 
 
 def _foreign_tags(root: yaml.Node) -> list[yaml.Node]:

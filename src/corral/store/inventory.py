@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from corral.model.inventory import Node
+from corral.templates.schema import too_deep
 
 FIELDS = {"name", "cpu", "memory", "gpu", "ports", "pool", "labels", "cordoned"}
 DEFAULT_PORTS = (20000, 29999)
@@ -30,26 +31,11 @@ class InventoryError(ValueError):
 MAX_NESTING = 64  # lists and maps in lists and maps: an inventory needs 4
 
 
-def _nesting(text: str) -> int:
-    """How deep lists and maps nest, read as events (libyaml builds the tree
-    recursively, and a deep enough one overflows its stack)."""
-    depth = deepest = 0
-    for event in yaml.parse(text, Loader=yaml.CSafeLoader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            deepest = max(deepest, depth)
-            if depth > MAX_NESTING:
-                break
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-    return deepest
-
-
 def load_inventory(path: str) -> list[Node]:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-        if _nesting(text) > MAX_NESTING:
+        if too_deep(text, MAX_NESTING) is not None:
             raise InventoryError(f"{path}: lists and maps nest more than {MAX_NESTING} deep")
         doc = yaml.load(text, Loader=yaml.CSafeLoader)
     except OSError as e:

@@ -240,7 +240,7 @@ class Parser:
 
     def compose(self, text: str) -> yaml.Node | None:
         try:
-            deep = _too_deep(text)
+            deep = too_deep(text)
             if deep is not None:
                 message = f"lists and maps nest more than {MAX_NESTING} levels deep"
                 self.error(Loc(self.file, *deep), message)
@@ -823,17 +823,18 @@ def _scalar_value(node: yaml.ScalarNode) -> Any:
     raise _NotPlain(f"a {tag} value cannot be part of a variable", node)
 
 
-def _too_deep(text: str) -> tuple[int, int] | None:
-    """(line, column) where ``text`` first nests lists and maps deeper than MAX_NESTING.
+def too_deep(text: str, limit: int = MAX_NESTING) -> tuple[int, int] | None:
+    """(line, column) where ``text`` first nests lists and maps deeper than ``limit``.
 
-    Read as a stream of events, before libyaml composes the tree recursively. (Not a
-    complete parse: a syntax error is raised here as by ``yaml.compose``.)
+    Read as a stream of events, before libyaml composes the tree recursively (a deep
+    enough tree overflows its stack). Not a complete parse: a syntax error is raised
+    here as by ``yaml.compose``.
     """
     depth = 0
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
-            if depth > MAX_NESTING:
+            if depth > limit:
                 m = event.start_mark
                 return (m.line + 1, m.column + 1) if m is not None else (0, 0)
         elif isinstance(event, yaml.CollectionEndEvent):
