@@ -479,7 +479,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             finalize=self._finalize,
             auto_reload=False,
             keep_trailing_newline=True,
-            cache_size=0,
+            cache_size=MAX_INCLUDES + 1,  # one render: each payload compiled once
         )
         self.base = base
         self.max_steps = max_steps
