@@ -481,3 +481,23 @@ def test_docs_examples_are_valid_jobs() -> None:
         assert diags == [] and spec is not None
         kinds.add(spec.kind)
     assert kinds == {"service", "batch", "dag", "periodic"}
+
+
+def test_the_job_examples_validate() -> None:
+    """examples/jobs: the seed use cases' job files (a CI builder, a nightly build, a QA
+    DAG) are valid as written."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    files = sorted(glob.glob(os.path.join(ROOT, "examples", "jobs", "*.yaml")))
+    assert len(files) >= 3
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "job", "validate", *files],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("✓") == len(files)
