@@ -28,7 +28,7 @@ from corral.model.durations import parse_duration
 from corral.model.plan import NO_RESOURCES, Command, Constraint, Resources
 from corral.model.regex import regex_error
 from corral.templates.diagnostics import Diagnostic, Loc
-from corral.templates.schema import too_deep
+from corral.templates.schema import too_deep, yaml_problem
 
 try:  # the C loader is ~10x faster; fall back where libyaml is missing
     from yaml import CSafeLoader as _Loader
@@ -501,10 +501,7 @@ class _Reader:
                 return None
             node = yaml.compose(text, Loader=_Loader)
         except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-            problem = e.problem or e.context or "invalid YAML"
-            self.error(Loc(self.file, line, col), f"YAML syntax error: {problem}")
+            self.error(*yaml_problem(e, self.file))
             return None
         except (yaml.YAMLError, ValueError) as e:  # the C reader's own complaints
             self.error(whole, f"YAML error: {e}")

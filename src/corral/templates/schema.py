@@ -247,13 +247,7 @@ class Parser:
                 return None
             node = yaml.compose(text, Loader=_Loader)
         except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
-            problem = e.problem or e.context or "invalid YAML"
-            ctx = e.context_mark
-            if e.context and ctx is not None and e.problem_mark is not None:
-                problem += f" ({e.context} started at line {ctx.line + 1}, column {ctx.column + 1})"
-            self.diags.error(Loc(self.file, line, col), f"YAML syntax error: {problem}")
+            self.diags.error(*yaml_problem(e, self.file))
             return None
         except yaml.YAMLError as e:
             self.diags.error(Loc(self.file, 1, 1), f"YAML error: {e}")
@@ -821,6 +815,17 @@ def _scalar_value(node: yaml.ScalarNode) -> Any:
     if isinstance(value, datetime.date):  # dates and timestamps stay as written
         return node.value
     raise _NotPlain(f"a {tag} value cannot be part of a variable", node)
+
+
+def yaml_problem(e: yaml.MarkedYAMLError, file: str) -> tuple[Loc, str]:
+    """Where a YAML syntax error is and what it is, for a person."""
+    mark = e.problem_mark or e.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    problem = e.problem or e.context or "invalid YAML"
+    ctx = e.context_mark
+    if e.context and ctx is not None and e.problem_mark is not None:
+        problem += f" ({e.context} started at line {ctx.line + 1}, column {ctx.column + 1})"
+    return Loc(file, line, col), f"YAML syntax error: {problem}"
 
 
 def too_deep(text: str, limit: int = MAX_NESTING) -> tuple[int, int] | None:
