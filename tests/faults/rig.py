@@ -102,6 +102,8 @@ class FaultyStore(SqliteStore):
     )  # fmt: skip
     RESTART_WRITES = ("end_interrupted", "mark_lost", "set_nodes", "forget", "set_meta",
                       "add_token")  # fmt: skip
+    # the writes of the service around a template (runtime.Set), and of the config store
+    SERVICE_WRITES = ("runtime_set_many", "config_put")
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -109,7 +111,11 @@ class FaultyStore(SqliteStore):
 
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)
-        if name in FaultyStore.WRITES or name in FaultyStore.RESTART_WRITES:
+        if (
+            name in FaultyStore.WRITES
+            or name in FaultyStore.RESTART_WRITES
+            or (name in FaultyStore.SERVICE_WRITES)
+        ):
             counter = super().__getattribute__("counter")
 
             def write(*a: Any, **kw: Any) -> Any:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import httpx
 import pytest
 
 from tests.api.server import Server
+from tests.control.harness import PATIENCE
 from tests.faults.test_server_kill import wait_for
 
 WORKER = """
@@ -455,11 +457,10 @@ def test_recover_does_not_move_tasks_onto_a_locked_detector(tmp_path: Path) -> N
             svc.lock(["TPC"], op, release=False, force=False)
             backend.lose_node("a")
             plane.ledger.update_nodes([b])
-            for _ in range(500):
-                if env.state == "ERROR":
-                    break
+            deadline = time.monotonic() + PATIENCE  # ends a hung test, never a bound
+            while env.state != "ERROR":
+                assert time.monotonic() < deadline, "the lost node never failed the tasks"
                 await asyncio.sleep(0.01)
-            assert env.state == "ERROR"
             with pytest.raises(ServiceError) as e:
                 await svc.transition(env.id, "RECOVER", op2, wait=True)
             assert "detector TPC is locked by op" in e.value.detail, e.value.detail

@@ -67,6 +67,12 @@ ORDER_FROM: dict[str, tuple[str, ...]] = {
 }
 
 
+def _waits_for_host(c: Command) -> bool:
+    """Whether a command holds a ``task_hostname`` that placement fills in."""
+    h = HOST_PLACEHOLDER
+    return h in c.value or any(h in a for a in c.arguments) or any(h in v for _, v in c.env)
+
+
 def _on_host(c: Command, node: str) -> Command:
     """A command whose ``task_hostname`` waited for placement, with its node's name."""
     h = HOST_PLACEHOLDER
@@ -471,16 +477,16 @@ class Environment:
         env_var = ("CORRAL_ENVIRONMENT_ID", self.id)
         lease = self.lease
         out = []
+        waits_for_host: dict[int, bool] = {}  # by command: the tasks of a class share one
         for t in ts:
             spec = t.spec
             path = spec.path
             control = "hook" if t.hook else (spec.control if t.direct else "basic")
             command = spec.command
-            if (
-                HOST_PLACEHOLDER in command.value
-                or any(HOST_PLACEHOLDER in a for a in command.arguments)
-                or any(HOST_PLACEHOLDER in v for _, v in command.env)
-            ):
+            waits = waits_for_host.get(id(command))
+            if waits is None:
+                waits = waits_for_host[id(command)] = _waits_for_host(command)
+            if waits:
                 command = _on_host(command, t.node)
             out.append(
                 Launch(

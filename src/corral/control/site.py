@@ -162,28 +162,43 @@ def _bounded_output(
 ) -> tuple[bytes, bytes, str | None]:
     """Read a child's stdout (at most ``limit`` bytes) and the end of its stderr until it
     closes them, within ``timeout`` seconds: (stdout, stderr's end, why it was cut
-    short or None). Nothing it prints is held beyond those bounds."""
+    short or None). Nothing it prints is held beyond those bounds. When the command
+    itself ends, what it left in its process group is ended too: a process it left
+    behind would otherwise hold the pipes open until the timeout."""
     assert p.stdout is not None and p.stderr is not None
     out = bytearray()
     err = bytearray()
     deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(p.stdout, selectors.EVENT_READ)
-        sel.register(p.stderr, selectors.EVENT_READ)
-        while sel.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return bytes(out), bytes(err), f"ran longer than {timeout:g} s"
-            for key, _ in sel.select(left):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                elif key.fileobj is p.stdout:
-                    out += chunk
-                    if len(out) > limit:
-                        return bytes(out[:limit]), bytes(err), f"printed more than {limit} bytes"
-                else:
-                    err = (err + chunk)[-4096:]
+    exited = os.pidfd_open(p.pid)  # readable once the command itself has ended
+    pipes = {p.stdout.fileno(), p.stderr.fileno()}
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(p.stdout, selectors.EVENT_READ)
+            sel.register(p.stderr, selectors.EVENT_READ)
+            sel.register(exited, selectors.EVENT_READ)
+            while pipes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return bytes(out), bytes(err), f"ran longer than {timeout:g} s"
+                for key, _ in sel.select(left):
+                    if key.fd == exited:
+                        sel.unregister(exited)
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(p.pid, signal.SIGKILL)
+                        continue
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        pipes.discard(key.fd)
+                    elif key.fileobj is p.stdout:
+                        out += chunk
+                        if len(out) > limit:
+                            why = f"printed more than {limit} bytes"
+                            return bytes(out[:limit]), bytes(err), why
+                    else:
+                        err = (err + chunk)[-4096:]
+    finally:
+        os.close(exited)
     left = max(0.0, deadline - time.monotonic())
     try:
         p.wait(left)

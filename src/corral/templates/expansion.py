@@ -537,7 +537,7 @@ class _Expander:
                     f"characters; an expression may read at most {MAX_EXPRESSION_INPUT}",
                     pos,
                 )
-        if e.analysis.volatile:
+        if e.analysis.site:
             self._marked_stack = stack  # for dpl.*, which keeps callers' values apart
         try:
             value = self.ev.evaluate(e, _Unmarked(stack) if tainted else stack, pos)

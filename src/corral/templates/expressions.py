@@ -252,6 +252,7 @@ class Analysis:
     names: tuple[str, ...]  # identifiers that may be variables, in first-seen order
     uses_role: bool
     volatile: bool
+    site: bool = False  # calls a function of the site (inventory, config, runtime, dpl, odc)
 
 
 def analyze(expr: str) -> Analysis:
@@ -289,7 +290,7 @@ def analyze(expr: str) -> Analysis:
     sig = [t for t in _tokenize(source) if t.kind != "ws"]
     names: dict[str, None] = {}
     macro_locals: set[str] = set()
-    uses_role = volatile = False
+    uses_role = volatile = site = False
     for k, t in enumerate(sig):
         if t.kind != "ident":
             continue
@@ -310,14 +311,14 @@ def analyze(expr: str) -> Analysis:
                 volatile = True
             continue
         if t.text in _SERVICE_NAMESPACES and after == "." and f"{t.text}.{after2}" in FUNCTIONS:
-            volatile = True  # reads the site, bound at each evaluation
+            volatile = site = True  # reads the site, bound at each evaluation
             continue
         if t.text in _RESERVED:
             continue
         names[t.text] = None
     for local in macro_locals:
         names.pop(local, None)
-    return Analysis(source, tuple(names), uses_role, volatile)
+    return Analysis(source, tuple(names), uses_role, volatile, site)
 
 
 # ---------------------------------------------------------------------------
@@ -774,9 +775,10 @@ class Evaluator:
         functions = []
         if a.uses_role:
             functions.extend(self._role_functions(pos))
-        if a.volatile:
+        if a.site:
             self._stack = stack
             functions.extend(self._site_functions())
+        if a.volatile:
             functions.append(cel.Function("uid.New", [], False, self.new_uid, _S))
             functions.append(
                 cel.Function(
