@@ -10,12 +10,21 @@ resources back when it ends.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 
 from corral.model.inventory import Node
 from corral.model.plan import Plan
-from corral.planning.placement import Demand, NoFit, Placement, Request, Snapshot, Usage, place
+from corral.planning.placement import (
+    Demand,
+    NoFit,
+    Placement,
+    Request,
+    Snapshot,
+    Usage,
+    place,
+    place_each,
+)
 from corral.planning.preemption import (
     PRIORITY_CLASSES,
     Holder,
@@ -117,6 +126,13 @@ class Ledger:
         self.version = 0
         self._held: dict[str, Reservation] = {}
         self._order = 0
+        # called when room may have freed up (a release, an uncordon, new nodes): what
+        # waits for room (queued job units) is placed again
+        self.on_free: Callable[[], None] | None = None
+
+    def _freed(self) -> None:
+        if self.on_free is not None:
+            self.on_free()
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.nodes, dict(self.usage), self.version)
@@ -209,6 +225,28 @@ class Ledger:
                 return self._held[sub]
         raise RuntimeError("the ledger kept changing while placing (5 attempts)")
 
+    def reserve_each(
+        self, items: Sequence[tuple[str, Demand]], *, seed: str, priority: int = 0
+    ) -> list[Reservation | str]:
+        """Place queued work, each item on its own (not a gang): per item, what it now
+        holds, or why it waits. One snapshot and one commit for the whole list."""
+        if not items:
+            return []
+        snap = self.snapshot()
+        got = place_each(snap, [d for _, d in items], seed=seed)
+        self.usage = dict(got.usage)
+        self.version += 1
+        out: list[Reservation | str] = []
+        for pos, ((key, demand), node) in enumerate(zip(items, got.nodes, strict=True)):
+            if node is None:
+                out.append(got.waiting[pos])
+                continue
+            self._order += 1
+            h = Holder(key, priority, (node,), (got.ports[pos],), (demand,), order=self._order)
+            self._held[key] = h
+            out.append(h)
+        return out
+
     def is_down(self, name: str) -> bool:
         return any(n.name == name and n.down for n in self.nodes)
 
@@ -220,6 +258,15 @@ class Ledger:
             return
         self.usage = dict(without(self.snapshot(), gone).used)
         self.version += 1
+        self._freed()
+
+    def release_each(self, keys: Collection[str]) -> None:
+        """Give back what these queued-work holders hold (exact keys, no sub-holders):
+        one update for the whole batch."""
+        gone = [h for h in (self._held.pop(k, None) for k in keys) if h is not None]
+        if gone:
+            self.usage = dict(without(self.snapshot(), gone).used)
+            self.version += 1
 
     def cordon(self, name: str, on: bool = True) -> None:
         """A cordoned node takes no new tasks; what runs there stays."""
@@ -230,6 +277,8 @@ class Ledger:
                     nodes[i] = replace(n, cordoned=on)
                     self.nodes = tuple(nodes)
                     self.version += 1
+                    if not on:
+                        self._freed()
                 return
         raise KeyError(name)
 
@@ -246,6 +295,7 @@ class Ledger:
         if tuple(out) != self.nodes:
             self.nodes = tuple(out)
             self.version += 1
+            self._freed()
 
     def holders_on(self, name: str) -> list[str]:
         """The environments with tasks on this node, oldest first."""

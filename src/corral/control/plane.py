@@ -37,6 +37,7 @@ from corral.control.ledger import (
     priority_of,
     strategy_of,
 )
+from corral.control.runner import JobRunner
 from corral.control.tasks import RuntimeTask
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
@@ -46,6 +47,7 @@ from corral.model.plan import Plan
 from corral.planning.placement import NoFit
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import BUSY, Backend, Report
+from corral.store.jobstore import JobStore
 from corral.store.sqlite import SqliteStore
 
 log = logging.getLogger("corral.plane")
@@ -113,6 +115,11 @@ class ControlPlane:
         # judges where RECOVER moves tasks whose node was lost (the environment, then
         # each moved task's path and new node); raises to refuse (a detector lock)
         self.admit_moves: Callable[[Environment, Sequence[tuple[str, str]]], None] | None = None
+        # batch jobs, array jobs and DAGs: units placed on the same ledger
+        self.jobs = JobRunner(
+            backend, self.ledger, self.journal, JobStore(store),
+            priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
+        )  # fmt: skip
         backend.subscribe(self._on_reports)
         if inventory is None and hasattr(backend, "on_nodes"):  # a cluster's nodes change
             backend.on_nodes = lambda: self.ledger.update_nodes(backend.nodes())
@@ -245,12 +252,24 @@ class ControlPlane:
         evict = list(result.evict)
         if dry_run:
             return evict, None
-        for victim in evict:
-            note = f"preempted by {env_id} ({cls} priority)"
+        note = f"preempted by {env_id} ({cls} priority)"
+        await self._evict(evict, note, actor or f"preemption for {env_id}", actor)
+        return evict, self.create(plan, env_id=env_id, created_by=actor, admit=admit, **kw)
+
+    async def _evict(
+        self, victims: Sequence[str], note: str, by: str | None, actor: str | None
+    ) -> None:
+        """End what holds these ledger keys: environments are destroyed, job units
+        queued again (one call for all of them)."""
+        units = [v for v in victims if self.jobs.owns(v.partition(":")[0])]
+        if units:
+            await self.jobs.evict(units, note)
+        for victim in victims:
+            if victim in units:
+                continue
             self.record({"kind": "environment", "env": victim, "note": note, "actor": actor})
             if victim in self.environments:
-                await self.destroy(victim, actor=actor or f"preemption for {env_id}")
-        return evict, self.create(plan, env_id=env_id, created_by=actor, admit=admit, **kw)
+                await self.destroy(victim, actor=by)
 
     def cordon(self, node: str, on: bool = True) -> None:
         """Cordon (or uncordon) a node, and remember it across restarts: stored first
@@ -274,11 +293,7 @@ class ControlPlane:
         if dry_run:
             return victims
         self.cordon(node, True)
-        for victim in victims:
-            note = f"evicted: node {node} is drained"
-            self.record({"kind": "environment", "env": victim, "note": note, "actor": actor})
-            if victim in self.environments:
-                await self.destroy(victim, actor=actor)
+        await self._evict(victims, f"evicted: node {node} is drained", actor, actor)
         return victims
 
     def record(self, event: dict[str, Any]) -> None:
@@ -600,6 +615,7 @@ class ControlPlane:
             tid for tid in running
             if tid.partition(":")[0] not in self.environments
             and tid.partition(":")[0] not in self._destroying
+            and not self.jobs.owns(tid.partition(":")[0])
         ]  # fmt: skip
         if strangers:
             await self.backend.stop(self.ledger.nodes[0].name, strangers, 3.0)
@@ -648,9 +664,13 @@ class ControlPlane:
         self.journal.close()
 
     async def close(self) -> None:
-        """Destroy every environment, then close the backend."""
+        """Destroy every environment, stop every job, then close the backend."""
         if self._reconciling is not None:
             self._reconciling.cancel()
+        try:
+            await self.jobs.close()
+        except Exception:
+            log.exception("stopping the jobs")
         for env_id in list(self.environments):
             try:
                 await self.destroy(env_id)
@@ -669,3 +689,5 @@ class ControlPlane:
             env = self.environments.get(env_id)
             if env is not None:
                 env.on_reports(rs)
+            elif self.jobs.owns(env_id):
+                self.jobs.on_reports(rs)

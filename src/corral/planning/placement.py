@@ -336,16 +336,7 @@ def _explain(
             f"{d.group} (anti-affinity)"
         )
 
-    def shortfall(i: int) -> float:
-        gaps = [
-            (w.cpu - st.cpu[i]) / w.cpu if w.cpu else 0.0,
-            (w.memory - st.mem[i]) / w.memory if w.memory else 0.0,
-            (w.gpu - st.gpu[i]) / w.gpu if w.gpu else 0.0,
-            (w.ports - st.free_ports(i)) / w.ports if w.ports else 0.0,
-        ]
-        return max(gaps)
-
-    best = min(cands.nodes, key=lambda i: (shortfall(i), st.order[i]))
+    best = _closest(st, cands.nodes, w)
     have = _resources(st.cpu[best], st.mem[best], st.gpu[best], st.free_ports(best), like=w)
     node, base = nodes[best], st.base[best]
     before = _resources(
@@ -359,6 +350,21 @@ def _explain(
     return f"no node with {where} and {need} free; closest: {node.name} has {have} free{also}"
 
 
+def _closest(st: _State, candidates: Sequence[int], w: Resources) -> int:
+    """The candidate node that misses the least of what ``w`` asks (relative)."""
+
+    def shortfall(i: int) -> float:
+        gaps = [
+            (w.cpu - st.cpu[i]) / w.cpu if w.cpu else 0.0,
+            (w.memory - st.mem[i]) / w.memory if w.memory else 0.0,
+            (w.gpu - st.gpu[i]) / w.gpu if w.gpu else 0.0,
+            (w.ports - st.free_ports(i)) / w.ports if w.ports else 0.0,
+        ]
+        return max(gaps)
+
+    return min(candidates, key=lambda i: (shortfall(i), st.order[i]))
+
+
 def _resources(cpu: float, memory: int, gpu: int, ports: int, like: Resources | None = None) -> str:
     """'4 cpus, 512 MB'; with ``like``, the kinds that one asks for (cpus always)."""
     want = like or Resources(cpu, memory, gpu, ports)
@@ -370,3 +376,70 @@ def _resources(cpu: float, memory: int, gpu: int, ports: int, like: Resources | 
     if want.ports:
         parts.append(f"{ports} ports")
     return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class EachPlacement:
+    """Independent placements (a queue of batch work, not a gang): per demand, its node
+    (None: it waits) and ports, and why each one that waits does not fit."""
+
+    nodes: tuple[str | None, ...]
+    ports: tuple[tuple[int, ...], ...]
+    waiting: Mapping[int, str]  # demand position -> why it does not fit now
+    usage: Mapping[str, Usage]
+    version: int
+
+
+def place_each(
+    snapshot: Snapshot, demands: Sequence[Demand], *, seed: str = "0", strategy: str = "spread"
+) -> EachPlacement:
+    """Place each demand on its own, in order, where it fits now; the others wait.
+
+    Once a shape (constraints, resources, group) fails, later demands of the same shape
+    are not tried again in this pass (nothing was freed meanwhile): a long queue of one
+    array job costs one failed search, not one per instance."""
+    st = _State(snapshot, seed)
+    pack = strategy == "pack"
+    by_name = {node.name: i for i, node in enumerate(snapshot.nodes)}
+    eligible: dict[tuple[Constraint, ...], _Candidates] = {}
+    groups: dict[str, set[int]] = {}
+    failed: dict[tuple[tuple[Constraint, ...], Resources, str | None], str] = {}
+    nodes: list[str | None] = []
+    ports: list[tuple[int, ...]] = []
+    waiting: dict[int, str] = {}
+    for pos, d in enumerate(demands):
+        shape = (d.constraints, d.wants, d.group)
+        why = failed.get(shape)
+        if why is None:
+            cands = eligible.get(d.constraints)
+            if cands is None:
+                idx = _filter(snapshot.nodes, d.constraints, by_name)
+                cands = eligible[d.constraints] = _Candidates(idx, st, pack)
+            avoid = groups.get(d.group) if d.group is not None else None
+            i = cands.choose(st, d.wants, avoid)
+            if i is not None:
+                ports.append(st.take(i, d.wants))
+                cands.update(i, st)
+                if d.group is not None:
+                    groups.setdefault(d.group, set()).add(i)
+                nodes.append(snapshot.nodes[i].name)
+                continue
+            why = failed[shape] = _waiting(snapshot.nodes, st, d, cands, avoid)
+        waiting[pos] = why
+        nodes.append(None)
+        ports.append(())
+    return EachPlacement(tuple(nodes), tuple(ports), waiting, st.usage(), snapshot.version)
+
+
+def _waiting(
+    nodes: Sequence[Node], st: _State, d: Demand, cands: _Candidates, avoid: set[int] | None
+) -> str:
+    """Why a queued demand waits, short: ``12 cpus needed, 4 free (on n1)``."""
+    if not cands.nodes or (avoid and all(i in avoid for i in cands.nodes)):
+        return _explain(nodes, st, d, cands, avoid)
+    w = d.wants
+    best = _closest(st, cands.nodes, w)
+    need = _resources(w.cpu, w.memory, w.gpu, w.ports)
+    have = _resources(st.cpu[best], st.mem[best], st.gpu[best], st.free_ports(best), like=w)
+    more = "" if len(cands.nodes) == 1 else f", the closest of {len(cands.nodes)} nodes"
+    return f"{need} needed, {have} free on {nodes[best].name}{more}"
