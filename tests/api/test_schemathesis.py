@@ -76,6 +76,9 @@ NEEDS = {
     ("POST", "/api/workflows/validate"): "viewer",  # reads only
     ("POST", "/api/workflows/render"): "viewer",  # reads only
     ("GET", "/api/config"): "viewer",
+    ("GET", "/api/secrets"): "admin",
+    ("PUT", "/api/secrets/{name}"): "admin",
+    ("DELETE", "/api/secrets/{name}"): "admin",
     ("POST", "/api/config/render"): "viewer",  # reads only
     ("GET", "/api/config/{key}"): "viewer",
     ("PUT", "/api/config/{key}"): "admin",
@@ -305,7 +308,9 @@ def _stray_actions(f: Fuzz) -> list[dict[str, Any]]:
     out = []
     for e in _actions(f):
         actor = e.get("actor")
-        admin_only = e["kind"] in ("token", "node") or (e["kind"] == "lock" and e.get("forced"))
+        admin_only = e["kind"] in ("token", "node", "secret") or (
+            e["kind"] == "lock" and e.get("forced")
+        )
         if actor == "fuzz-viewer" or (actor == "fuzz-operator" and admin_only):
             out.append(e)
     return out

@@ -305,6 +305,22 @@ class RuntimeSetRequest(_Strict):
     value: str = Field(description="text of at most 1 MiB (UTF-8), no NUL", examples=["42"])
 
 
+class SecretPutRequest(_Strict):
+    """A secret's value: ``value`` (text) or ``base64`` (any bytes), one of them."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"value": "hunter2"}, {"base64": "AAEC/w=="}]}
+    )
+    value: str | None = Field(
+        default=None, max_length=65536, description="the value as text (stored as UTF-8)",
+        examples=["hunter2"],
+    )  # fmt: skip
+    base64: str | None = Field(
+        default=None, max_length=87384, description="the value as base64: any bytes",
+        examples=["AAEC/w=="],
+    )  # fmt: skip
+
+
 ConfigKey = Annotated[
     str,
     Path(description="a key: parts of letters, digits, `_`, `-`, `.`, joined by `/`",
@@ -1091,6 +1107,85 @@ def create_app(
         component: Component, key: RuntimeKey, req: RuntimeSetRequest, who: Admin
     ) -> dict[str, Any]:
         return config.runtime_set(component, key, req.value, who)
+
+    # -- secrets (docs/secrets.md) ----
+    # Admin only. A value goes in and never comes out: a put answers with the version,
+    # listings and events carry names. ``corral serve`` sets ``app.state.secrets``.
+
+    import base64
+    import binascii
+
+    from corral.store.secrets import MAX_VALUE, SecretError, SecretStore, check_name
+
+    app.state.secrets = None
+
+    def secret_store(name: str | None = None) -> SecretStore:
+        found: SecretStore | None = app.state.secrets
+        if found is None:
+            raise ServiceError(503, "No secrets", "this server keeps no secrets (no key)")
+        if name is not None:
+            try:
+                check_name(name)
+            except SecretError as e:
+                raise ServiceError(422, "Bad secret name", str(e)) from None
+        return found
+
+    def secret_value(req: SecretPutRequest) -> bytes:
+        if (req.value is None) == (req.base64 is None):
+            raise ServiceError(422, "Bad secret", "give the value as one of value or base64")
+        try:
+            if req.value is not None:
+                value = req.value.encode("utf-8")
+            else:
+                value = base64.b64decode(req.base64 or "", validate=True)
+        except UnicodeEncodeError:
+            raise ServiceError(422, "Bad secret", "value is not UTF-8 text: send base64") from None
+        except binascii.Error:
+            raise ServiceError(422, "Bad secret", "base64 is not valid base64") from None
+        if len(value) > MAX_VALUE:
+            raise ServiceError(413, "Secret too large", f"a secret is at most {MAX_VALUE} bytes")
+        return value
+
+    @app.get("/api/secrets", tags=["secrets"], responses=_problems(e503="no key: no secrets"))
+    async def secrets_list(who: Admin) -> list[dict[str, Any]]:
+        return secret_store().names()
+
+    @app.put(
+        "/api/secrets/{name}", tags=["secrets"],
+        responses=_problems(e413=f"the value is larger than {MAX_VALUE} bytes",
+                            e503="no key: no secrets"),
+    )  # fmt: skip
+    async def secret_put(
+        name: Annotated[str, Path(description="a secret's name", examples=["db-password"])],
+        req: SecretPutRequest,
+        who: Admin,
+    ) -> dict[str, Any]:
+        store = secret_store(name)
+        value = secret_value(req)
+        now = service.clock()
+        try:
+            version = service.plane.journal.call(lambda: store.put(name, value, who.name, now))
+        except SecretError as e:
+            raise ServiceError(422, "Bad secret", str(e)) from None
+        service.record({"kind": "secret", "status": "PUT", "name": name, "version": version},
+                       who.name)  # fmt: skip
+        entry = store.get(name)
+        assert entry is not None
+        return entry
+
+    @app.delete(
+        "/api/secrets/{name}", tags=["secrets"],
+        responses=_problems(e404="no such secret", e503="no key: no secrets"),
+    )  # fmt: skip
+    async def secret_remove(
+        name: Annotated[str, Path(description="a secret's name", examples=["db-password"])],
+        who: Admin,
+    ) -> dict[str, str]:
+        store = secret_store(name)
+        if not service.plane.journal.call(lambda: store.remove(name)):
+            raise ServiceError(404, "No such secret", f"no secret {name!r}")
+        service.record({"kind": "secret", "status": "REMOVED", "name": name}, who.name)
+        return {"name": name, "status": "removed"}
 
     # -- the web GUI ----------------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ from corral import __version__
 from corral.cli.agent import agent
 from corral.cli.client import env, lock, node, task, token_group
 from corral.cli.config import config
+from corral.cli.flow import flow
 from corral.cli.job import job
 from corral.cli.run import events, run
+from corral.cli.secret import secret
 from corral.cli.serve import serve
 from corral.cli.template import template
 
@@ -30,6 +32,8 @@ cli.add_command(events)
 cli.add_command(serve)
 cli.add_command(agent)
 cli.add_command(job)
+cli.add_command(flow)
+cli.add_command(secret)
 for group in (env, task, token_group, lock, node, config):
     cli.add_command(group)
 

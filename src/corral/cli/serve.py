@@ -84,8 +84,29 @@ def parse_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
     return cert, key
 
 
+SECRETS_KEY = "corral.secrets_key"  # where --secrets-key is kept, in the click context's meta
+
+
+def _remember_secrets_key(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[SECRETS_KEY] = value
+
+
+def secrets_key_file(data: str) -> str:
+    """The key file of the jobs' secrets: ``--secrets-key``, else ``secrets.key`` beside
+    the store in ``data``."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(SECRETS_KEY) if ctx is not None else None
+    return given or os.path.join(data, "secrets.key")
+
+
 @click.command("serve")
 @data_option
+@click.option(
+    "--secrets-key", metavar="FILE", expose_value=False, callback=_remember_secrets_key,
+    help="The key the jobs' secrets are encrypted with, made (0600) when missing; default "
+    "secrets.key in --data. Best kept elsewhere: a copy of --data then holds no secret.",
+)  # fmt: skip
 @click.option(
     "--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
     help="Address to serve the API on (port 0: any free port).",
@@ -286,6 +307,19 @@ async def _serve(
     task_env = task_env or {}
     install_child_watcher()
     store = SqliteStore(os.path.join(data, "corral.db"))
+    from corral.store.secrets import SecretError, SecretStore
+
+    try:  # the jobs' secrets (docs/secrets.md): a key file that cannot be used stops here
+        secrets = SecretStore(store, secrets_key_file(data))
+    except (SecretError, OSError) as e:
+        err.print(f"[bold red]error[/]: secrets: {e}")
+        store.close()
+        return 1
+    if unreadable := secrets.unreadable():
+        err.print(
+            f"[yellow]note[/]: the key in {secrets.key_path} cannot decrypt the secrets "
+            f"{', '.join(unreadable)} (was it replaced?): restore it, or put them again"
+        )
     log_dir = os.path.join(os.path.abspath(data), "logs")
     backend: Backend
     agent: AgentBackend | None = None
@@ -351,6 +385,7 @@ async def _serve(
         if token is not None:
             print(f"admin token (shown once, keep it): {token}", flush=True)
         app = create_app(service, log_dir=log_dir, max_body=max_body)
+        app.state.secrets = secrets
         if publisher is not None:
             app.state.metrics.registry.register(publisher.collector())
         # no access log (a ?token= would be in it); the peer's address is the one the

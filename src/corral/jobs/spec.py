@@ -45,6 +45,7 @@ MAX_STRING = 64 * 1024  # one value (a command, an argument, an env entry)
 MAX_LIST = 100_000  # arguments, env, inputs, outputs, needs, exit codes, constraints
 MAX_DURATION = 366 * 24 * 3600.0  # a year
 MAX_RETRIES = 1_000
+MAX_SECRETS = 100  # secrets one job declares
 DEFAULT_PRIORITY_CLASS = "batch"
 FAILURE_POLICIES = ("stop", "continue")
 OVERLAP_POLICIES = ("skip", "queue", "replace")
@@ -125,6 +126,15 @@ class Retries:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretRef:
+    """A secret a job declares (docs/secrets.md): a file named as the secret in the
+    job's private secrets directory, or, when ``env`` is given, that variable only."""
+
+    name: str
+    env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSpec:
     kind: ClassVar[str] = "service"
     name: str
@@ -138,6 +148,7 @@ class ServiceSpec:
     update: UpdatePolicy = UpdatePolicy()
     sticky_cache: str | None = None  # prefer the node that holds this directory
     protected: bool = False  # never preempted
+    secrets: tuple[SecretRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +163,7 @@ class BatchSpec:
     success_exit_codes: tuple[int, ...] = (0,)
     deadline: float | None = None
     array: int | None = None  # N instances, {{ index }} = 0 .. N-1
+    secrets: tuple[SecretRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +189,7 @@ class DagSpec:
     description: str = ""
     placement: Placement = Placement()
     failure: Literal["stop", "continue"] = "stop"
+    secrets: tuple[SecretRef, ...] = ()  # every step's
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +265,9 @@ def timezone_problem(name: str) -> str | None:
     return None
 
 
-_COMMON_KEYS = ("kind", "name", "description", "wants", "constraints", "pool", "priority_class")
+_COMMON_KEYS = (
+    "kind", "name", "description", "wants", "constraints", "pool", "priority_class", "secrets",
+)  # fmt: skip
 _SERVICE_KEYS = (
     *_COMMON_KEYS, "command", "replicas", "health", "restart", "update", "sticky", "protected",
 )  # fmt: skip
@@ -275,6 +290,7 @@ _RESTART_KEYS = ("initial", "max", "factor", "crash_loop", "reset_after")
 _UPDATE_KEYS = ("max_parallel", "health_gated", "healthy_for", "deadline", "auto_rollback")
 _RETRY_KEYS = ("count", "backoff", "max_backoff")
 _STICKY_KEYS = ("cache_dir",)
+_SECRET_KEYS = ("name", "env")
 
 _Keys: TypeAlias = dict[str, tuple[yaml.Node, yaml.Node]]
 
@@ -680,6 +696,7 @@ class _Reader:
         update = self.field(keys, "update", self.update)
         sticky = self.field(keys, "sticky", self.sticky)
         protected = self.field(keys, "protected", self.boolean)
+        secrets = self.job_secrets(keys, [command])
         if not isinstance(command, Command):
             raise _Bad()
         return ServiceSpec(
@@ -690,6 +707,7 @@ class _Reader:
             update if isinstance(update, UpdatePolicy) else UpdatePolicy(),
             sticky if isinstance(sticky, str) else None,
             protected is True,
+            secrets,
         )  # fmt: skip
 
     def health_checks(self, node: yaml.Node, _what: str) -> tuple[HealthCheck, ...]:
@@ -792,6 +810,77 @@ class _Reader:
             raise self.bad(keys["cache_dir"][1], f"sticky cache_dir {d!r} must be absolute")
         return d
 
+    def job_secrets(self, keys: _Keys, commands: list[object]) -> tuple[SecretRef, ...]:
+        """The job's ``secrets:``; a variable one names may not be one the job's
+        commands set in their ``env``."""
+        taken = {k for c in commands if isinstance(c, Command) for k, _ in c.env}
+        found = self.field(keys, "secrets", lambda n, k: self.secrets(n, k, taken))
+        return found if isinstance(found, tuple) else ()
+
+    def secrets(self, node: yaml.Node, what: str, taken: set[str]) -> tuple[SecretRef, ...]:
+        items = self.seq(node, what)
+        if len(items) > MAX_SECRETS:
+            raise self.bad(node, f"{what} has more than {MAX_SECRETS} entries")
+        out: list[SecretRef] = []
+        names: dict[str, yaml.Node] = {}
+        envs: dict[str, yaml.Node] = {}
+        for item in items:
+            try:
+                ref, name_node, env_node = self.secret(item)
+            except _Bad:
+                continue
+            if ref.name in names:
+                first = self.loc(names[ref.name]).line
+                self.error(
+                    name_node, f"secret {ref.name!r} is declared twice (first at line {first})"
+                )
+                continue
+            names[ref.name] = name_node
+            if ref.env is not None and env_node is not None:
+                if ref.env in envs:
+                    first = self.loc(envs[ref.env]).line
+                    self.error(
+                        env_node,
+                        f"env {ref.env!r} is given two secrets (the first at line {first})",
+                    )
+                    continue
+                if ref.env in taken:
+                    self.error(
+                        env_node,
+                        f"env {ref.env!r} of secret {ref.name!r} is also set by the command's env",
+                    )
+                    continue
+                envs[ref.env] = env_node
+            out.append(ref)
+        return tuple(out)
+
+    def secret(self, node: yaml.Node) -> tuple[SecretRef, yaml.Node, yaml.Node | None]:
+        """One entry: a name (a file), or ``{name: N, env: VAR}`` (that variable)."""
+        if not isinstance(node, yaml.MappingNode):
+            if not isinstance(node, yaml.ScalarNode):
+                raise self.bad(
+                    node, f"a secret is a name or {{name: N, env: VAR}}, not {_kind(node)}"
+                )
+            return SecretRef(self.name(node, "secret")), node, None
+        keys = self.mapping(node, "a secret", _SECRET_KEYS)
+        if "name" not in keys:
+            raise self.bad(node, "a secret needs a name")
+        name_node = keys["name"][1]
+        name = self.name(name_node, "secret")
+        if "env" not in keys:
+            return SecretRef(name), name_node, None
+        env_node = keys["env"][1]
+        var = self.scalar(env_node, f"env of secret {name!r}")
+        if not _ENV_NAME.fullmatch(var):
+            raise self.bad(
+                env_node,
+                f"env {var!r} of secret {name!r} is not a variable's name: letters, digits "
+                "and '_', not starting with a digit",
+            )
+        if var.startswith("CORRAL_"):
+            raise self.bad(env_node, f"env {var!r}: CORRAL_* variables are corral's own")
+        return SecretRef(name, var), name_node, env_node
+
     def batch(
         self, node: yaml.Node, keys: _Keys, name: str, loc: Loc, description: str
     ) -> BatchSpec:
@@ -806,11 +895,12 @@ class _Reader:
             self.holes_allowed = frozenset()
         placement = self.placement(keys)
         retries, codes, deadline = self.run_policy(keys)
+        secrets = self.job_secrets(keys, [command])
         if not isinstance(command, Command):
             raise _Bad()
         return BatchSpec(
             name, loc, command, description, placement, retries, codes, deadline,
-            array if isinstance(array, int) else None,
+            array if isinstance(array, int) else None, secrets,
         )  # fmt: skip
 
     def run_policy(self, keys: _Keys) -> tuple[Retries, tuple[int, ...], float | None]:
@@ -849,9 +939,10 @@ class _Reader:
             seen[step.name] = step
             steps.append(step)
         linked = self.link(steps)
+        secrets = self.job_secrets(keys, [s.command for s in steps])
         return DagSpec(
             name, loc, linked, description, placement,
-            "continue" if failure == "continue" else "stop",
+            "continue" if failure == "continue" else "stop", secrets,
         )  # fmt: skip
 
     def step(self, node: yaml.Node) -> _RawStep:

@@ -1,0 +1,311 @@
+"""``corral flow run|status`` and ``corral job run``: a DAG or a batch job on this machine.
+
+``corral flow run FILE`` runs a Makeflow file unchanged (or a ``kind: dag`` job file)
+with an embedded control plane, as ``corral run`` does for environments: the store and
+the steps' logs in ``--data``, the local backend, the steps placed on this machine's
+cpus (or an ``--inventory``). Progress is shown while it runs; a failed step is named
+with its exit status and log. Run it again after a failure and it resumes: the steps
+that succeeded (and whose outputs are still there) are not run again; ``--fresh``
+runs everything. Ctrl-C stops the running steps and leaves the flow resumable.
+
+Makeflow's rules run as Makeflow runs them: by ``/bin/sh -c``, in the current
+directory. A YAML job runs in its file's directory.
+
+Exit status: 0 the job succeeded, 1 it failed (or the file is wrong; every error is
+printed as ``FILE:LINE``), 2 a wrong command line, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from corral.backends.local import LocalBackend
+from corral.cli.hardening import private_process
+from corral.cli.job import job, read_job, report
+from corral.cli.run import DEFAULT_DATA, parse_priorities, parse_task_env, read_inventory
+from corral.control import runner as r
+from corral.control.journal import StoreUnavailable
+from corral.control.plane import ControlPlane, install_child_watcher
+from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
+from corral.jobs.spec import BatchSpec, DagSpec
+from corral.jobs.units import Units, units_of, units_of_makeflow
+from corral.model.inventory import Node
+from corral.store.jobstore import JobStore
+from corral.store.lock import DataDirInUse, DataLock
+from corral.store.sqlite import SqliteStore
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Loaded:
+    """A job read from its file, ready to submit."""
+
+    def __init__(
+        self, units: Units, name: str, kind: str, text: str, workdir: str, pclass: str
+    ) -> None:
+        self.units = units
+        self.name = name
+        self.kind = kind
+        self.text = text
+        self.workdir = workdir
+        self.priority_class = pclass
+
+
+def _is_makeflow(path: str, text: str) -> bool:
+    if path.endswith((".makeflow", ".mf", ".jx")):
+        return True
+    return not any(line.startswith("kind:") for line in text.splitlines()[:200])
+
+
+def load(path: str, failure: str | None) -> Loaded:
+    """The job at ``path`` (a Makeflow file or a batch/dag job file); exits 1 with
+    every error printed when it is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_CHARS + 1)
+        text = raw.decode("utf-8")
+    except OSError as e:
+        err.print(f"[bold red]error[/]: {escape(path)}: cannot read: {e.strerror or e}")
+        sys.exit(1)
+    except UnicodeDecodeError as e:
+        err.print(f"[bold red]error[/]: {escape(path)}: not UTF-8 text (byte {e.start})")
+        sys.exit(1)
+    if _is_makeflow(path, text):
+        try:
+            mf = parse(text, path, dict(os.environ))
+        except MakeflowError as e:
+            for p in e.problems:
+                err.print(f"[bold red]error[/]: {escape(str(p))}")
+            sys.exit(1)
+        name = os.path.splitext(os.path.basename(path))[0] or "flow"
+        units = units_of_makeflow(mf, failure=failure or "stop")
+        return Loaded(units, name, "makeflow", text, os.getcwd(), "batch")
+    spec, diags = read_job(path)
+    if spec is None:
+        report(diags)
+        sys.exit(1)
+    if not isinstance(spec, BatchSpec | DagSpec):
+        err.print(
+            f"[bold red]error[/]: {escape(path)}: a {spec.kind} job does not run to an end; "
+            "`corral job run` runs batch and dag jobs"
+        )
+        sys.exit(1)
+    units = units_of(spec)
+    if failure is not None and isinstance(spec, DagSpec):
+        units = Units(units.specs, units.array, failure)
+    workdir = os.path.dirname(os.path.abspath(path))
+    return Loaded(units, spec.name, spec.kind, text, workdir, spec.placement.priority_class)
+
+
+def _previous(store: JobStore, source: str, text: str) -> dict[str, Any] | None:
+    """The last run of this same file (same path, same text), if any."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    for row in reversed(store.jobs()):
+        if row["source"] == source:
+            same = hashlib.sha256(row["text"].encode()).hexdigest() == digest
+            return row if same else None
+    return None
+
+
+def _resumable(store: JobStore, job: Loaded, prev: dict[str, Any]) -> set[int]:
+    """The units of a previous run to keep: succeeded, outputs still present."""
+    done = set()
+    for u in store.units(prev["id"]):
+        if u["state"] != r.SUCCEEDED or u["idx"] >= job.units.count:
+            continue
+        outs = job.units.spec(u["idx"]).outputs
+        if all(os.path.exists(os.path.join(job.workdir, o)) for o in outs):
+            done.add(u["idx"])
+    return done
+
+
+_common = [
+    click.option("--data", default=DEFAULT_DATA, show_default=True, metavar="DIR",
+                 help="Data directory: the SQLite store and the steps' logs."),
+    click.option("--inventory", metavar="FILE", default=None,
+                 help="Nodes to place on (default: this machine's cpus and memory)."),
+    click.option("--priority-class", "priority_classes", multiple=True, metavar="NAME=N",
+                 help="A site priority class (repeatable)."),
+    click.option("--task-env", "task_env", multiple=True, metavar="NAME",
+                 help="Pass this variable of this shell to every step (repeatable)."),
+    click.option("--fresh", is_flag=True,
+                 help="Run every step, even those a previous run of this file finished."),
+]  # fmt: skip
+
+
+def common(f: Any) -> Any:
+    for option in reversed(_common):
+        f = option(f)
+    return f
+
+
+@click.group("flow")
+def flow() -> None:
+    """Run DAG workflows: Makeflow files unchanged, or dag job files (docs/jobs.md)."""
+
+
+@flow.command("run")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--failure", type=click.Choice(["stop", "continue"]), default=None,
+              help="After a step fails: start nothing new (stop, the default for Makeflow "
+                   "files) or run what does not need it (continue).")  # fmt: skip
+@common
+def flow_run(path: str, failure: str | None, **kw: Any) -> None:
+    """Run the Makeflow (or dag job) file PATH on this machine; resume a failed run."""
+    run_job(path, failure, **kw)
+
+
+@flow.command("status")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--data", default=DEFAULT_DATA, show_default=True, metavar="DIR")
+def flow_status(path: str, data: str) -> None:
+    """The last run of PATH: its state and each step's (from the store in --data)."""
+    db = os.path.join(data, "corral.db")
+    if not os.path.exists(db):
+        err.print(f"[bold red]error[/]: no store in {escape(data)}")
+        sys.exit(1)
+    store = SqliteStore(db)
+    jobs = JobStore(store)
+    source = os.path.abspath(path)
+    rows = [j for j in jobs.jobs() if j["source"] == source]
+    if not rows:
+        err.print(f"no run of {escape(path)} in {escape(data)}")
+        sys.exit(1)
+    row = rows[-1]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(row["counts"].items()))
+    out.print(f"{row['id']} {row['name']}: {row['state']} ({counts})")
+    if row["reason"]:
+        out.print(f"  {escape(row['reason'])}")
+    for u in jobs.units(row["id"]):
+        if u["state"] != r.SUCCEEDED:
+            why = f": {u['reason']}" if u["reason"] else ""
+            out.print(f"  step {u['idx']} {u['state']}{escape(why)}")
+    store.close()
+
+
+def run_job(
+    path: str,
+    failure: str | None,
+    data: str,
+    inventory: str | None,
+    priority_classes: tuple[str, ...],
+    task_env: tuple[str, ...],
+    fresh: bool,
+) -> None:
+    private_process()
+    job = load(path, failure)
+    nodes = read_inventory(inventory)
+    classes = parse_priorities(priority_classes)
+    passed = parse_task_env(task_env)
+    try:
+        DataLock(data, f"corral flow run {path}").acquire()
+    except DataDirInUse as e:
+        err.print(f"[bold red]error[/]: {e}")
+        sys.exit(1)
+    sys.exit(asyncio.run(_run(job, os.path.abspath(path), data, nodes, classes, passed, fresh)))
+
+
+async def _run(
+    job: Loaded,
+    source: str,
+    data: str,
+    nodes: list[Node] | None,
+    classes: dict[str, int] | None,
+    passed: dict[str, str],
+    fresh: bool,
+) -> int:
+    install_child_watcher()
+    loop = asyncio.get_running_loop()
+    store = SqliteStore(os.path.join(data, "corral.db"))
+    logs = os.path.join(os.path.abspath(data), "logs")
+    plane = ControlPlane(
+        store, LocalBackend(task_env=passed), log_dir=logs, inventory=nodes,
+        priority_classes=classes,
+    )  # fmt: skip
+    for note in await plane.adopt_leftovers(take_over=False):
+        err.print(f"[yellow]note[/]: {note}")
+    done: set[int] = set()
+    prev = None if fresh else _previous(plane.jobs.store, source, job.text)
+    if prev is not None and prev["state"] != r.SUCCEEDED:
+        done = _resumable(plane.jobs.store, job, prev)
+        if done:
+            err.print(f"resuming {prev['id']}: {len(done)} of {job.units.count} steps "
+                      "already done")  # fmt: skip
+    try:
+        j = plane.jobs.submit(
+            job.units, name=job.name, kind=job.kind, text=job.text, workdir=job.workdir,
+            owner=os.environ.get("USER", "") or "local", priority_class=job.priority_class,
+            source=source, done=done,
+        )  # fmt: skip
+    except (ValueError, StoreUnavailable) as e:
+        err.print(f"[bold red]error[/]: {e}")
+        await plane.close()
+        store.close()
+        return 1
+    err.print(f"job [bold]{j.id}[/] ({escape(job.name)}): {job.units.count} steps; "
+              f"logs in {os.path.join(data, 'logs', j.id)}")  # fmt: skip
+    interrupted = False
+    stopping: list[asyncio.Future[Any]] = []
+
+    def on_signal() -> None:
+        nonlocal interrupted
+        interrupted = True
+        if not stopping:
+            stopping.append(asyncio.ensure_future(plane.jobs.cancel(j.id, actor="Ctrl-C")))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+    )  # fmt: skip
+    try:
+        assert j.done is not None
+        with progress:
+            bar = progress.add_task("steps", total=job.units.count)
+            while not j.done.done():
+                await asyncio.wait([j.done], timeout=0.25)
+                c = j.counts
+                progress.update(
+                    bar, completed=c[r.SUCCEEDED] + c[r.FAILED] + c[r.BLOCKED],
+                    description=f"{c[r.RUNNING]} running, {c[r.QUEUED]} queued",
+                )  # fmt: skip
+        state = j.done.result()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    failed = [u for u in j.members if u.state == r.FAILED]
+    for u in failed[:10]:
+        log_path = os.path.join(data, "logs", j.id, f"{u.idx}.log")
+        err.print(f"[bold red]failed[/]: {escape(j.units.name(u.idx))}: "
+                  f"{escape(u.reason or '')} (log: {log_path})")  # fmt: skip
+    if len(failed) > 10:
+        err.print(f"... and {len(failed) - 10} more failed steps")
+    c = j.counts
+    summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(c.items()) if n)
+    (out if state == r.SUCCEEDED else err).print(f"job {j.id} {state}: {summary}")
+    await plane.close()
+    store.close()
+    if interrupted:
+        err.print("interrupted: run the same command again to resume")
+        return 130
+    return 0 if state == r.SUCCEEDED else 1
+
+
+@job.command("run")
+@click.argument("path", type=click.Path(dir_okay=False))
+@common
+def job_run(path: str, **kw: Any) -> None:
+    """Run the batch or dag job file PATH on this machine, to its end (as `flow run`)."""
+    run_job(path, None, **kw)
