@@ -257,6 +257,7 @@ class LocalBackend:
         self._queue: list[Report] = []
         self._flush_scheduled = False
         self._host = host
+        self.host = host  # the address its tasks' ports are reached at
         self._own_run_dir = run_dir is None
         # ipc paths must stay under ~100 characters: keep them in a short directory
         self._given_run_dir = run_dir  # made when first needed (an ipc channel)

@@ -38,6 +38,7 @@ from corral.control.ledger import (
     strategy_of,
 )
 from corral.control.runner import JobRunner
+from corral.control.services import ServiceSupervisor
 from corral.control.tasks import RuntimeTask
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
@@ -48,6 +49,7 @@ from corral.planning.placement import NoFit
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import BUSY, Backend, Report
 from corral.store.jobstore import JobStore
+from corral.store.servicestore import ServiceStore
 from corral.store.sqlite import SqliteStore
 
 log = logging.getLogger("corral.plane")
@@ -119,6 +121,11 @@ class ControlPlane:
         self.jobs = JobRunner(
             backend, self.ledger, self.journal, JobStore(store),
             priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
+        )  # fmt: skip
+        self.services = ServiceSupervisor(
+            backend, self.ledger, self.journal, ServiceStore(store),
+            priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
+            address_of=self.address_of,
         )  # fmt: skip
         backend.subscribe(self._on_reports)
         if inventory is None and hasattr(backend, "on_nodes"):  # a cluster's nodes change
@@ -192,6 +199,18 @@ class ControlPlane:
         env.relocate = self._relocate
         return env
 
+    def address_of(self, node: str) -> str:
+        """Where a node's tasks' ports are reached: its ``address`` label, else the
+        backend's own host (the local backend: every node is this machine), else its
+        name."""
+        for n in self.ledger.nodes:
+            if n.name == node:
+                label = n.label("address")
+                if label:
+                    return label
+        host = getattr(self.backend, "host", None)
+        return host if isinstance(host, str) and self.backend.name == "local" else node
+
     def _relocate(self, env: Environment, tasks: list[RuntimeTask]) -> None:
         """Place again the tasks of ``env`` whose node is down (RECOVER relaunches them);
         PlacementError when they fit nowhere (RECOVER then fails, saying why)."""
@@ -241,9 +260,10 @@ class ControlPlane:
         """
         env_id = env_id or new_environment_id()
         cls, priority = priority_of(plan, self.priority_classes)
+        spared = {*protected, *self.services.protected_keys()}  # protected services too
         result = self.ledger.preemption(
             plan, seed=env_id, priority=priority, strategy=strategy_of(plan),
-            protected=protected,
+            protected=spared,
         )  # fmt: skip
         if isinstance(result, NoFit):
             raise PlacementError(result)
@@ -262,10 +282,13 @@ class ControlPlane:
         """End what holds these ledger keys: environments are destroyed, job units
         queued again (one call for all of them)."""
         units = [v for v in victims if self.jobs.owns(v.partition(":")[0])]
+        replicas = [v for v in victims if self.services.owns(v.partition(":")[0])]
         if units:
             await self.jobs.evict(units, note)
+        if replicas:
+            await self.services.evict(replicas, note)
         for victim in victims:
-            if victim in units:
+            if victim in units or victim in replicas:
                 continue
             self.record({"kind": "environment", "env": victim, "note": note, "actor": actor})
             if victim in self.environments:
@@ -616,6 +639,7 @@ class ControlPlane:
             if tid.partition(":")[0] not in self.environments
             and tid.partition(":")[0] not in self._destroying
             and not self.jobs.owns(tid.partition(":")[0])
+            and not self.services.owns(tid.partition(":")[0])
         ]  # fmt: skip
         if strangers:
             await self.backend.stop(self.ledger.nodes[0].name, strangers, 3.0)
@@ -669,8 +693,9 @@ class ControlPlane:
             self._reconciling.cancel()
         try:
             await self.jobs.close()
+            await self.services.close()
         except Exception:
-            log.exception("stopping the jobs")
+            log.exception("stopping the jobs and services")
         for env_id in list(self.environments):
             try:
                 await self.destroy(env_id)
@@ -691,3 +716,5 @@ class ControlPlane:
                 env.on_reports(rs)
             elif self.jobs.owns(env_id):
                 self.jobs.on_reports(rs)
+            elif self.services.owns(env_id):
+                self.services.on_reports(rs)

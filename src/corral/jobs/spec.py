@@ -87,7 +87,7 @@ class Placement:
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     kind: Literal["http", "tcp", "exec"]
-    port: int | None = None  # http, tcp
+    port: int | None = None  # http, tcp; None: the replica's first placed port
     path: str = "/"  # http
     command: Command | None = None  # exec
     interval: float = 10.0
@@ -321,6 +321,7 @@ class _Reader:
         self.file = file
         self._diags: dict[tuple[Loc, str], None] = {}
         self.holes_allowed: frozenset[str] = frozenset()
+        self.placed_ports = 0  # ports a service's replica is given (a check may use them)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -691,6 +692,7 @@ class _Reader:
         command = self.field(keys, "command", self.command)
         placement = self.placement(keys)
         replicas = self.field(keys, "replicas", lambda n, k: self.integer(n, k, 0, MAX_REPLICAS))
+        self.placed_ports = placement.wants.ports
         health = self.field(keys, "health", self.health_checks)
         restart = self.field(keys, "restart", self.restart)
         update = self.field(keys, "update", self.update)
@@ -734,9 +736,14 @@ class _Reader:
             command = self.command(body, "exec")
         else:
             sub = self.mapping(body, kind, _HTTP_KEYS if kind == "http" else _TCP_KEYS)
-            if "port" not in sub:
-                raise self.bad(body, f"a {kind} health check needs a port")
-            port = self.integer(sub["port"][1], f"{kind} port", 1, 65535)
+            if "port" in sub:
+                port = self.integer(sub["port"][1], f"{kind} port", 1, 65535)
+            elif not self.placed_ports:
+                raise self.bad(
+                    body,
+                    f"a {kind} health check needs a port, or the service wants ports "
+                    "(wants: {ports: 1}): then it checks each replica's first port",
+                )
             if "path" in sub:
                 path = self.nonempty(sub["path"][1], "http path")
                 if not path.startswith("/"):

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from corral.jobs.makeflow import Makeflow
-from corral.jobs.spec import BatchSpec, DagSpec, Retries
+from corral.jobs.spec import BatchSpec, DagSpec, Placement, Retries
 from corral.model.plan import Command, Constraint, Resources
 
 DEFAULT_CPU = 1.0
@@ -95,17 +95,24 @@ def _wants(w: Resources) -> Resources:
     return w if w.cpu > 0 else replace(w, cpu=DEFAULT_CPU)
 
 
+def constraints_of(p: Placement) -> tuple[Constraint, ...]:
+    """A job's placement rules: its constraints, and its pool's (a node label)."""
+    if p.pool is None:
+        return p.constraints
+    return (*p.constraints, Constraint("pool", p.pool))
+
+
 def units_of(spec: BatchSpec | DagSpec) -> Units:
     """The units of a batch job or a DAG (see the module doc)."""
     if isinstance(spec, BatchSpec):
         p = spec.placement
         one = UnitSpec(
-            spec.name, spec.command, _wants(p.wants), p.constraints, spec.retries,
+            spec.name, spec.command, _wants(p.wants), constraints_of(p), spec.retries,
             frozenset(spec.success_exit_codes), spec.deadline,
         )  # fmt: skip
         return Units((one,), spec.array)
     by_name = {s.name: i for i, s in enumerate(spec.steps)}
-    constraints = spec.placement.constraints
+    constraints = constraints_of(spec.placement)
     steps = tuple(
         UnitSpec(
             s.name,

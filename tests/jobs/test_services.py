@@ -1,0 +1,294 @@
+"""Services on the local backend: real replica processes serving real HTTP on loopback.
+
+A replica killed -9 is restarted with a growing backoff; a failing health check
+restarts it; a rolling update with a broken version rolls back by itself, leaving the
+old replicas untouched; scaling never restarts the replicas that stay; a sticky slot
+comes back on its node; an online environment preempts batch work but never a
+protected service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from corral.backends.local import LocalBackend
+from corral.control.plane import ControlPlane, install_child_watcher
+from corral.jobs.spec import ServiceSpec, load_job
+from corral.model.inventory import Node
+from corral.store.sqlite import SqliteStore
+
+PY = sys.executable
+PATIENCE = float(os.environ.get("CORRAL_TEST_PATIENCE", "300"))
+
+SERVER = """
+import http.server, os, sys
+sick = os.environ.get("SICK", "")
+version = os.environ.get("CORRAL_SERVICE_VERSION")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        bad = sick and os.path.exists(sick)
+        self.send_response(500 if bad else 200)
+        self.end_headers()
+        self.wfile.write(version.encode())
+    def log_message(self, *a):
+        pass
+if os.environ.get("BROKEN"):
+    sys.exit(1)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["CORRAL_PORT"])), H).serve_forever()
+"""
+
+
+class Rig:
+    def __init__(self, tmp: Path, nodes: list[Node]) -> None:
+        self.tmp = tmp
+        self.store = SqliteStore(str(tmp / "corral.db"))
+        self.plane = ControlPlane(
+            self.store, LocalBackend(), inventory=nodes, log_dir=str(tmp / "logs")
+        )
+        self.sup = self.plane.services
+        self.server = tmp / "server.py"
+        self.server.write_text(SERVER)
+
+    def spec(self, body: str, name: str = "web") -> ServiceSpec:
+        text = f"kind: service\nname: {name}\n" + body.replace("SERVER", str(self.server))
+        spec, diags = load_job(str(self.tmp / f"{name}.yaml"), text)
+        assert not diags, diags
+        assert isinstance(spec, ServiceSpec)
+        return spec
+
+    def deploy(self, spec: ServiceSpec) -> Any:
+        return self.sup.deploy(spec, text="", workdir=str(self.tmp), owner="ops")
+
+    async def until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            await asyncio.sleep(0.02)
+
+    def running(self, name: str = "web") -> list[dict[str, Any]]:
+        return [m for m in self.sup.show(name)["members"] if m["state"] == "RUNNING"]
+
+    def pids(self, name: str = "web") -> dict[int, int]:
+        return {m["slot"]: m["pid"] for m in self.running(name)}
+
+    def notes(self, name: str = "web") -> list[str]:
+        return [e.get("note", "") for e in self.store.events() if e.get("service") == name]
+
+
+def with_rig(
+    nodes: list[Node] | None = None,
+) -> Callable[[Callable[[Rig], Awaitable[None]]], Callable[[Path], None]]:
+    def wrap(fn: Callable[[Rig], Awaitable[None]]) -> Callable[[Path], None]:
+        def test(tmp_path: Path) -> None:
+            async def main() -> None:
+                install_child_watcher()
+                r = Rig(tmp_path, nodes or [Node("n1", cpu=8, memory=10_000,
+                                                 ports=(21000, 21999))])  # fmt: skip
+                try:
+                    await asyncio.wait_for(fn(r), PATIENCE)
+                finally:
+                    await r.plane.close()
+
+            asyncio.run(main())
+
+        test.__name__ = fn.__name__
+        return test
+
+    return wrap
+
+
+WEB = """
+replicas: {n}
+wants: {{cpu: 1, ports: 1}}
+command: {{value: {py}, arguments: [SERVER], env: [{env}]}}
+health:
+  http: {{path: /healthz}}
+  interval: 100ms
+  timeout: 100ms
+  threshold: 2
+restart: {{initial: 200ms, max: 5s, factor: 2, crash_loop: 3, reset_after: 30s}}
+update: {{max_parallel: 1, healthy_for: 300ms, deadline: 20s}}
+"""
+
+
+def web(n: int = 1, env: str = "") -> str:
+    return WEB.format(n=n, py=PY, env=env)
+
+
+@with_rig()
+async def test_a_replica_killed_9_is_restarted_with_backoff(rig: Rig) -> None:
+    rig.deploy(rig.spec(web()))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
+    first = rig.pids()[0]
+    os.kill(first, signal.SIGKILL)
+    await rig.until(lambda: rig.pids().get(0) not in (None, first))
+    second = rig.pids()[0]
+    os.kill(second, signal.SIGKILL)
+    await rig.until(lambda: rig.pids().get(0) not in (None, first, second))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
+    notes = [n for n in rig.notes() if n.startswith("restart")]
+    assert notes[0].startswith("restart 1 in 0.2 s: process") and "signal 9" in notes[0], notes
+    assert notes[1].startswith("restart 2 in 0.4 s"), notes  # the backoff grew
+    ep = rig.sup.endpoints("web")[0]
+    assert ep["address"] == "127.0.0.1" and 21000 <= ep["port"] <= 21999
+
+
+@with_rig()
+async def test_a_failing_health_check_restarts_the_replica(rig: Rig) -> None:
+    sick = rig.tmp / "sick"
+    rig.deploy(rig.spec(web(env=f'"SICK={sick}"')))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
+    first = rig.pids()[0]
+    sick.touch()
+    await rig.until(lambda: any("health check failed" in n for n in rig.notes()))
+    sick.unlink()
+    await rig.until(lambda: rig.pids().get(0) not in (None, first))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
+    note = next(n for n in rig.notes() if "health check failed" in n)
+    assert "http health check failed 2 times in a row: answered 'HTTP/1.0 500" in note, note
+    assert not os.path.exists(f"/proc/{first}") or _zombie(first)
+
+
+@with_rig()
+async def test_a_broken_update_rolls_back_by_itself(rig: Rig) -> None:
+    rig.deploy(rig.spec(web(3)))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 3)
+    before = rig.pids()
+    rig.deploy(rig.spec(web(3, env='"BROKEN=1"')))  # version 2 exits at once
+    await rig.until(lambda: rig.sup.services["web"].state == "ROLLED-BACK")
+    svc = rig.sup.show("web")
+    assert svc["version"] == 1
+    assert "replica 0 of version 2 failed" in svc["reason"], svc["reason"]
+    await rig.until(lambda: len(rig.running()) == 3)
+    assert rig.pids() == before  # the old replicas were never touched
+    assert all(m["version"] == 1 for m in rig.sup.show("web")["members"])
+    states = [e.get("state") for e in rig.store.events() if e.get("service") == "web"]
+    assert "UPDATING" in states and "ROLLING-BACK" in states and "ROLLED-BACK" in states
+
+
+@with_rig()
+async def test_a_good_update_replaces_one_replica_at_a_time(rig: Rig) -> None:
+    rig.deploy(rig.spec(web(3)))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 3)
+    seen_new = 0
+    spec2 = rig.spec(web(3, env='"V=2"'))
+    rig.deploy(spec2)
+    while rig.sup.services["web"].state != "RUNNING" or rig.sup.services["web"].update:
+        members = rig.sup.show("web")["members"]
+        # never more than one new replica that is not yet ready beside the old ones
+        starting = [m for m in members if m["version"] == 2 and not m["healthy"]]
+        assert len(starting) <= 1, members
+        seen_new = max(seen_new, sum(1 for m in members if m["version"] == 2))
+        await asyncio.sleep(0.02)
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 3)
+    assert {e["version"] for e in rig.sup.endpoints("web")} == {2}
+    assert seen_new >= 1
+
+
+@with_rig()
+async def test_scaling_keeps_the_replicas_that_stay(rig: Rig) -> None:
+    rig.deploy(rig.spec(web(2)))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 2)
+    before = rig.pids()
+    rig.sup.scale("web", 4)
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 4)
+    after = rig.pids()
+    assert {k: after[k] for k in before} == before
+    rig.sup.scale("web", 1)
+    await rig.until(lambda: len(rig.sup.show("web")["members"]) == 1)
+    assert rig.pids() == {0: before[0]}
+    for slot in (1, 2, 3):
+        pid = after[slot]
+        await rig.until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid))
+    assert rig.plane.ledger.usage["n1"].cpu == 1
+
+
+@with_rig([Node(f"n{i}", cpu=2, memory=1000, ports=(22000 + 100 * i, 22099 + 100 * i))
+           for i in range(1, 4)])  # fmt: skip
+async def test_a_sticky_replica_comes_back_to_its_node(rig: Rig) -> None:
+    body = web(3) + "sticky: {cache_dir: /var/cache/x}\n"
+    rig.deploy(rig.spec(body))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 3)
+    nodes = {m["slot"]: m["node"] for m in rig.running()}
+    assert len(set(nodes.values())) == 3  # spread
+    for _ in range(2):
+        pids = rig.pids()
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        await rig.until(lambda pids=pids: all(
+            rig.pids().get(s) not in (None, p) for s, p in pids.items()))  # fmt: skip
+        assert {m["slot"]: m["node"] for m in rig.running()} == nodes
+
+
+@with_rig()
+async def test_a_crash_loop_says_so(rig: Rig) -> None:
+    rig.deploy(rig.spec(web(env='"BROKEN=1"').replace("initial: 200ms", "initial: 50ms")))
+    await rig.until(lambda: rig.sup.services["web"].state == "CRASH-LOOP")
+    why = rig.sup.services["web"].reason or ""
+    assert why.startswith("crash-loop: replica 0 restarted 3 times in a row"), why
+    assert "exited with status 1" in why
+
+
+ONLINE_WF = """
+name: data-taking
+roles:
+  - name: flp-{{ i }}
+    for: {begin: "1", end: "2", var: i}
+    task: {load: flp}
+"""
+FLP = f"""
+name: flp
+control: {{mode: basic}}
+wants: {{cpu: 1}}
+command: {{value: {PY}, arguments: ["-c", "import time; time.sleep(600)"]}}
+"""
+
+
+@with_rig([Node("n1", cpu=4, memory=10_000, ports=(21000, 21999))])
+async def test_online_preempts_batch_but_not_a_protected_service(rig: Rig) -> None:
+    from corral.jobs.spec import BatchSpec
+    from corral.jobs.units import units_of
+    from corral.templates import DictSources, expand
+
+    # the node: a protected service (1 cpu), an unprotected one (1 cpu), batch (2 cpus)
+    rig.deploy(rig.spec(web(1) + "protected: true\npriority_class: batch\n"))
+    rig.deploy(rig.spec(web(1) + "priority_class: batch\n", name="other"))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
+    await rig.until(lambda: len(rig.sup.endpoints("other")) == 1)
+    kept = rig.pids()
+    done = rig.tmp / "go"
+    work = rig.tmp / "work.py"
+    work.write_text(f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.01)\n")
+    text = f"kind: batch\nname: reco\narray: 2\ncommand: {{value: {PY}, arguments: [{work}]}}\n"
+    spec, diags = load_job(str(rig.tmp / "reco.yaml"), text)
+    assert not diags and isinstance(spec, BatchSpec), diags
+    job = rig.plane.jobs.submit(units_of(spec), name="reco", kind="batch", text=text,
+                                workdir=str(rig.tmp), owner="qa")  # fmt: skip
+    await rig.until(lambda: job.counts.get("RUNNING") == 2)
+    assert rig.plane.ledger.usage["n1"].cpu == 4  # full
+    plan = expand("wf.yaml", DictSources({"wf.yaml": ONLINE_WF, "tasks/flp.yaml": FLP}),
+                  variables={"priority_class": "online"})  # fmt: skip
+    dry, _ = await rig.plane.create_preempting(plan, dry_run=True)
+    assert not any(k.startswith("svc-web:") for k in dry), dry
+    evicted, env = await rig.plane.create_preempting(plan)
+    assert env is not None and evicted == dry
+    assert rig.pids() == kept  # the protected service is untouched
+    assert rig.sup.show("web")["members"][0]["restarts"] == 0
+    # the evicted batch work requeues and completes once the online run is over
+    await env.transition("DEPLOY")
+    await rig.plane.destroy(env.id)
+    done.touch()
+    assert await job.done == "SUCCEEDED"
+    await rig.until(lambda: len(rig.sup.endpoints("other")) == 1)  # back too
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
