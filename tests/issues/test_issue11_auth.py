@@ -24,7 +24,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from corral.api.app import MAX_BODY, TOKEN_SHAPE, FailedLogins, create_app
+from corral.api.app import MAX_BODY, create_app
+from corral.api.auth import TOKEN_SHAPE, FailedLogins
 from corral.backends.sim import SimBackend
 from corral.cli.main import cli
 from corral.control.plane import ControlPlane

@@ -41,6 +41,7 @@ from corral.cli.run import (
     task_env_option,
 )
 from corral.cli.template import call_plugin_option, load_site, parse_call_plugins
+from corral.control.jobservice import JobService
 from corral.control.plane import ControlPlane, install_child_watcher
 from corral.control.service import ROLES, ControlService, ServiceError
 from corral.control.site import SITE_DEFAULTS_FILE
@@ -372,6 +373,8 @@ async def _serve(
     keep = False  # at the end: leave the environments to the agent, or tear them down
     try:
         for note in await plane.adopt_leftovers():
+            err.print(f"[yellow]note[/]: {note}")
+        for note in plane.periodic.restore() + JobService(service).schedule_all():
             err.print(f"[yellow]note[/]: {note}")
         if agent is not None:
             agent.on_reconnect = plane.after_reconnect

@@ -37,6 +37,7 @@ from corral.control.ledger import (
     priority_of,
     strategy_of,
 )
+from corral.control.periodic import PeriodicScheduler
 from corral.control.runner import JobRunner
 from corral.control.services import ServiceSupervisor
 from corral.control.tasks import RuntimeTask
@@ -49,6 +50,7 @@ from corral.planning.placement import NoFit
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import BUSY, Backend, Report
 from corral.store.jobstore import JobStore
+from corral.store.periodicstore import PeriodicStore
 from corral.store.servicestore import ServiceStore
 from corral.store.sqlite import SqliteStore
 
@@ -122,6 +124,8 @@ class ControlPlane:
             backend, self.ledger, self.journal, JobStore(store),
             priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
         )  # fmt: skip
+        # batch jobs and DAGs on a cron schedule: one timer for them all
+        self.periodic = PeriodicScheduler(self.jobs, PeriodicStore(store), clock=clock)
         self.services = ServiceSupervisor(
             backend, self.ledger, self.journal, ServiceStore(store),
             priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
@@ -202,14 +206,16 @@ class ControlPlane:
     def address_of(self, node: str) -> str:
         """Where a node's tasks' ports are reached: its ``address`` label, else the
         backend's own host (the local backend: every node is this machine), else its
-        name."""
+        name (``localhost``: 127.0.0.1)."""
         for n in self.ledger.nodes:
             if n.name == node:
                 label = n.label("address")
                 if label:
                     return label
         host = getattr(self.backend, "host", None)
-        return host if isinstance(host, str) and self.backend.name == "local" else node
+        if isinstance(host, str) and self.backend.name == "local":
+            return host
+        return "127.0.0.1" if node == "localhost" else node
 
     def _relocate(self, env: Environment, tasks: list[RuntimeTask]) -> None:
         """Place again the tasks of ``env`` whose node is down (RECOVER relaunches them);
@@ -692,6 +698,7 @@ class ControlPlane:
         if self._reconciling is not None:
             self._reconciling.cancel()
         try:
+            await self.periodic.close()  # before the runner: its ending runs start nothing
             await self.jobs.close()
             await self.services.close()
         except Exception:

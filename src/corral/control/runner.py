@@ -648,7 +648,8 @@ class JobRunner:
         if live:
             return
         if cancelled is not None or c[CANCELLED]:
-            state, why = CANCELLED, cancelled or "cancelled"
+            said = next((u.reason for u in job.members if u.state == CANCELLED and u.reason), None)
+            state, why = CANCELLED, cancelled or said or "cancelled"
         elif c[FAILED]:
             state = FAILED
             first = next(u for u in job.members if u.state == FAILED)

@@ -359,6 +359,10 @@ class ControlService:
             name, rank = priority_of(plan, self.plane.priority_classes)
         except ValueError as e:
             raise ServiceError(422, "Bad variable", str(e)) from None
+        return self.check_class(name, rank, who)
+
+    def check_class(self, name: str, rank: int, who: Principal) -> tuple[str, int]:
+        """Priority class ``name`` (of rank ``rank``), if ``who`` may use it (else 403)."""
         limit = self.priority_limits.get(who.role)
         if limit is None or rank > limit[1]:
             highest = "none" if limit is None else f"{limit[0]} ({limit[1]})"

@@ -1,0 +1,288 @@
+"""What the API asks of jobs and services: submit, list, show, stop, scale, logs, and the
+service catalog in the formats real tools read.
+
+Job files come from the server's jobs directory (``jobs/`` in the workflows
+directory), by name, as workflows do: a caller names a job, never sends commands. A
+caller's role bounds the priority class a job may run at, as for environments.
+
+The catalog (the healthy endpoints of every service) is also served as Prometheus
+``http_sd_configs`` target groups and as Traefik's HTTP provider dynamic configuration
+(a router per service on ``PathPrefix(`/<name>`)``, a load balancer over its healthy
+replicas).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from corral.control import runner as r
+from corral.control.service import ControlService, Principal, ServiceError
+from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
+from corral.jobs.spec import BatchSpec, DagSpec, PeriodicSpec, ServiceSpec, load_job
+from corral.jobs.units import Units, units_of, units_of_makeflow
+
+MAKEFLOW_SUFFIXES = (".makeflow", ".mf")
+
+
+class JobService:
+    def __init__(self, service: ControlService) -> None:
+        self.service = service
+        self.plane = service.plane
+        self.dir = os.path.join(service.workflows, "jobs")
+
+    # -- files -----------------------------------------------------------------------------
+
+    def path(self, name: str) -> str:
+        """A job file of the jobs directory, by name or relative path; never outside."""
+        if not name or "\0" in name or len(name) > 1000:
+            raise ServiceError(422, "Bad job", "the job name is empty or too long")
+        base = os.path.realpath(self.dir)
+        candidates = [name] if name.endswith((".yaml", ".yml", *MAKEFLOW_SUFFIXES)) else [
+            name + ".yaml", name + ".makeflow"]  # fmt: skip
+        for rel in candidates:
+            path = os.path.realpath(os.path.join(base, rel))
+            if not path.startswith(base + os.sep):
+                raise ServiceError(422, "Bad job", f"{name!r} is outside the jobs directory")
+            if os.path.isfile(path):
+                return path
+        raise ServiceError(404, "No such job file", f"no job {name!r} in {self.dir}")
+
+    def files(self) -> list[dict[str, str]]:
+        if not os.path.isdir(self.dir):
+            return []
+        out = []
+        for entry in sorted(os.listdir(self.dir)):
+            if entry.endswith((".yaml", ".yml", *MAKEFLOW_SUFFIXES)):
+                out.append({"name": entry.rsplit(".", 1)[0], "file": entry})
+        return out
+
+    def _read(self, path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE_CHARS + 1)
+            return raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ServiceError(422, "Bad job", f"{path}: cannot read: {e}") from None
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def submit(self, name: str, who: Principal) -> dict[str, Any]:
+        """Run the job file ``name``: a batch job, a DAG or a Makeflow file is queued; a
+        service is deployed (or updated); a periodic job is scheduled."""
+        path = self.path(name)
+        text = self._read(path)
+        workdir = os.path.dirname(path)
+        if path.endswith(MAKEFLOW_SUFFIXES):
+            try:
+                mf = parse(text, path, {})
+            except MakeflowError as e:
+                raise ServiceError(422, "Bad job", str(e),
+                                   errors=[str(p) for p in e.problems]) from None  # fmt: skip
+            stem = os.path.splitext(os.path.basename(path))[0]
+            return self._queue(units_of_makeflow(mf), stem, "makeflow", "batch", text,
+                               workdir, path, who)  # fmt: skip
+        spec, diags = load_job(path, text)
+        if spec is None:
+            raise ServiceError(422, "Bad job", "; ".join(str(d) for d in diags[:5]),
+                               errors=[str(d) for d in diags])  # fmt: skip
+        if isinstance(spec, PeriodicSpec):
+            raise ServiceError(422, "Bad job", "periodic jobs are scheduled by the server at "
+                               "start (docs/cron.md), not submitted")  # fmt: skip
+        pclass = spec.placement.priority_class
+        rank = self.plane.priority_classes.get(pclass)
+        if rank is None:
+            raise ServiceError(422, "Bad job", f"priority_class {pclass!r} is not one of "
+                               f"{', '.join(self.plane.priority_classes)}")  # fmt: skip
+        self.service.check_class(pclass, rank, who)
+        if isinstance(spec, ServiceSpec):
+            svc = self.plane.services.deploy(spec, text=text, workdir=workdir, owner=who.name)
+            self.service.record({"kind": "service", "service": svc.name, "note": "deployed",
+                                 "file": name}, who.name)  # fmt: skip
+            return {"kind": "service", **self.plane.services.show(svc.name)}
+        assert isinstance(spec, BatchSpec | DagSpec)
+        return self._queue(units_of(spec), spec.name, spec.kind, pclass, text, workdir, path,
+                           who)  # fmt: skip
+
+    def _queue(
+        self, units: Units, name: str, kind: str, pclass: str, text: str, workdir: str,
+        source: str, who: Principal,
+    ) -> dict[str, Any]:  # fmt: skip
+        try:
+            job = self.plane.jobs.submit(units, name=name, kind=kind, text=text,
+                                         workdir=workdir, owner=who.name,
+                                         priority_class=pclass, source=source)  # fmt: skip
+        except ValueError as e:
+            raise ServiceError(422, "Bad job", str(e)) from None
+        return job.summary()
+
+    # -- periodic jobs ------------------------------------------------------------------------
+
+    def schedule_all(self, owner: str = "corral") -> list[str]:
+        """At start: schedule each periodic job file of the jobs directory that is not
+        scheduled yet (those the store holds were restored already); a line each."""
+        notes: list[str] = []
+        have = {p["name"] for p in self.plane.periodic.list()}
+        for f in self.files():
+            if not f["file"].endswith((".yaml", ".yml")):
+                continue
+            path = os.path.join(self.dir, f["file"])
+            text = self._read(path)
+            if "periodic" not in text:
+                continue
+            spec, diags = load_job(path, text)
+            if spec is None and "kind: periodic" in text:
+                first = str(diags[0]) if diags else "it does not load"
+                notes.append(f"periodic job file {path} not scheduled: {first}")
+                continue
+            if not isinstance(spec, PeriodicSpec) or spec.name in have:
+                continue
+            try:
+                job, kind = self._periodic_job(spec, path)
+                self.plane.periodic.add(
+                    spec, text=text, workdir=os.path.dirname(path), owner=owner,
+                    job_units=units_of(job), kind=kind,
+                    priority_class=job.placement.priority_class,
+                )  # fmt: skip
+            except (ValueError, ServiceError) as e:
+                notes.append(f"periodic job {spec.name} ({path}) not scheduled: {e}")
+                continue
+            notes.append(f"periodic job {spec.name} scheduled ({spec.schedule}, {spec.timezone})")
+        return notes
+
+    def _periodic_job(self, spec: PeriodicSpec, path: str) -> tuple[BatchSpec | DagSpec, str]:
+        if spec.job is not None:
+            return spec.job, spec.job.kind
+        target = os.path.join(os.path.dirname(path), spec.job_file or "")
+        inner, diags = load_job(target, self._read(target))
+        if not isinstance(inner, BatchSpec | DagSpec):
+            why = "; ".join(str(d) for d in diags[:3]) or "not a batch or dag job"
+            raise ServiceError(422, "Bad job", f"{spec.job_file}: {why}")
+        return inner, inner.kind
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def jobs(self) -> list[dict[str, Any]]:
+        live = self.plane.jobs.jobs
+        out = []
+        for row in self.plane.jobs.store.jobs():
+            j = live.get(row["id"])
+            out.append(j.summary() if j is not None else _stored(row))
+        return out
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        j = self.plane.jobs.jobs.get(job_id)
+        row = self.plane.jobs.store.job(job_id)
+        if row is None:
+            raise ServiceError(404, "No such job", f"no job {job_id!r}")
+        out = j.summary() if j is not None else _stored(row)
+        if j is not None:
+            out["steps"] = [
+                {"index": u.idx, "name": j.units.name(u.idx), "state": u.state,
+                 "attempt": u.attempt, "node": u.node, "reason": u.reason,
+                 "needs": list(j.units.spec(u.idx).needs) if j.units.array is None else []}
+                for u in j.members[:10_000]
+            ]  # fmt: skip
+        else:
+            out["steps"] = [
+                {"index": u["idx"], "state": u["state"], "attempt": u["attempt"],
+                 "node": u["node"], "reason": u["reason"]}
+                for u in self.plane.jobs.store.units(job_id)[:10_000]
+            ]  # fmt: skip
+        return out
+
+    async def stop(self, job_id: str, who: Principal) -> dict[str, Any]:
+        if job_id not in self.plane.jobs.jobs:
+            raise ServiceError(404, "No such job", f"no job {job_id!r} runs here")
+        job = await self.plane.jobs.cancel(job_id, actor=who.name)
+        return job.summary()
+
+    def log_path(self, job_id: str, index: int, log_dir: str | None) -> str:
+        if log_dir is None:
+            raise ServiceError(404, "No logs", "this server keeps no logs")
+        if self.plane.jobs.store.job(job_id) is None:
+            raise ServiceError(404, "No such job", f"no job {job_id!r}")
+        return os.path.join(log_dir, job_id, f"{index}.log")
+
+    # -- services ------------------------------------------------------------------------------
+
+    def services(self) -> list[dict[str, Any]]:
+        sup = self.plane.services
+        return [sup.show(name) for name in sorted(sup.services)]
+
+    def one_service(self, name: str) -> dict[str, Any]:
+        try:
+            return self.plane.services.show(name)
+        except KeyError:
+            raise ServiceError(404, "No such service", f"no service {name!r}") from None
+
+    def scale(self, name: str, replicas: int, who: Principal) -> dict[str, Any]:
+        try:
+            self.plane.services.scale(name, replicas)
+        except KeyError:
+            raise ServiceError(404, "No such service", f"no service {name!r}") from None
+        except ValueError as e:
+            raise ServiceError(422, "Bad replicas", str(e)) from None
+        self.service.record({"kind": "service", "service": name, "replicas": replicas,
+                             "note": f"scaled to {replicas}"}, who.name)  # fmt: skip
+        return self.plane.services.show(name)
+
+    async def remove(self, name: str, who: Principal) -> dict[str, str]:
+        try:
+            await self.plane.services.remove(name)
+        except KeyError:
+            raise ServiceError(404, "No such service", f"no service {name!r}") from None
+        self.service.record({"kind": "service", "service": name, "note": "removed"}, who.name)
+        return {"service": name, "status": "removed"}
+
+    # -- the catalog --------------------------------------------------------------------------
+
+    def catalog(self) -> dict[str, list[dict[str, Any]]]:
+        sup = self.plane.services
+        return {name: sup.endpoints(name) for name in sorted(sup.services)}
+
+    def endpoints(self, name: str) -> list[dict[str, Any]]:
+        try:
+            return self.plane.services.endpoints(name)
+        except KeyError:
+            raise ServiceError(404, "No such service", f"no service {name!r}") from None
+
+    def prometheus(self) -> list[dict[str, Any]]:
+        """Prometheus ``http_sd_configs`` target groups: one per service and node."""
+        out = []
+        for name, eps in self.catalog().items():
+            groups: dict[str, list[str]] = {}
+            for e in eps:
+                if e["port"] is not None:
+                    groups.setdefault(e["node"], []).append(f"{_host(e['address'])}:{e['port']}")
+            for node, targets in sorted(groups.items()):
+                out.append({"targets": targets,
+                            "labels": {"corral_service": name, "corral_node": node}})  # fmt: skip
+        return out
+
+    def traefik(self) -> dict[str, Any]:
+        """Traefik's HTTP provider dynamic configuration: a router and a service each."""
+        routers: dict[str, Any] = {}
+        services: dict[str, Any] = {}
+        for name, eps in self.catalog().items():
+            servers = [{"url": f"http://{_host(e['address'])}:{e['port']}"}
+                       for e in eps if e["port"] is not None]  # fmt: skip
+            if not servers:
+                continue
+            routers[name] = {"rule": f"PathPrefix(`/{name}`)", "service": name}
+            services[name] = {"loadBalancer": {"servers": servers}}
+        return {"http": {"routers": routers, "services": services}} if routers else {}
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _stored(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "name", "kind", "owner", "priority_class", "state", "reason", "units",
+            "counts", "source", "created")  # fmt: skip
+    out = {k: row.get(k) for k in keys}
+    if out["state"] in (r.JOB_QUEUED, r.JOB_RUNNING):
+        out["state"] = "LOST"
+        out["reason"] = "its control process ended before it did"
+    return out

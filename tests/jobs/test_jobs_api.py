@@ -1,0 +1,239 @@
+"""Jobs, services and the catalog through a real `corral serve` on 127.0.0.1.
+
+Job files come from the server's jobs directory by name; operators submit, viewers
+read; the catalog lists the healthy endpoints of services, also as Prometheus
+``http_sd_configs`` target groups and Traefik's HTTP provider configuration. A real
+Prometheus (Debian's package) discovers the replicas through corral and scrapes them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.server import Server
+
+PY = sys.executable
+PATIENCE = 120.0  # only stops a hung test
+
+SERVER = """
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"corral_test_replica_up 1\\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["CORRAL_PORT"])), H).serve_forever()
+"""
+
+
+def until(what: str, cond: Callable[[], Any]) -> Any:
+    end = time.monotonic() + PATIENCE
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, str]]]:
+    tmp = tmp_path_factory.mktemp("jobs-api")
+    wf = tmp / "workflows"
+    jobs = wf / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "server.py").write_text(SERVER)
+    (jobs / "count.yaml").write_text(
+        f"kind: batch\nname: count\narray: 3\nwants: {{cpu: 0.1}}\ncommand:\n  value: {PY}\n"
+        "  arguments: ['-c', \"print('instance {{ index }}'); open('c{{ index }}', 'w')\"]\n"
+    )
+    (jobs / "qa.makeflow").write_text(
+        "a.txt:\n\techo a > a.txt\nb.txt: a.txt\n\tcat a.txt a.txt > b.txt\n"
+    )
+    (jobs / "web.yaml").write_text(
+        f"kind: service\nname: web\nreplicas: 2\nwants: {{cpu: 0.1, ports: 1}}\n"
+        f"command: {{value: {PY}, arguments: [server.py]}}\n"
+        "health: {http: {path: /metrics}, interval: 200ms, timeout: 200ms}\n"
+    )
+    (jobs / "hot.yaml").write_text(
+        "kind: batch\nname: hot\npriority_class: online\ncommand: {value: /bin/true}\n"
+    )
+    (jobs / "broken.yaml").write_text("kind: batch\nname: broken\ncommand: {valu: x}\n")
+    with Server(tmp / "data", "--workflows", str(wf)) as s:
+        tokens = {"admin": s.admin}
+        with s.client(s.admin) as c:
+            for role in ("operator", "viewer"):
+                r = c.post("/api/tokens", json={"role": role, "name": role})
+                assert r.status_code == 201, r.text
+                tokens[role] = r.json()["token"]
+        yield s, tokens
+        s.stop()
+
+
+def test_batch_and_makeflow_jobs_run_by_name(server: tuple[Server, dict[str, str]]) -> None:
+    s, tokens = server
+    jobs_dir = Path(s.data).parent / "workflows" / "jobs"
+    with s.client(tokens["operator"]) as op, s.client(tokens["viewer"]) as viewer:
+        assert {f["file"] for f in viewer.get("/api/job-files").json()} >= {
+            "count.yaml", "qa.makeflow", "web.yaml"}  # fmt: skip
+        r = op.post("/api/jobs", json={"file": "count"})
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["owner"] == "operator" and job["units"] == 3
+        done = until("the batch job", lambda: (j := viewer.get(f"/api/jobs/{job['id']}").json())
+                     ["state"] in ("SUCCEEDED", "FAILED") and j)  # fmt: skip
+        assert done["state"] == "SUCCEEDED", done
+        assert [st["state"] for st in done["steps"]] == ["SUCCEEDED"] * 3
+        log = viewer.get(f"/api/jobs/{job['id']}/log", params={"index": 2}).json()
+        assert log["lines"] == ["instance 2"]
+        assert all((jobs_dir / f"c{i}").exists() for i in range(3))  # ran in its directory
+        r = op.post("/api/jobs", json={"file": "qa.makeflow"})
+        assert r.status_code == 201, r.text
+        mf = r.json()
+        until("the makeflow", lambda: viewer.get(f"/api/jobs/{mf['id']}").json()["state"]
+              == "SUCCEEDED")  # fmt: skip
+        assert (jobs_dir / "b.txt").read_text() == "a\na\n"
+        assert {j["id"] for j in viewer.get("/api/jobs").json()} >= {job["id"], mf["id"]}
+        # viewers read, never submit; names stay inside the jobs directory
+        assert viewer.post("/api/jobs", json={"file": "count"}).status_code == 403
+        r = op.post("/api/jobs", json={"file": "../../etc/passwd"})
+        assert r.status_code == 422 and "outside the jobs directory" in r.json()["detail"]
+        assert op.post("/api/jobs", json={"file": "nope"}).status_code == 404
+        r = op.post("/api/jobs", json={"file": "broken"})
+        assert r.status_code == 422 and "broken.yaml:3:" in r.json()["detail"], r.text
+        r = op.post("/api/jobs", json={"file": "hot"})  # online is above an operator's
+        assert r.status_code == 403 and "priority class online" in r.json()["detail"]
+        r = op.post("/api/jobs", json={"file": "count", "cmd": "rm -rf /"})
+        assert r.status_code == 422
+        assert viewer.get("/api/jobs/jnosuchjob1").status_code == 404
+
+
+def test_services_and_the_catalog(server: tuple[Server, dict[str, str]]) -> None:
+    s, tokens = server
+    with s.client(tokens["operator"]) as op, s.client(tokens["viewer"]) as viewer:
+        r = op.post("/api/jobs", json={"file": "web"})
+        assert r.status_code == 201, r.text
+        eps = until("2 healthy replicas", lambda: len(
+            e := viewer.get("/api/catalog/web").json()) == 2 and e)  # fmt: skip
+        assert {e["address"] for e in eps} == {"127.0.0.1"}
+        targets = sorted(f"127.0.0.1:{e['port']}" for e in eps)
+        sd = viewer.get("/api/sd/prometheus").json()
+        assert sd == [{"targets": targets, "labels": {"corral_service": "web",
+                                                       "corral_node": eps[0]["node"]}}]  # fmt: skip
+        tr = viewer.get("/api/sd/traefik").json()
+        assert tr["http"]["routers"]["web"] == {"rule": "PathPrefix(`/web`)", "service": "web"}
+        urls = sorted(x["url"] for x in tr["http"]["services"]["web"]["loadBalancer"]["servers"])
+        assert urls == [f"http://{t}" for t in targets]
+        for t in targets:  # what the catalog says answers
+            assert httpx.get(f"http://{t}/metrics").text.startswith("corral_test_replica_up")
+        before = {m["slot"]: m["pid"] for m in viewer.get("/api/services/web").json()["members"]}
+        r = op.post("/api/services/web/scale", json={"replicas": 3})
+        assert r.status_code == 200, r.text
+        until("3 healthy replicas", lambda: len(viewer.get("/api/catalog/web").json()) == 3)
+        after = {m["slot"]: m["pid"] for m in viewer.get("/api/services/web").json()["members"]}
+        assert {k: after[k] for k in before} == before
+        assert viewer.post("/api/services/web/scale", json={"replicas": 1}).status_code == 403
+        assert op.post("/api/services/web/scale", json={"replicas": -1}).status_code == 422
+        assert viewer.get("/api/services/nope").status_code == 404
+        assert op.delete("/api/services/web").status_code == 200
+        assert viewer.get("/api/catalog").json() == {}
+        assert viewer.get("/api/sd/traefik").json() == {}
+        for pid in after.values():
+            until(f"replica {pid} ended", lambda pid=pid: not _alive(pid))
+
+
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="Debian's prometheus package is not installed"
+)
+
+
+@needs_prometheus
+def test_prometheus_discovers_the_replicas_and_scrapes_them(
+    server: tuple[Server, dict[str, str]], tmp_path: Path
+) -> None:
+    s, tokens = server
+    with s.client(tokens["operator"]) as op:
+        assert op.post("/api/jobs", json={"file": "web"}).status_code == 201
+    with s.client(tokens["viewer"]) as viewer:
+        eps = until("2 healthy replicas", lambda: len(
+            e := viewer.get("/api/catalog/web").json()) == 2 and e)  # fmt: skip
+    port = _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"""
+global: {{scrape_interval: 1s, scrape_timeout: 1s}}
+scrape_configs:
+  - job_name: corral-services
+    http_sd_configs:
+      - url: {s.url}/api/sd/prometheus
+        refresh_interval: 1s
+        authorization: {{type: Bearer, credentials: {tokens["viewer"]}}}
+""")
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    try:
+        api = f"http://127.0.0.1:{port}/api/v1"
+
+        def scraped() -> list[dict[str, Any]] | None:
+            try:
+                active = httpx.get(f"{api}/targets").json()["data"]["activeTargets"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                return None
+            up = [t for t in active if t["health"] == "up"]
+            return up if len(up) == 2 else None
+
+        up = until("prometheus scraping both replicas", scraped)
+        assert sorted(t["labels"]["instance"] for t in up) == sorted(
+            f"127.0.0.1:{e['port']}" for e in eps)  # fmt: skip
+        assert {t["labels"]["corral_service"] for t in up} == {"web"}
+
+        def queried() -> list[Any] | None:
+            q = httpx.get(
+                f"{api}/query", params={"query": 'corral_test_replica_up{corral_service="web"}'}
+            )
+            result = q.json()["data"]["result"]
+            return result if len(result) == 2 else None
+
+        assert {r["value"][1] for r in until("the scraped series", queried)} == {"1"}
+    finally:
+        prom.send_signal(signal.SIGTERM)
+        try:
+            prom.wait(30)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        with s.client(tokens["operator"]) as op:
+            op.delete("/api/services/web")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().split(") ")[1].startswith("Z")
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
