@@ -8,6 +8,7 @@ Prometheus (Debian's package) discovers the replicas through corral and scrapes 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -73,6 +74,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, d
         "kind: batch\nname: hot\npriority_class: online\ncommand: {value: /bin/true}\n"
     )
     (jobs / "broken.yaml").write_text("kind: batch\nname: broken\ncommand: {valu: x}\n")
+    (jobs / "secretive.yaml").write_text(
+        "kind: batch\nname: secretive\nsecrets: [db-password]\ncommand:\n  value: /bin/sh\n"
+        "  arguments: ['-c', 'cp \"$CORRAL_SECRETS_DIR/db-password\" got-secret.txt; "
+        'echo "$CORRAL_SECRETS_DIR" > secret-dir.txt; echo copied\']\n'
+    )
+    (jobs / "no-such-secret.yaml").write_text(
+        "kind: batch\nname: nosecret\nsecrets: [nope]\ncommand: {value: /bin/true}\n"
+    )
     with Server(tmp / "data", "--workflows", str(wf)) as s:
         tokens = {"admin": s.admin}
         with s.client(s.admin) as c:
@@ -237,3 +246,54 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+SECRET = "s3cr3t-4f9e1c7b-never-print-me"
+
+
+def test_a_secret_is_nowhere_but_in_the_jobs_file(server: tuple[Server, dict[str, str]]) -> None:
+    s, tokens = server
+    jobs_dir = Path(s.data).parent / "workflows" / "jobs"
+    answers: list[str] = []
+    with s.client(tokens["admin"]) as admin, s.client(tokens["operator"]) as op:
+        r = admin.put("/api/secrets/db-password", json={"value": SECRET})
+        assert r.status_code == 200, r.text
+        answers.append(r.text)
+        r = op.post("/api/jobs", json={"file": "secretive"})
+        assert r.status_code == 201, r.text
+        answers.append(r.text)
+        job = r.json()["id"]
+        done = until("the job", lambda: (j := op.get(f"/api/jobs/{job}")).json()["state"]
+                     in ("SUCCEEDED", "FAILED") and j)  # fmt: skip
+        answers.append(done.text)
+        assert done.json()["state"] == "SUCCEEDED", done.text
+        answers += [op.get(p).text for p in ("/api/jobs", "/api/events", f"/api/jobs/{job}/log")]
+        answers.append(admin.get("/api/secrets").text)
+        # a job that names a secret nobody put does not start, and says why
+        r = op.post("/api/jobs", json={"file": "no-such-secret"})
+        bad = until("the failed job", lambda: (j := op.get(f"/api/jobs/{r.json()['id']}").json())
+                    ["state"] == "FAILED" and j)  # fmt: skip
+        assert "its secrets: no secret 'nope'" in bad["reason"], bad
+    assert (jobs_dir / "got-secret.txt").read_text() == SECRET  # the job had it
+    secret_dir = (jobs_dir / "secret-dir.txt").read_text().strip()
+    assert secret_dir.startswith("/dev/shm/corral-secrets-")
+    until("its secrets' directory removed", lambda: not os.path.exists(secret_dir))
+    needle = SECRET.encode()
+    for text in answers:
+        assert SECRET not in text
+    found = []
+    for root in (s.data, Path(s.log)):
+        paths = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for p in paths:
+            if needle in p.read_bytes():
+                found.append(str(p))
+    for pid in (s.proc.pid, s.agent_pid()):  # the server's and its node agent's
+        assert pid is not None
+        for part in ("environ", "cmdline"):
+            if needle in Path(f"/proc/{pid}/{part}").read_bytes():
+                found.append(f"/proc/{pid}/{part}")
+    others = [p for p in jobs_dir.iterdir() if p.is_file() and needle in p.read_bytes()]
+    assert found == [] and others == [jobs_dir / "got-secret.txt"], (found, others)
+    leftovers = [p for p in Path("/dev/shm").glob("corral-secrets-*") if needle in b"".join(
+        f.read_bytes() for f in p.iterdir() if f.is_file())]  # fmt: skip
+    assert leftovers == []

@@ -356,6 +356,7 @@ async def _serve(
         store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes,
         calls=Registry(extra=call_plugins or {}),
     )  # fmt: skip
+    plane.jobs.secrets.reveal = plane.services.secrets.reveal = secrets.reveal
     service = ControlService(
         plane, workflows=workflows, role_priority=role_priority,
         site_defaults=site_defaults, run_dpl=run_dpl,

@@ -44,6 +44,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.control import secretfiles
 from corral.control.journal import Journal
 from corral.control.ledger import Ledger
 from corral.jobs.units import Units, blocked_by
@@ -178,6 +179,9 @@ class JobRunner:
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         ledger.on_free = self._room
+        # the jobs' secrets (docs/secrets.md): ``secrets.reveal`` is set by a server
+        # that keeps some; each running unit that declares some has its directory
+        self.secrets = secretfiles.Giver()
 
     # -- submitting -----------------------------------------------------------------
 
@@ -357,16 +361,32 @@ class JobRunner:
             ("CORRAL_ATTEMPT", str(u.attempt)), *job.env,
         )  # fmt: skip
         command = job.units.command(u.idx, job.workdir)
+        if spec.secrets:
+            env = (*env, *self.secrets.env(u.key, spec.secrets))
         return Launch(u.key, job.units.name(u.idx), command, "basic", env, logs,
                       timeout=spec.deadline)  # fmt: skip
 
+    def _forget_secrets(self, units: Sequence[Unit]) -> None:
+        for u in units:
+            self.secrets.forget(u.key)
+
     async def _launch(self, node: str, units: list[Unit]) -> None:
-        batch = [self._launch_of(u) for u in units]
+        batch: list[Launch] = []
+        refused: dict[int, str] = {}  # position -> why it cannot start (its secrets)
+        for pos, u in enumerate(units):
+            try:
+                batch.append(self._launch_of(u))
+            except secretfiles.SecretUnavailable as e:
+                refused[pos] = f"its secrets: {e}"
         try:
             outs = await self.backend.launch(node, batch, LAUNCH_TIMEOUT, LAUNCH_TIMEOUT)
         except Exception as e:  # the backend broke: each launch failed
             log.exception("launching %d units on %s", len(units), node)
-            outs = [Outcome(u.key, error=f"the launch failed: {e}") for u in units]
+            outs = [Outcome(x.task_id, error=f"the launch failed: {e}") for x in batch]
+        if refused:
+            it = iter(outs)
+            outs = [Outcome(u.key, error=refused[i]) if i in refused else next(it)
+                    for i, u in enumerate(units)]  # fmt: skip
         ended: list[Unit] = []
         for u, out in zip(units, outs, strict=True):
             if u.state != STARTING:  # cancelled or evicted meanwhile: ended by them
@@ -437,6 +457,8 @@ class JobRunner:
     def _release(self, units: Sequence[Unit]) -> None:
         if not units:
             return
+        if self.secrets:
+            self._forget_secrets(units)
         self.ledger.release_each([u.key for u in units])
         for u in units:
             self._running[u.job.owner] -= 1

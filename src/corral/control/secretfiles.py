@@ -21,8 +21,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
+from corral.jobs.spec import SecretRef
 from corral.store.secrets import SecretError, check_name
 
 SECRETS_DIR_ENV = "CORRAL_SECRETS_DIR"  # where a process finds its secrets' files
@@ -108,3 +109,59 @@ def env_for(names: Mapping[str, str], secrets: Mapping[str, bytes]) -> dict[str,
             raise SecretError(f"secret {name!r} holds a NUL: it can only be given as a file")
         out[var] = text
     return out
+
+
+# reveals secrets by name (``SecretStore.reveal``): KeyError for a missing one
+Reveal = Callable[[Sequence[str]], Mapping[str, bytes]]
+
+
+class SecretUnavailable(Exception):
+    """A process's secrets cannot be given to it: it does not start."""
+
+
+class Giver:
+    """Gives processes their secrets (job units, service replicas), one private
+    directory per running process, by its task id; ``reveal`` None: no secrets here."""
+
+    def __init__(self, reveal: Reveal | None = None) -> None:
+        self.reveal = reveal
+        self._dirs: dict[str, str] = {}
+
+    def env(self, task_id: str, refs: Sequence[SecretRef]) -> list[tuple[str, str]]:
+        """What the process's environment gets: its secrets' directory (files), and
+        the variables asked for. Raises SecretUnavailable (it must not start)."""
+        if self.reveal is None:
+            raise SecretUnavailable("this server keeps no secrets (no key)")
+        try:
+            values = self.reveal([r.name for r in refs])
+        except KeyError as e:
+            raise SecretUnavailable(f"no secret {e.args[0]!r}") from None
+        except ValueError as e:  # a secret the key cannot read
+            raise SecretUnavailable(str(e)) from None
+        out: list[tuple[str, str]] = []
+        files = {r.name: values[r.name] for r in refs if r.env is None}
+        if files:
+            self.forget(task_id)
+            try:
+                path = materialize(task_id, files)
+            except OSError as e:
+                raise SecretUnavailable(f"cannot write its secrets' files: {e}") from None
+            self._dirs[task_id] = path
+            out.append((SECRETS_DIR_ENV, path))
+        asked = {r.name: r.env for r in refs if r.env is not None}
+        if asked:
+            try:
+                out += env_for(asked, values).items()
+            except ValueError as e:
+                self.forget(task_id)
+                raise SecretUnavailable(str(e)) from None
+        return out
+
+    def forget(self, task_id: str) -> None:
+        """The process ended: its secrets' directory goes."""
+        path = self._dirs.pop(task_id, None)
+        if path is not None:
+            remove(path)
+
+    def __bool__(self) -> bool:
+        return bool(self._dirs)

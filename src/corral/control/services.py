@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from corral.control import secretfiles
 from corral.control.journal import Journal
 from corral.control.ledger import Ledger
 from corral.jobs.spec import HealthCheck, ServiceSpec
@@ -221,6 +222,7 @@ class ServiceSupervisor:
         self._changed: set[Service] = set()
         self._flush_scheduled = False
         self.checks_made = 0  # http/tcp checks started (a metric, and for benchmarks)
+        self.secrets = secretfiles.Giver()  # ``reveal`` set by a server that keeps secrets
 
     # -- the API ------------------------------------------------------------------------
 
@@ -549,16 +551,28 @@ class ServiceSupervisor:
         if ex is not None and ex.command is not None:
             argv = (ex.command.value, *ex.command.arguments)
             health = ExecCheck(argv, ex.interval, ex.timeout, ex.threshold)
+        if spec.secrets:
+            env += self.secrets.env(r.key, spec.secrets)
         logs = None if self.log_dir is None else f"{self.log_dir}/{svc.id}/{r.slot}.log"
         return Launch(r.key, f"{svc.name}[{r.slot}]", cmd, "basic", tuple(env), logs, health)
 
     async def _launch(self, node: str, reps: list[Replica]) -> None:
-        batch = [self._launch_of(r) for r in reps]
+        batch: list[Launch] = []
+        refused: dict[int, str] = {}  # position -> why it cannot start (its secrets)
+        for pos, r in enumerate(reps):
+            try:
+                batch.append(self._launch_of(r))
+            except secretfiles.SecretUnavailable as e:
+                refused[pos] = f"its secrets: {e}"
         try:
             outs = await self.backend.launch(node, batch, LAUNCH_TIMEOUT, LAUNCH_TIMEOUT)
         except Exception as e:
             log.exception("launching %d replicas on %s", len(reps), node)
-            outs = [Outcome(r.key, error=f"the launch failed: {e}") for r in reps]
+            outs = [Outcome(x.task_id, error=f"the launch failed: {e}") for x in batch]
+        if refused:
+            it = iter(outs)
+            outs = [Outcome(r.key, error=refused[i]) if i in refused else next(it)
+                    for i, r in enumerate(reps)]  # fmt: skip
         now = self._now()
         for r, out in zip(reps, outs, strict=True):
             if r.state != STARTING:
@@ -626,6 +640,8 @@ class ServiceSupervisor:
             r.in_flight.transport.close()
         r.in_flight = None
         self.ledger.release_each([r.key])
+        if self.secrets:
+            self.secrets.forget(r.key)
         r.pid = None
         r.healthy_since = None
 

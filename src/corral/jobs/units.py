@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from corral.jobs.makeflow import Makeflow
-from corral.jobs.spec import BatchSpec, DagSpec, Placement, Retries
+from corral.jobs.spec import BatchSpec, DagSpec, Placement, Retries, SecretRef
 from corral.model.plan import Command, Constraint, Resources
 
 DEFAULT_CPU = 1.0
@@ -40,6 +40,7 @@ class UnitSpec:
     needs: tuple[int, ...] = ()  # the units (by position) it waits for
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    secrets: tuple[SecretRef, ...] = ()  # what it is given (files, or env when asked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ def units_of(spec: BatchSpec | DagSpec) -> Units:
         p = spec.placement
         one = UnitSpec(
             spec.name, spec.command, _wants(p.wants), constraints_of(p), spec.retries,
-            frozenset(spec.success_exit_codes), spec.deadline,
+            frozenset(spec.success_exit_codes), spec.deadline, secrets=spec.secrets,
         )  # fmt: skip
         return Units((one,), spec.array)
     by_name = {s.name: i for i, s in enumerate(spec.steps)}
@@ -125,6 +126,7 @@ def units_of(spec: BatchSpec | DagSpec) -> Units:
             tuple(sorted({by_name[n] for n in s.needs})),
             s.inputs,
             s.outputs,
+            spec.secrets,  # a DAG's secrets: every step's
         )
         for s in spec.steps
     )
