@@ -58,6 +58,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, d
     jobs = wf / "jobs"
     jobs.mkdir(parents=True)
     (jobs / "server.py").write_text(SERVER)
+    (wf / "uses-web.yaml").write_text(
+        "name: uses-web\nroles:\n  - name: client\n    task:\n      load: client\n"
+    )
+    (wf / "tasks").mkdir()
+    (wf / "tasks" / "client.yaml").write_text(
+        "name: client\ncontrol: {mode: basic}\ncommand:\n  value: /bin/echo\n"
+        "  arguments: ['{{ service.Endpoints(\"web\") }}', '{{ service.Endpoints(\"nope\") }}']\n"
+    )
     (jobs / "count.yaml").write_text(
         f"kind: batch\nname: count\narray: 3\nwants: {{cpu: 0.1}}\ncommand:\n  value: {PY}\n"
         "  arguments: ['-c', \"print('instance {{ index }}'); open('c{{ index }}', 'w')\"]\n"
@@ -149,6 +157,14 @@ def test_services_and_the_catalog(server: tuple[Server, dict[str, str]]) -> None
         assert urls == [f"http://{t}" for t in targets]
         for t in targets:  # what the catalog says answers
             assert httpx.get(f"http://{t}/metrics").text.startswith("corral_test_replica_up")
+        # templates read the catalog: service.Endpoints("web") is its healthy endpoints
+        r = viewer.post("/api/workflows/render", json={"workflow": "uses-web"})
+        assert r.status_code == 200, r.text
+        plan = r.json()
+        args = plan["tasks"][0]["command"]["arguments"]
+        assert sorted(args[0].split(",")) == targets
+        assert args[1] == '{"error":"service.Endpoints: no service \'nope\'"}', args
+        assert any("no service 'nope'" in w for w in plan.get("warnings", [])), plan
         before = {m["slot"]: m["pid"] for m in viewer.get("/api/services/web").json()["members"]}
         r = op.post("/api/services/web/scale", json={"replicas": 3})
         assert r.status_code == 200, r.text

@@ -556,7 +556,8 @@ class ControlService:
             runner = self._dpl_runners.get(repo)
             if runner is None:
                 runner = self._dpl_runners[repo] = DplRunner(repo)
-        return make_site(path, self.plane.ledger.nodes, run_dpl=runner)
+        catalog = self.plane.services.snapshot  # replaced, never changed: safe in a thread
+        return make_site(path, self.plane.ledger.nodes, run_dpl=runner, catalog=catalog)
 
     # -- environments ----------------------------------------------------------------------------
 

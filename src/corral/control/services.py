@@ -223,6 +223,9 @@ class ServiceSupervisor:
         self._flush_scheduled = False
         self.checks_made = 0  # http/tcp checks started (a metric, and for benchmarks)
         self.secrets = secretfiles.Giver()  # ``reveal`` set by a server that keeps secrets
+        # the healthy endpoints of each service, for templates (service.Endpoints): a new
+        # mapping after each change, never changed in place (expansions read it in threads)
+        self.snapshot: Mapping[str, tuple[str, ...]] = {}
 
     # -- the API ------------------------------------------------------------------------
 
@@ -742,6 +745,7 @@ class ServiceSupervisor:
         elif r.healthy_since is not None:
             r.healthy_since = None  # not healthy now (not yet restarted)
             self._changed.add(r.svc)
+            self._schedule_flush()
 
     # -- the one timer ------------------------------------------------------------------------
 
@@ -826,6 +830,12 @@ class ServiceSupervisor:
     def _flush(self) -> None:
         self._flush_scheduled = False
         changed, self._changed = self._changed, set()
+        if changed or len(self.snapshot) != len(self.services):
+            self.snapshot = {
+                name: tuple(f"{e['address']}:{e['port']}" for e in self.endpoints(name)
+                            if e["port"] is not None)
+                for name in self.services
+            }  # fmt: skip
         events, self._events = self._events, []
         rows = [(s.name, s.texts[s.target], s.workdir, s.owner, s.replicas, s.target + 1,
                  s.state, s.reason) for s in changed if s.name in self.services]  # fmt: skip

@@ -223,14 +223,17 @@ def make_site(
     *,
     run_dpl: Callable[[str, Mapping[str, str]], str] | None = None,
     runtime: Mapping[tuple[str, str], str] | None = None,
+    catalog: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Site:
-    """The site one expansion of ``workflow_path`` reads."""
+    """The site one expansion of ``workflow_path`` reads (``catalog``: the services'
+    healthy endpoints, a snapshot that does not change under the expansion)."""
     labels = {n.name: dict(n.labels) for n in nodes}
     return Site(
         labels=labels,
         runtime=dict(runtime or {}),
         jit=jit_reader(repository_of(workflow_path)),
         run_dpl=run_dpl,
+        catalog=catalog,
     )
 
 

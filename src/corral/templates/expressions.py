@@ -471,12 +471,13 @@ SERVICE_FUNCTIONS: dict[str, int] = {
     "dpl.GenerateFromUriOrFallbackToTemplate": 1,
     "odc.GenerateEPNTopologyFullname": 0,
     "odc.GenerateEPNWorkflowScript": 0,
+    "service.Endpoints": 1,
 }
 _SERVICE_NAMESPACES = frozenset(n.split(".")[0] for n in SERVICE_FUNCTIONS)
 
 FUNCTIONS: set[str] = set()  # the namespaced functions templates may call (``_decl``)
 # namespaces of functions (AliECS's among them): ``ns.Name(`` there names a function
-_FUNCTION_NAMESPACES = _NAMESPACES | {"inventory", "config", "runtime", "dpl", "odc"}
+_FUNCTION_NAMESPACES = _NAMESPACES | {"inventory", "config", "runtime", "dpl", "odc", "service"}
 
 
 def _decl(name: str, params: list[Any], ret: Any, impl: Callable[..., Any] | None) -> Any:
@@ -842,6 +843,7 @@ class Evaluator:
             "config.ResolvePath": "config_resolve_path",
             "runtime.Get": "runtime_get",
             "runtime.Set": "runtime_set",
+            "service.Endpoints": "service_endpoints",
         }.get(name)
 
         def site(*args: str) -> str:

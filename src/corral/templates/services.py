@@ -47,6 +47,7 @@ class Services(Protocol):
     def runtime_set(self, component: str, key: str, value: str) -> str: ...
     def jit_command(self, uri: str) -> str | None: ...
     def dpl_dump(self, command: str, env: Mapping[str, str]) -> str: ...
+    def service_endpoints(self, name: str) -> str: ...
 
 
 def error_value(message: str) -> str:
@@ -80,6 +81,8 @@ class Site:
     jit: Callable[[str], str | None] | None = None
     run_dpl: Callable[[str, Mapping[str, str]], str] | None = None
     runtime_writes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # the healthy endpoints (``address:port``) of each service, as the catalog had them
+    catalog: Mapping[str, tuple[str, ...]] | None = None
 
     # -- inventory ----------------------------------------------------------------
 
@@ -189,6 +192,18 @@ class Site:
         self.runtime_writes[(component, key)] = value
         return value
 
+    # -- services ------------------------------------------------------------------
+
+    def service_endpoints(self, name: str) -> str:
+        """service.Endpoints: the healthy endpoints of a service, ``address:port``
+        comma-separated (empty when none is healthy now)."""
+        if self.catalog is None:
+            return error_value("service.Endpoints: no service catalog is known here")
+        eps = self.catalog.get(name)
+        if eps is None:
+            return error_value(f"service.Endpoints: no service {name!r}")
+        return ",".join(eps)
+
     # -- DPL --------------------------------------------------------------------------
 
     def jit_command(self, uri: str) -> str | None:
@@ -206,6 +221,7 @@ class Site:
 _METHODS = (
     "detector_for_host", "detectors_for_hosts", "cru_cards_for_host", "endpoints_for_cru_card",
     "config_resolve", "config_resolve_path", "runtime_get", "runtime_set", "jit_command",
+    "service_endpoints",
 )  # fmt: skip
 
 
