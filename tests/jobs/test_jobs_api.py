@@ -157,6 +157,9 @@ def test_services_and_the_catalog(server: tuple[Server, dict[str, str]]) -> None
         assert urls == [f"http://{t}" for t in targets]
         for t in targets:  # what the catalog says answers
             assert httpx.get(f"http://{t}/metrics").text.startswith("corral_test_replica_up")
+        metrics = viewer.get("/metrics").text
+        assert 'corral_service_replicas{kind="healthy",service="web"} 2.0' in metrics
+        assert 'corral_jobs{priority_class="batch",state="SUCCEEDED"}' in metrics
         # templates read the catalog: service.Endpoints("web") is its healthy endpoints
         r = viewer.post("/api/workflows/render", json={"workflow": "uses-web"})
         assert r.status_code == 200, r.text

@@ -53,6 +53,54 @@ class _States(Collector):
         errors = CounterMetricFamily("corral_store_errors", "Writes the store refused")
         errors.add_metric([], journal.failures)
         yield errors
+        yield from self._jobs()
+
+    def _jobs(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Jobs and their units by state, per priority class; services' replicas."""
+        plane = self.service.plane
+        jobs = GaugeMetricFamily(
+            "corral_jobs", "Jobs run by this server, by state and priority class",
+            labels=["state", "priority_class"],
+        )  # fmt: skip
+        units = GaugeMetricFamily(
+            "corral_job_units", "Units (batch instances, DAG steps) by state and priority class",
+            labels=["state", "priority_class"],
+        )  # fmt: skip
+        by_job: dict[tuple[str, str], int] = {}
+        by_unit: dict[tuple[str, str], int] = {}
+        for j in plane.jobs.jobs.values():
+            k = (j.state, j.priority_class)
+            by_job[k] = by_job.get(k, 0) + 1
+            for state, n in j.counts.items():
+                by_unit[(state, j.priority_class)] = by_unit.get((state, j.priority_class), 0) + n
+        for (state, pc), n in sorted(by_job.items()):
+            jobs.add_metric([state, pc], n)
+        for (state, pc), n in sorted(by_unit.items()):
+            units.add_metric([state, pc], n)
+        yield jobs
+        yield units
+        sup = plane.services
+        replicas = GaugeMetricFamily(
+            "corral_service_replicas", "Replicas of each service: wanted, running, healthy",
+            labels=["service", "kind"],
+        )  # fmt: skip
+        restarts = GaugeMetricFamily(
+            "corral_service_restarts", "Restarts in a row of each service's replicas, summed",
+            labels=["service"],
+        )  # fmt: skip
+        for name in sorted(sup.services):
+            show = sup.show(name)
+            members = show["members"]
+            replicas.add_metric([name, "wanted"], show["replicas"])
+            replicas.add_metric([name, "running"],
+                                sum(1 for m in members if m["state"] == "RUNNING"))  # fmt: skip
+            replicas.add_metric([name, "healthy"], len(sup.endpoints(name)))
+            restarts.add_metric([name], sum(m["restarts"] for m in members))
+        yield replicas
+        yield restarts
+        checks = CounterMetricFamily("corral_service_checks", "http and tcp health checks made")
+        checks.add_metric([], sup.checks_made)
+        yield checks
 
 
 class Metrics:
