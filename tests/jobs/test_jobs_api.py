@@ -316,3 +316,53 @@ def test_a_secret_is_nowhere_but_in_the_jobs_file(server: tuple[Server, dict[str
     leftovers = [p for p in Path("/dev/shm").glob("corral-secrets-*") if needle in b"".join(
         f.read_bytes() for f in p.iterdir() if f.is_file())]  # fmt: skip
     assert leftovers == []
+
+
+def test_after_a_kill_9_of_the_server_jobs_resume_and_services_come_back(tmp_path: Path) -> None:
+    wf = tmp_path / "workflows"
+    jobs = wf / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "server.py").write_text(SERVER)
+    (jobs / "work.py").write_text(
+        "import os, sys, time\n"
+        "i = sys.argv[1]\n"
+        "open('ran', 'a').write(i + ' ')\n"
+        "while i != '0' and not os.path.exists('gate'): time.sleep(0.01)\n"
+        "open('done-' + i, 'w').close()\n"
+    )
+    (jobs / "three.yaml").write_text(
+        f"kind: batch\nname: three\narray: 3\nwants: {{cpu: 0.1}}\n"
+        f"command: {{value: {PY}, arguments: [work.py, '{{{{ index }}}}']}}\n"
+    )
+    (jobs / "web.yaml").write_text(
+        f"kind: service\nname: web\nreplicas: 2\nwants: {{cpu: 0.1, ports: 1}}\n"
+        f"command: {{value: {PY}, arguments: [server.py]}}\n"
+        "health: {http: {path: /metrics}, interval: 200ms, timeout: 200ms}\n"
+    )
+    first = Server(tmp_path / "data", "--workflows", str(wf), keep_agent=True)
+    with first as s:
+        admin = s.admin  # (a second server on the same data prints none: it has one)
+        with s.client(admin) as c:
+            job = c.post("/api/jobs", json={"file": "three"}).json()["id"]
+            assert c.post("/api/jobs", json={"file": "web"}).status_code == 201
+            until("instance 0 done and 1, 2 running", lambda: (jobs / "done-0").exists() and (
+                c.get(f"/api/jobs/{job}").json()["counts"].get("RUNNING") == 2))  # fmt: skip
+            until("2 healthy replicas", lambda: len(c.get("/api/catalog/web").json()) == 2)
+        assert s.proc is not None
+        s.proc.kill()  # kill -9: no teardown
+        s.proc.wait()
+    second = Server(tmp_path / "data", "--workflows", str(wf))
+    with second as s:
+        log = s.log.read_text()
+        assert "job " + job + " (three) taken over: 1 of 3 units had succeeded" in log, log
+        with s.client(admin) as c:
+            until("1 and 2 running again", lambda: c.get(f"/api/jobs/{job}").json()["counts"]
+                  .get("RUNNING") == 2)  # fmt: skip
+            (jobs / "gate").touch()
+            done = until("the job", lambda: (j := c.get(f"/api/jobs/{job}").json())["state"]
+                         in ("SUCCEEDED", "FAILED") and j)  # fmt: skip
+            assert done["state"] == "SUCCEEDED", done
+            until("the service back", lambda: len(c.get("/api/catalog/web").json()) == 2)
+    ran = (jobs / "ran").read_text().split()
+    assert ran.count("0") == 1  # what had succeeded is not run again
+    assert ran.count("1") == 2 and ran.count("2") == 2  # what ran at the crash runs again

@@ -375,7 +375,8 @@ async def _serve(
     try:
         for note in await plane.adopt_leftovers():
             err.print(f"[yellow]note[/]: {note}")
-        for note in plane.periodic.restore() + JobService(service).schedule_all():
+        jobs = JobService(service)
+        for note in jobs.restore() + plane.periodic.restore() + jobs.schedule_all():
             err.print(f"[yellow]note[/]: {note}")
         if agent is not None:
             agent.on_reconnect = plane.after_reconnect

@@ -14,6 +14,7 @@ replicas).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from corral.control import runner as r
@@ -115,6 +116,58 @@ class JobService:
         except ValueError as e:
             raise ServiceError(422, "Bad job", str(e)) from None
         return job.summary()
+
+    # -- after a restart ----------------------------------------------------------------------
+
+    def restore(self) -> list[str]:
+        """At start: take over the jobs a previous control process left unfinished (the
+        units that had succeeded are not run again; those that ran are run again) and
+        start the services it ran again. A line each."""
+        notes: list[str] = []
+        runner = self.plane.jobs
+        for row in runner.store.jobs(unfinished=True):
+            try:
+                units = self._units_of(row)
+                done = {u["idx"] for u in runner.store.units(row["id"])
+                        if u["state"] == r.SUCCEEDED}  # fmt: skip
+                runner.store.reset_units(
+                    row["id"],
+                    [u["idx"] for u in runner.store.units(row["id"]) if u["idx"] not in done],
+                )
+                runner.submit(units, name=row["name"], kind=row["kind"], text=row["text"],
+                              workdir=row["workdir"], owner=row["owner"] or "",
+                              priority_class=row["priority_class"], source=row["source"],
+                              job_id=row["id"], done=done, restored=True)  # fmt: skip
+                notes.append(f"job {row['id']} ({row['name']}) taken over: {len(done)} of "
+                             f"{units.count} units had succeeded")  # fmt: skip
+            except (ValueError, ServiceError) as e:
+                now = self.service.clock()
+                why = f"not taken over after a restart: {e}"
+                ev = {"kind": "job", "job": row["id"], "state": r.FAILED, "reason": why}
+                runner.store.write([(row["id"], r.FAILED, why, row["counts"])], [], [ev], now)
+                notes.append(f"job {row['id']} ({row['name']}) {why}")
+        sup = self.plane.services
+        for row in sup.store.services():
+            spec, diags = load_job(row["workdir"] + "/" + row["name"] + ".yaml", row["text"])
+            if not isinstance(spec, ServiceSpec):
+                first = str(diags[0]) if diags else "not a service"
+                notes.append(f"service {row['name']} not started again: {first}")
+                continue
+            spec = replace(spec, replicas=row["replicas"])
+            sup.deploy(spec, text=row["text"], workdir=row["workdir"], owner=row["owner"] or "")
+            notes.append(f"service {row['name']} started again: {row['replicas']} replicas")
+        return notes
+
+    def _units_of(self, row: dict[str, Any]) -> Units:
+        if row["kind"] == "makeflow":
+            try:
+                return units_of_makeflow(parse(row["text"], row["source"] or row["name"], {}))
+            except MakeflowError as e:
+                raise ValueError(str(e)) from None
+        spec, diags = load_job(row["source"] or row["name"], row["text"])
+        if not isinstance(spec, BatchSpec | DagSpec):
+            raise ValueError("; ".join(str(d) for d in diags[:3]) or "not a batch or dag job")
+        return units_of(spec)
 
     # -- periodic jobs ------------------------------------------------------------------------
 

@@ -297,6 +297,23 @@ class Ledger:
             self.version += 1
             self._freed()
 
+    def add_nodes(self, nodes: Sequence[Node]) -> None:
+        """New nodes join (an elastic pool grew); a name already known is replaced."""
+        by = {n.name: n for n in nodes}
+        kept = [n for n in self.nodes if n.name not in by]
+        self.nodes = (*kept, *nodes)
+        self.version += 1
+        self._freed()
+
+    def remove_node(self, name: str) -> None:
+        """Forget a node that holds nothing (an elastic pool gave it back); ValueError
+        when something is still placed there."""
+        if any(name in h.nodes for h in self._held.values()):
+            raise ValueError(f"node {name} still holds work")
+        self.nodes = tuple(n for n in self.nodes if n.name != name)
+        self.usage.pop(name, None)
+        self.version += 1
+
     def holders_on(self, name: str) -> list[str]:
         """The environments with tasks on this node, oldest first."""
         held = sorted(self._held.values(), key=lambda h: h.order)

@@ -202,9 +202,11 @@ class JobRunner:
         job_id: str | None = None,
         env: Sequence[tuple[str, str]] = (),
         done: Collection[int] = (),
+        restored: bool = False,
     ) -> Job:
         """Queue a job's units (those in ``done`` count as succeeded: a resumed job).
-        Stored before anything starts (StoreUnavailable: nothing is queued)."""
+        Stored before anything starts (StoreUnavailable: nothing is queued); a job
+        ``restored`` after a restart is in the store already (same id)."""
         if priority_class not in self.priority_classes:
             known = ", ".join(self.priority_classes)
             raise ValueError(f"priority_class {priority_class!r} is not one of {known}")
@@ -219,8 +221,12 @@ class JobRunner:
         ev = {"kind": "job", "job": job.id, "name": name, "state": JOB_QUEUED,
               "units": units.count, "owner": job.owner}  # fmt: skip
         now = self.clock()
-        events = self.journal.call(lambda: self.store.create(row, [ev], now))
-        self.journal.publish(events)
+        if restored:
+            ev["note"] = f"taken over after a restart: {len(done)} units had succeeded"
+            self.journal.write(lambda: self.store.write([], [], [ev], now))
+        else:
+            events = self.journal.call(lambda: self.store.create(row, [ev], now))
+            self.journal.publish(events)
         self.jobs[job.id] = job
         self._admit(job, set(done))
         return job
