@@ -366,3 +366,27 @@ def test_after_a_kill_9_of_the_server_jobs_resume_and_services_come_back(tmp_pat
     ran = (jobs / "ran").read_text().split()
     assert ran.count("0") == 1  # what had succeeded is not run again
     assert ran.count("1") == 2 and ran.count("2") == 2  # what ran at the crash runs again
+
+
+def test_serve_with_an_elastic_pool_runs_its_jobs_on_new_nodes(tmp_path: Path) -> None:
+    wf = tmp_path / "workflows"
+    (wf / "jobs").mkdir(parents=True)
+    (wf / "jobs" / "qa.yaml").write_text(
+        "kind: batch\nname: qa\narray: 4\npool: qa\nwants: {cpu: 1}\n"
+        "command: {value: /bin/sh, arguments: ['-c', 'echo on $CORRAL_JOB_INDEX']}\n"
+    )
+    bad = subprocess.run([sys.executable, "-m", "corral", "serve", "--pool", "qa=3:1:2"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "need 0 <= min <= max" in bad.stderr
+    args = ("--workflows", str(wf), "--pool", "qa=0:2:1", "--pool-cooldown", "0.5")
+    with Server(tmp_path / "data", *args) as s, s.client(s.admin) as c:
+        job = c.post("/api/jobs", json={"file": "qa"}).json()["id"]
+        done = until("the job", lambda: (j := c.get(f"/api/jobs/{job}").json())["state"]
+                     in ("SUCCEEDED", "FAILED") and j)  # fmt: skip
+        assert done["state"] == "SUCCEEDED", done
+        assert {st["node"] for st in done["steps"]} <= {"qa-1", "qa-2"}
+        until("the pool's nodes given back", lambda: not any(
+            n["pool"] == "qa" for n in c.get("/api/nodes").json()))  # fmt: skip
+        notes = [e.get("note", "") for e in c.get("/api/events").json() if e["kind"] == "pool"]
+        assert notes[0].startswith("asking for 2 nodes"), notes
+        assert any(n.startswith("released") for n in notes), notes

@@ -17,7 +17,7 @@ import re
 import signal
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import click
 import uvicorn
@@ -41,6 +41,13 @@ from corral.cli.run import (
     task_env_option,
 )
 from corral.cli.template import call_plugin_option, load_site, parse_call_plugins
+from corral.control.elastic import (
+    ElasticPools,
+    PoolSpec,
+    Provider,
+    RayProvider,
+    SimulatedProvider,
+)
 from corral.control.jobservice import JobService
 from corral.control.plane import ControlPlane, install_child_watcher
 from corral.control.service import ROLES, ControlService, ServiceError
@@ -181,6 +188,16 @@ def secrets_key_file(data: str) -> str:
     "site-defaults.yaml in --data, if there is one).",
 )  # fmt: skip
 @click.option("--run-dpl", is_flag=True, help="dpl.Generate* may run DPL commands.")
+@click.option(
+    "--pool", "pools", multiple=True, metavar="NAME=MIN:MAX:CPUS[:MEMORY_MB]",
+    help="An elastic pool (repeatable): nodes of that size, between MIN and MAX, asked for "
+    "when jobs of pool NAME wait and given back when idle (Ray's autoscaler with --backend "
+    "ray; simulated nodes on this machine otherwise). docs/jobs.md#elastic-pools",
+)  # fmt: skip
+@click.option(
+    "--pool-cooldown", default=60.0, show_default=True, type=click.FloatRange(0, 86400),
+    metavar="SECONDS", help="How long a pool's node stays idle before it is given back.",
+)  # fmt: skip
 @call_plugin_option
 def serve(
     data: str,
@@ -204,9 +221,12 @@ def serve(
     kafka_options: tuple[str, ...],
     defaults_file: str | None,
     run_dpl: bool,
+    pools: tuple[str, ...],
+    pool_cooldown: float,
     call_plugins: tuple[str, ...],
 ) -> None:
     """Run the control server: the HTTP API, the controller and the store."""
+    elastic = parse_pools(pools, pool_cooldown)
     kafka_config = parse_kafka(kafka, kafka_topic_prefix, kafka_options)
     if defaults_file is None and os.path.isfile(os.path.join(data, SITE_DEFAULTS_FILE)):
         defaults_file = os.path.join(data, SITE_DEFAULTS_FILE)
@@ -229,8 +249,33 @@ def serve(
         reconcile_every, ray_address, sim_latency, passed, tls=tls, max_body=max_body,
         role_priority=limits, kafka=kafka, kafka_prefix=kafka_topic_prefix,
         kafka_config=kafka_config, site_defaults=site_defaults, run_dpl=run_dpl,
-        call_plugins=bridges,
+        call_plugins=bridges, pools=elastic,
     )))  # fmt: skip
+
+
+def parse_pools(pairs: tuple[str, ...], cooldown: float) -> list[PoolSpec]:
+    """``--pool NAME=MIN:MAX:CPUS[:MEMORY_MB]``, checked now."""
+    out: list[PoolSpec] = []
+    for pair in pairs:
+        name, eq, rest = (x.strip() for x in pair.partition("="))
+        parts = rest.split(":")
+        try:
+            if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+                raise ValueError("expected NAME=MIN:MAX:CPUS[:MEMORY_MB]")
+            if len(parts) not in (3, 4):
+                raise ValueError("expected NAME=MIN:MAX:CPUS[:MEMORY_MB]")
+            low, high = int(parts[0]), int(parts[1])
+            cpu = float(parts[2])
+            memory = int(parts[3]) if len(parts) == 4 else 0
+            if not (0 < cpu <= 4096 and 0 <= memory <= 1 << 30):
+                raise ValueError("cpus must be in (0, 4096] and memory in [0, 2^30] MB")
+            out.append(PoolSpec(name, low, high, Node(name, cpu=cpu, memory=memory,
+                                                      ports=(30000, 39999)), cooldown))  # fmt: skip
+        except ValueError as e:
+            raise click.BadParameter(f"{pair!r}: {e}", param_hint="--pool") from None
+    if len({p.name for p in out}) != len(out):
+        raise click.BadParameter("a pool is given twice", param_hint="--pool")
+    return out
 
 
 def parse_kafka(kafka: str | None, prefix: str, options: tuple[str, ...]) -> dict[str, str]:
@@ -298,6 +343,7 @@ async def _serve(
     kafka: str | None = None,
     kafka_prefix: str = "aliecs",
     kafka_config: dict[str, str] | None = None,
+    pools: Sequence[PoolSpec] = (),
     site_defaults: dict[str, str] | None = None,
     run_dpl: bool = False,
     call_plugins: dict[str, BridgePlugin] | None = None,
@@ -372,12 +418,19 @@ async def _serve(
         err.print(f"kafka: publishing events to {kafka} ({kafka_prefix}.* topics) from event "
                   f"{publisher.acked + 1}")  # fmt: skip
     keep = False  # at the end: leave the environments to the agent, or tear them down
+    elastic: ElasticPools | None = None
     try:
         for note in await plane.adopt_leftovers():
             err.print(f"[yellow]note[/]: {note}")
         jobs = JobService(service)
         for note in jobs.restore() + plane.periodic.restore() + jobs.schedule_all():
             err.print(f"[yellow]note[/]: {note}")
+        if pools:
+            provider: Provider = RayProvider() if backend_name == "ray" else SimulatedProvider()
+            elastic = ElasticPools(plane.ledger, plane.jobs, plane.services, provider, pools,
+                                   record=plane.record)  # fmt: skip
+            elastic.start()
+            err.print(f"elastic pools: {', '.join(f'{p.name} ({p.min}..{p.max})' for p in pools)}")
         if agent is not None:
             agent.on_reconnect = plane.after_reconnect
         if reconcile_every > 0:
@@ -432,6 +485,8 @@ async def _serve(
             err.print("stopping: tearing environments down ...")
         return 0
     finally:
+        if elastic is not None:
+            await elastic.close()
         if keep:
             await service.detach()
         else:
