@@ -160,3 +160,13 @@ command:
     (tmp_path / "s.yaml").write_text("kind: service\nname: s\ncommand: {value: /bin/true}\n")
     p = corral("job", "run", "s.yaml", "--data", str(tmp_path / "d"), cwd=tmp_path)
     assert p.returncode == 1 and "a service job does not run to an end" in p.stderr
+
+
+def test_the_qa_makeflow_example_runs(tmp_path: Path) -> None:
+    from tests.conftest import EXAMPLES
+
+    p = corral("flow", "run", os.path.join(EXAMPLES, "jobs", "qa.makeflow"), "--data",
+               str(tmp_path / "d"), cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "report.txt").read_text() == (
+        "reco run 245146\nreco run 245147\n1\n1\n")  # fmt: skip

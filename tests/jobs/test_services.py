@@ -292,3 +292,21 @@ def _zombie(pid: int) -> bool:
             return f.read().split(") ")[1].startswith("Z")
     except OSError:
         return True
+
+
+@with_rig()
+async def test_the_web_example_serves_behind_its_catalog(rig: Rig) -> None:
+    import httpx
+
+    from corral.control.jobservice import _host
+    from tests.conftest import EXAMPLES
+
+    path = os.path.join(EXAMPLES, "jobs", "web.yaml")
+    spec, diags = load_job(path, Path(path).read_text())
+    assert not diags and isinstance(spec, ServiceSpec), diags
+    rig.sup.deploy(spec, text="", workdir=str(rig.tmp), owner="ops")
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 2)
+    for e in rig.sup.endpoints("web"):
+        url = f"http://{_host(e['address'])}:{e['port']}/"
+        r = await asyncio.to_thread(httpx.get, url)
+        assert r.status_code == 200
