@@ -81,6 +81,7 @@ NEEDS = {
     ("GET", "/api/jobs"): "viewer",
     ("GET", "/api/jobs/{job_id}"): "viewer",
     ("DELETE", "/api/jobs/{job_id}"): "operator",
+    ("POST", "/api/jobs/{job_id}/resume"): "operator",
     ("GET", "/api/jobs/{job_id}/log"): "viewer",
     ("GET", "/api/services"): "viewer",
     ("GET", "/api/services/{name}"): "viewer",

@@ -137,6 +137,8 @@ def test_batch_and_makeflow_jobs_run_by_name(server: tuple[Server, dict[str, str
         r = op.post("/api/jobs", json={"file": "count", "cmd": "rm -rf /"})
         assert r.status_code == 422
         assert viewer.get("/api/jobs/jnosuchjob1").status_code == 404
+        r = op.post(f"/api/jobs/{job['id']}/resume")
+        assert r.status_code == 409 and "only a failed or cancelled job" in r.json()["detail"]
 
 
 def test_services_and_the_catalog(server: tuple[Server, dict[str, str]]) -> None:

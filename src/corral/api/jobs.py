@@ -73,6 +73,14 @@ def mount(
     async def job_stop(job_id: JobId, who: Operator) -> dict[str, Any]:
         return await jobs.stop(job_id, who)
 
+    @app.post(
+        "/api/jobs/{job_id}/resume", tags=["jobs"],
+        responses=problems(e404="no such job", e409="the job is not failed or cancelled"),
+    )  # fmt: skip
+    async def job_resume(job_id: JobId, who: Operator) -> dict[str, Any]:
+        """Run a failed or cancelled job again: the steps that succeeded are not run again."""
+        return jobs.resume(job_id, who)
+
     @app.get(
         "/api/jobs/{job_id}/log", tags=["jobs"],
         responses=problems(e404="no such job, or this server keeps no logs"),

@@ -250,6 +250,17 @@ class JobService:
         job = await self.plane.jobs.cancel(job_id, actor=who.name)
         return job.summary()
 
+    def resume(self, job_id: str, who: Principal) -> dict[str, Any]:
+        """Run a failed or cancelled job again; what succeeded is not run again."""
+        if job_id not in self.plane.jobs.jobs:
+            raise ServiceError(404, "No such job", f"no job {job_id!r} runs here")
+        try:
+            job = self.plane.jobs.resume(job_id)
+        except ValueError as e:
+            raise ServiceError(409, "Cannot resume", str(e)) from None
+        self.service.record({"kind": "job", "job": job_id, "note": "resumed"}, who.name)
+        return job.summary()
+
     def log_path(self, job_id: str, index: int, log_dir: str | None) -> str:
         if log_dir is None:
             raise ServiceError(404, "No logs", "this server keeps no logs")
