@@ -107,8 +107,8 @@ wants: {{cpu: 1, ports: 1}}
 command: {{value: {py}, arguments: [SERVER], env: [{env}]}}
 health:
   http: {{path: /healthz}}
-  interval: 100ms
-  timeout: 100ms
+  interval: 500ms
+  timeout: 500ms     # (generous: a busy 2-core machine must not fail healthy replicas)
   threshold: 2
 restart: {{initial: 200ms, max: 5s, factor: 2, crash_loop: 3, reset_after: 30s}}
 update: {{max_parallel: 1, healthy_for: 300ms, deadline: 20s}}
@@ -310,3 +310,56 @@ async def test_the_web_example_serves_behind_its_catalog(rig: Rig) -> None:
         url = f"http://{_host(e['address'])}:{e['port']}/"
         r = await asyncio.to_thread(httpx.get, url)
         assert r.status_code == 200
+
+
+KEEPALIVE_SERVER = """
+import asyncio, os
+IDLE_CLOSE = float(os.environ.get("IDLE_CLOSE", "0"))  # close an idle connection, unsaid
+ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok"
+class P(asyncio.Protocol):
+    def connection_made(self, t):
+        self.t = t
+        with open(os.environ["CORRAL_SERVICE"] + "-connections", "a") as f:
+            f.write("c")
+    def data_received(self, data):
+        if b"\\r\\n\\r\\n" in data:
+            with open(os.environ["CORRAL_SERVICE"] + "-answers", "a") as f:
+                f.write("a")
+            self.t.write(ANSWER)
+            if IDLE_CLOSE:
+                asyncio.get_running_loop().call_later(IDLE_CLOSE, self.t.close)
+async def main():
+    await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(os.environ["CORRAL_PORT"]))
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@with_rig()
+async def test_http_checks_keep_their_connection_and_survive_a_server_closing_it(
+    rig: Rig,
+) -> None:
+    (rig.tmp / "ka.py").write_text(KEEPALIVE_SERVER)
+    body = (
+        web()
+        .replace("SERVER", str(rig.tmp / "ka.py"))
+        .replace("interval: 500ms", "interval: 100ms")
+    )
+    body = body.replace("timeout: 500ms", "timeout: 100ms")
+    rig.deploy(rig.spec(body, name="ka"))
+    rig.deploy(rig.spec(body.replace("env: []", 'env: ["IDLE_CLOSE=0.02"]'), name="stale"))
+    for name in ("ka", "stale"):
+        await rig.until(lambda name=name: len(rig.sup.endpoints(name)) == 1)
+
+    def count(what: str) -> int:
+        path = rig.tmp / what
+        return len(path.read_text()) if path.exists() else 0
+
+    await rig.until(lambda: count("ka-answers") >= 20 and count("stale-answers") >= 20)
+    shown = {n: rig.sup.show(n)["members"][0] for n in ("ka", "stale")}
+    assert all(m["restarts"] == 0 and m["healthy"] for m in shown.values()), shown
+    # the keep-alive replica answered over one connection; the stale one closed each
+    # connection while idle: each check found it closed, and made it again on a new one
+    assert count("ka-connections") == 1, count("ka-connections")
+    assert count("stale-connections") >= count("stale-answers") - 1
+    assert not [n for n in rig.notes("stale") if "health check failed" in n]

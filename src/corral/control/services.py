@@ -33,8 +33,12 @@ in one heap, with one timer for all services: no asyncio task or timer per repli
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
+import ipaddress
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -65,6 +69,7 @@ GRACE = 3.0
 LAUNCH_TIMEOUT = 30.0
 FIRST_CHECK = 0.5  # seconds after its start, at most, a replica's first check is made
 STARTUP = 30.0  # seconds a replica that never passed a check has to come up
+SLACK = 0.05  # seconds early a timed item may be done, so that one wake does several
 MAX_RESPONSE = 4096  # bytes of an http check's answer read
 
 
@@ -73,9 +78,9 @@ def service_id(name: str) -> str:
 
 
 class Replica:
-    __slots__ = ("checks_due", "early", "fails", "healthy_since", "in_flight", "key", "n",
-                 "node", "passes", "pid", "ports", "reason", "restarts", "slot", "started",
-                 "state", "svc", "version")  # fmt: skip
+    __slots__ = ("checks_due", "conn", "early", "fails", "healthy_since", "in_flight", "key",
+                 "n", "node", "passes", "pid", "ports", "probes", "reason", "restarts", "slot",
+                 "started", "state", "svc", "version")  # fmt: skip
 
     def __init__(self, svc: Service, n: int, slot: int, version: int) -> None:
         self.svc = svc
@@ -96,12 +101,15 @@ class Replica:
         self.checks_due = 0.0
         self.in_flight: _Check | None = None
         self.early: Report | None = None
+        # its http/tcp checks, made once per process: (check, host, port, request)
+        self.probes: list[tuple[HealthCheck, str, int, bytes | None]] = []
+        self.conn: socket.socket | None = None  # an http check's kept connection
 
-    def summary(self, address: str | None) -> dict[str, Any]:
+    def summary(self, address: str | None, healthy: bool) -> dict[str, Any]:
         return {
             "slot": self.slot, "replica": self.n, "version": self.version + 1,
             "state": self.state, "node": self.node, "address": address,
-            "ports": list(self.ports), "pid": self.pid, "healthy": self.healthy_since is not None,
+            "ports": list(self.ports), "pid": self.pid, "healthy": healthy,
             "restarts": self.restarts, "reason": self.reason,
         }  # fmt: skip
 
@@ -138,53 +146,191 @@ class Service:
 
 
 class _Check:
-    """One http or tcp check in flight (a connection and its deadline)."""
+    """One http or tcp check in flight: a non-blocking socket driven by the loop's
+    reader and writer callbacks (no task, future or transport per check), and its
+    deadline. ``done(why, kept)`` is called once: ``why`` None when healthy, ``kept``
+    the connection to use for the next http check (HTTP/1.1 keep-alive), if any.
 
-    __slots__ = ("deadline", "replica", "transport")
+    An http check on a kept connection that fails before any answer (the server
+    closed it while idle) is made again once on a new connection."""
 
-    def __init__(self, replica: Replica, deadline: float) -> None:
+    __slots__ = ("buf", "deadline", "done", "fd", "host", "loop", "over", "port", "replica",
+                 "request", "reused", "sock", "timeout", "where")  # fmt: skip
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        replica: Replica,
+        deadline: float,
+        request: bytes | None,
+        done: Callable[[str | None, socket.socket | None], None],
+    ) -> None:
+        self.loop = loop
         self.replica = replica
         self.deadline = deadline
-        self.transport: asyncio.BaseTransport | None = None
-
-
-class _Probe(asyncio.Protocol):
-    """An http check's GET (or a tcp check's connection), and its answer."""
-
-    def __init__(self, request: bytes | None, done: Callable[[str | None], None]) -> None:
-        self.request = request
+        self.timeout = 0.0
+        self.request = request  # None: a tcp check (connected is healthy)
         self.done = done
         self.buf = b""
         self.over = False
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.where = ""
+        self.host = ""
+        self.port = 0
+        self.reused = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.request is None:  # tcp: connected is healthy
-            self._end(None)
-            transport.close()
+    def start(self, host: str, port: int, kept: socket.socket | None = None) -> None:
+        self.where = f"{host}:{port}"
+        self.host, self.port = host, port
+        if kept is not None:
+            self.sock, self.reused = kept, True
+            self._connected()
             return
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.request)
-        self.transport = transport
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:  # a name, not an address: resolved off the loop, then here
+            self._resolve(host, port)
+            return
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK |
+                                      socket.SOCK_CLOEXEC)  # fmt: skip
+            err = self.sock.connect_ex((host, port))
+        except OSError as e:
+            self.end(f"cannot connect to {self.where}: {e.strerror or e}")
+            return
+        if err == 0:
+            self._connected()
+        elif err == errno.EINPROGRESS:
+            self.fd = self.sock.fileno()
+            self.loop.add_writer(self.fd, self._on_writable)
+        else:
+            self.end(f"cannot connect to {self.where}: {os.strerror(err)}")
 
-    def data_received(self, data: bytes) -> None:
+    def _resolve(self, host: str, port: int) -> None:
+        async def resolve() -> None:
+            try:
+                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                self.end(f"cannot resolve {host}: {e.strerror or e}")
+                return
+            if not self.over:
+                self.start(str(infos[0][4][0]), port)
+                self.where = f"{host}:{port}"
+
+        task = asyncio.ensure_future(resolve())
+        _RESOLVING.add(task)
+        task.add_done_callback(_RESOLVING.discard)
+
+    def _on_writable(self) -> None:
+        self.loop.remove_writer(self.fd)
+        assert self.sock is not None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.fd = -1
+            self.end(f"cannot connect to {self.where}: {os.strerror(err)}")
+        else:
+            self._connected()
+
+    def _connected(self) -> None:
+        if self.request is None:
+            self.end(None)
+            return
+        assert self.sock is not None
+        try:
+            self.sock.send(self.request)  # a few dozen bytes: the send buffer takes them
+        except OSError as e:
+            self._failed(f"cannot send to {self.where}: {e.strerror or e}")
+            return
+        self.fd = self.sock.fileno()
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    def _failed(self, why: str) -> None:
+        """No answer at all: on a kept connection, try once more on a new one."""
+        if self.reused and not self.buf:
+            self.close()
+            self.reused = False
+            self.start(self.host, self.port)
+        else:
+            self.end(why)
+
+    def _on_readable(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(MAX_RESPONSE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._failed(f"{self.where}: {e.strerror or e}")
+            return
+        if not data and not self.buf:
+            self._failed("the connection closed before an answer")
+            return
         self.buf += data
-        line, sep, _ = self.buf.partition(b"\r\n")
-        if sep or len(self.buf) >= MAX_RESPONSE:
-            parts = line.split(None, 2)
-            code = parts[1] if len(parts) > 1 and parts[0].startswith(b"HTTP/") else b""
-            if code.isdigit() and 200 <= int(code) < 400:
-                self._end(None)
-            else:
-                self._end(f"answered {line[:80].decode('latin-1')!r}")
-            self.transport.close()
+        head, sep, body = self.buf.partition(b"\r\n\r\n")
+        if not (sep or len(self.buf) >= MAX_RESPONSE or not data):
+            return  # the headers are not all here yet
+        line = head.split(b"\r\n", 1)[0]
+        parts = line.split(None, 2)
+        code = parts[1] if len(parts) > 1 and parts[0].startswith(b"HTTP/") else b""
+        why = None if code.isdigit() and 200 <= int(code) < 400 else (
+            f"answered {line[:80].decode('latin-1')!r}")  # fmt: skip
+        if not sep or not data:
+            self.end(why)
+            return
+        length = _keep_alive(parts[0], head)
+        if length is None or length > MAX_RESPONSE:
+            self.end(why)
+        elif len(body) >= length:
+            self.end(why, keep=len(body) == length)
+        # else: the rest of the body is on its way
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(f"connection closed before an answer{f': {exc}' if exc else ''}")
+    def close(self) -> None:
+        if self.sock is not None:
+            if self.fd >= 0:
+                self.loop.remove_reader(self.fd)
+                self.loop.remove_writer(self.fd)
+                self.fd = -1
+            self.sock.close()
+            self.sock = None
 
-    def _end(self, why: str | None) -> None:
+    def end(self, why: str | None, keep: bool = False) -> None:
+        kept = None
+        if keep and self.sock is not None:
+            if self.fd >= 0:
+                self.loop.remove_reader(self.fd)
+                self.fd = -1
+            kept, self.sock = self.sock, None
+        self.close()
         if not self.over:
             self.over = True
-            self.done(why)
+            self.done(why, kept)
+        elif kept is not None:
+            kept.close()
+
+
+def _keep_alive(version: bytes, head: bytes) -> int | None:
+    """The body's length when the server keeps the connection open after it (HTTP/1.1
+    with a Content-Length, no ``Connection: close``); None otherwise."""
+    if version != b"HTTP/1.1":
+        return None
+    length = None
+    for header in head.split(b"\r\n")[1:]:
+        name, _, value = header.partition(b":")
+        name = name.strip().lower()
+        if name == b"connection" and b"close" in value.lower():
+            return None
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            v = value.strip()
+            if not v.isdigit():
+                return None
+            length = int(v)
+    return length
+
+
+_RESOLVING: set[asyncio.Future[None]] = set()
 
 
 class ServiceSupervisor:
@@ -226,6 +372,7 @@ class ServiceSupervisor:
         # the healthy endpoints of each service, for templates (service.Endpoints): a new
         # mapping after each change, never changed in place (expansions read it in threads)
         self.snapshot: Mapping[str, tuple[str, ...]] = {}
+        self._healthy_said: dict[str, int] = {}  # the healthy count each service last said
 
     # -- the API ------------------------------------------------------------------------
 
@@ -309,7 +456,8 @@ class ServiceSupervisor:
             "name": svc.name, "state": svc.state, "reason": svc.reason,
             "replicas": svc.replicas, "version": svc.target + 1, "owner": svc.owner,
             "protected": svc.spec.protected,
-            "members": [r.summary(None if r.node is None else self.address_of(r.node))
+            "members": [r.summary(None if r.node is None else self.address_of(r.node),
+                                  self._healthy(r))
                         for r in sorted(svc.members.values(), key=lambda r: (r.slot, r.n))],
         }  # fmt: skip
 
@@ -372,7 +520,7 @@ class ServiceSupervisor:
     def _reconcile(self) -> None:
         self._kicked = False
         dirty, self._dirty = self._dirty, set()
-        now = self._now()
+        now = self._now() + SLACK  # (a restart woken SLACK early is due)
         to_place: list[Replica] = []
         for svc in dirty:
             if svc.name not in self.services:
@@ -588,7 +736,8 @@ class ServiceSupervisor:
             r.healthy_since = None
             r.passes = r.fails = 0
             spec = r.svc.versions[r.version]
-            if any(h.kind in ("http", "tcp") for h in spec.health):
+            r.probes = self._probes(r)
+            if r.probes:
                 first = min(FIRST_CHECK, min(h.interval for h in spec.health))
                 r.checks_due = now + first
                 self._push(r.checks_due, "check", r)
@@ -639,9 +788,12 @@ class ServiceSupervisor:
         self._touch(r.svc)
 
     def _down(self, r: Replica) -> None:
-        if r.in_flight is not None and r.in_flight.transport is not None:
-            r.in_flight.transport.close()
-        r.in_flight = None
+        c, r.in_flight = r.in_flight, None
+        if c is not None:
+            c.close()
+        if r.conn is not None:
+            r.conn.close()
+            r.conn = None
         self.ledger.release_each([r.key])
         if self.secrets:
             self.secrets.forget(r.key)
@@ -680,44 +832,51 @@ class ServiceSupervisor:
         return since is not None and now - since >= spec.update.healthy_for
 
     def _healthy(self, r: Replica) -> bool:
-        spec = r.svc.versions[r.version]
-        return r.healthy_since is not None if _checked(spec) else r.state == RUNNING
+        if r.state != RUNNING:
+            return False
+        return r.healthy_since is not None if r.probes else True
+
+    def _probes(self, r: Replica) -> list[tuple[HealthCheck, str, int, bytes | None]]:
+        """The replica's http and tcp checks, with where they go and what they send."""
+        assert r.node is not None
+        host = self.address_of(r.node)
+        out: list[tuple[HealthCheck, str, int, bytes | None]] = []
+        for h in r.svc.versions[r.version].health:
+            if h.kind not in ("http", "tcp"):
+                continue
+            port = h.port if h.port is not None else (r.ports[0] if r.ports else 0)
+            request = None
+            if h.kind == "http":
+                shown = f"[{host}]" if ":" in host else host
+                request = (f"GET {h.path} HTTP/1.1\r\nHost: {shown}:{port}\r\n"
+                           "User-Agent: corral-health\r\n\r\n").encode()  # fmt: skip
+            out.append((h, host, port, request))
+        return out
 
     def _check(self, r: Replica, now: float) -> None:
-        spec = r.svc.versions[r.version]
-        checks = [h for h in spec.health if h.kind in ("http", "tcp")]
-        if r.state != RUNNING or not checks or r.node is None or r.in_flight is not None:
+        probes = r.probes
+        if r.state != RUNNING or not probes or r.in_flight is not None:
             return
-        h = checks[self.checks_made % len(checks)] if len(checks) > 1 else checks[0]
+        h, host, port, request = probes[self.checks_made % len(probes)]
         self.checks_made += 1
-        port = h.port if h.port is not None else (r.ports[0] if r.ports else 0)
-        host = self.address_of(r.node)
-        c = _Check(r, now + h.timeout)
+
+        def done(why: str | None, kept: socket.socket | None) -> None:
+            if r.in_flight is c:
+                r.in_flight = None
+                if r.state == RUNNING:
+                    r.conn, kept = kept, None
+                    self._checked(r, h, why)
+            if kept is not None:
+                kept.close()
+
+        c = _Check(self._bind(), r, now + h.timeout, request, done)
+        c.timeout = h.timeout
+        kept, r.conn = r.conn, None
         r.in_flight = c
         r.checks_due = now + h.interval
         self._push(r.checks_due, "check", r)
         self._push(c.deadline, "deadline", c)
-        request = None
-        if h.kind == "http":
-            request = (f"GET {h.path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
-                       "User-Agent: corral-health\r\n\r\n").encode()  # fmt: skip
-        loop = self._bind()
-
-        def done(why: str | None) -> None:
-            if r.in_flight is c:
-                r.in_flight = None
-                self._checked(r, h, why)
-
-        async def connect() -> None:
-            try:
-                transport, _ = await loop.create_connection(
-                    lambda: _Probe(request, done), host, port
-                )
-                c.transport = transport
-            except OSError as e:
-                done(f"cannot connect to {host}:{port}: {e.strerror or e}")
-
-        self._spawn(connect())
+        c.start(host, port, kept if request is not None else None)
 
     def _checked(self, r: Replica, h: HealthCheck, why: str | None) -> None:
         now = self._now()
@@ -769,9 +928,17 @@ class ServiceSupervisor:
     def _wake(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
-        now = self._now()
+        # what is due within SLACK is done now, one wake for several (a deadline only
+        # once passed: a check's time to answer is never cut short)
+        real = self._now()
+        now = real + SLACK
+        later = []
         while self._heap and self._heap[0][0] <= now:
-            _, _, kind, obj = heapq.heappop(self._heap)
+            item = heapq.heappop(self._heap)
+            _, _, kind, obj = item
+            if kind == "deadline" and item[0] > real:
+                later.append(item)
+                continue
             if kind == "check":
                 if obj.checks_due <= now and obj.state == RUNNING:
                     self._check(obj, now)
@@ -779,17 +946,14 @@ class ServiceSupervisor:
                 c = obj
                 r = c.replica
                 if r.in_flight is c:
-                    if c.transport is not None:
-                        c.transport.close()
-                    r.in_flight = None
-                    spec = r.svc.versions[r.version]
-                    h = next(h for h in spec.health if h.kind in ("http", "tcp"))
-                    self._checked(r, h, f"no answer within {h.timeout:g} s")
+                    c.end(f"no answer from {c.where} within {c.timeout:g} s")
             elif kind == "restart":
                 if obj.state == PENDING and obj.checks_due <= now:
                     self._touch(obj.svc)
             else:  # gate, update: judge the service again
                 self._touch(obj)
+        for item in later:
+            heapq.heappush(self._heap, item)
         self._arm()
 
     def _now(self) -> float:
@@ -830,13 +994,19 @@ class ServiceSupervisor:
     def _flush(self) -> None:
         self._flush_scheduled = False
         changed, self._changed = self._changed, set()
+        events, self._events = self._events, []
         if changed or len(self.snapshot) != len(self.services):
             self.snapshot = {
                 name: tuple(f"{e['address']}:{e['port']}" for e in self.endpoints(name)
                             if e["port"] is not None)
                 for name in self.services
             }  # fmt: skip
-        events, self._events = self._events, []
+            for svc in changed:  # one event per service whose healthy count changed
+                healthy = sum(1 for r in svc.members.values() if self._healthy(r))
+                if healthy != self._healthy_said.get(svc.name):
+                    self._healthy_said[svc.name] = healthy
+                    events.append({"kind": "service", "service": svc.name, "healthy": healthy,
+                                   "replicas": svc.replicas})  # fmt: skip
         rows = [(s.name, s.texts[s.target], s.workdir, s.owner, s.replicas, s.target + 1,
                  s.state, s.reason) for s in changed if s.name in self.services]  # fmt: skip
         if not rows and not events:
