@@ -873,7 +873,10 @@ class ServiceSupervisor:
         c.timeout = h.timeout
         kept, r.conn = r.conn, None
         r.in_flight = c
-        r.checks_due = now + h.interval
+        if r.passes or r.fails:
+            r.checks_due = now + h.interval
+        else:  # after the first check, the replicas' checks are spread over the interval
+            r.checks_due = now + h.interval * (0.5 + 0.5 * ((r.n * 0.6180339887) % 1.0))
         self._push(r.checks_due, "check", r)
         self._push(c.deadline, "deadline", c)
         c.start(host, port, kept if request is not None else None)
