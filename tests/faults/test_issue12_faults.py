@@ -110,5 +110,8 @@ def test_a_dpl_command_killed_by_a_signal_is_said_and_leaves_nothing(tmp_path: P
         raise AssertionError("a killed command described a workflow")
     pids = [int(p) for p in pidfile.read_text().split()]
     assert len(pids) == 2
-    for pid in pids:  # the shell, and the sleep it left in its group
+    for pid in pids:  # the shell, and the sleep it left in its group (SIGKILLed: it is
+        end = time.monotonic() + PATIENCE  # gone once the kernel has delivered it)
+        while alive(pid) and time.monotonic() < end:
+            time.sleep(0.01)
         assert not alive(pid), f"process {pid} of the command is left"

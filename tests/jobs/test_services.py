@@ -273,7 +273,9 @@ async def test_online_preempts_batch_but_not_a_protected_service(rig: Rig) -> No
     plan = expand("wf.yaml", DictSources({"wf.yaml": ONLINE_WF, "tasks/flp.yaml": FLP}),
                   variables={"priority_class": "online"})  # fmt: skip
     dry, _ = await rig.plane.create_preempting(plan, dry_run=True)
-    assert not any(k.startswith("svc-web:") for k in dry), dry
+    web_id = rig.sup.services["web"].id
+    assert web_id.startswith("svc-") and web_id.endswith("-web")
+    assert not any(k.startswith(web_id + ":") for k in dry), dry
     evicted, env = await rig.plane.create_preempting(plan)
     assert env is not None and evicted == dry
     assert rig.pids() == kept  # the protected service is untouched

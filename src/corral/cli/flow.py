@@ -13,6 +13,10 @@ directory. A YAML job runs in its file's directory.
 
 Exit status: 0 the job succeeded, 1 it failed (or the file is wrong; every error is
 printed as ``FILE:LINE``), 2 a wrong command line, 130 interrupted.
+
+With a server (``--server`` or ``CORRAL_SERVER``), ``corral job run NAME`` submits the
+server's job file NAME instead and follows it there (``corral.cli.jobs_client``);
+``--local`` runs the file here all the same. ``corral flow run`` always runs here.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ import sys
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from corral.backends.local import LocalBackend
+from corral.cli.client import output_option, server_options
 from corral.cli.hardening import private_process
 from corral.cli.job import job, read_job, report
+from corral.cli.jobs_client import run_remote
 from corral.cli.run import DEFAULT_DATA, parse_priorities, parse_task_env, read_inventory
 from corral.control import runner as r
 from corral.control.journal import StoreUnavailable
@@ -303,9 +310,45 @@ async def _run(
     return 0 if state == r.SUCCEEDED else 1
 
 
+LOCAL_ONLY = ("data", "inventory", "priority_classes", "task_env", "fresh")
+
+
 @job.command("run")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("name_or_file", metavar="NAME_OR_FILE")
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="With a server: return once the job is submitted, printing its id.",
+)
+@click.option(
+    "--local", is_flag=True, help="Run the file on this machine even when CORRAL_SERVER is set."
+)
 @common
-def job_run(path: str, **kw: Any) -> None:
-    """Run the batch or dag job file PATH on this machine, to its end (as `flow run`)."""
-    run_job(path, None, **kw)
+@server_options
+@output_option
+def job_run(name_or_file: str, detach: bool, local: bool,
+            server: str | None, token: str | None, output: str, **kw: Any) -> None:  # fmt: skip
+    """Run a job to its end: on the server, or on this machine.
+
+    With a server (--server or CORRAL_SERVER): submit the job file NAME of the server's
+    jobs directory and follow it (Ctrl-C detaches; a service is deployed and the
+    command returns). Without one (or with --local): run the batch or dag job file on
+    this machine with an embedded control plane, as `corral flow run` does. Exit 0: the
+    job succeeded; 1: it failed (or was refused); 130: interrupted.
+    """
+    if server and not local:
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params
+                 if p.name in LOCAL_ONLY and p.name is not None
+                 and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]  # fmt: skip
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)}: only for a run on this machine, but the job goes to "
+                f"{server} (--server, CORRAL_SERVER); add --local to run the file here"
+            )
+        run_remote(name_or_file, server, token, detach, output)
+    if detach:
+        raise click.UsageError("--detach: only with a server (--server, CORRAL_SERVER)")
+    if output != "table":
+        raise click.UsageError("-o json: only with a server (--server, CORRAL_SERVER)")
+    run_job(name_or_file, None, **kw)

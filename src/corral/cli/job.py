@@ -1,7 +1,8 @@
-"""``corral job validate``: check job files (services, batch jobs, DAGs, periodic jobs).
+"""``corral job``: the group of job commands, and ``corral job validate`` (check job files:
+services, batch jobs, DAGs, periodic jobs; docs/jobs.md).
 
-Running jobs is not built yet (issue 13); this reads and checks their specifications
-(docs/jobs.md).
+Running them: ``corral job run`` (cli/flow.py), and against a server ``corral job
+list|show|logs|stop|scale`` (cli/jobs_client.py).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def report(diags: list[Diagnostic]) -> None:
 
 @click.group()
 def job() -> None:
-    """Check job files: services, batch jobs, DAGs, periodic jobs (running them: not yet)."""
+    """Services, batch jobs, DAGs and periodic jobs: check, run, follow (docs/jobs.md)."""
 
 
 @job.command()

@@ -14,6 +14,7 @@ from corral.cli.client import env, lock, node, task, token_group
 from corral.cli.config import config
 from corral.cli.flow import flow
 from corral.cli.job import job
+from corral.cli.jobs_client import catalog, service
 from corral.cli.run import events, run
 from corral.cli.secret import secret
 from corral.cli.serve import serve
@@ -34,7 +35,7 @@ cli.add_command(agent)
 cli.add_command(job)
 cli.add_command(flow)
 cli.add_command(secret)
-for group in (env, task, token_group, lock, node, config):
+for group in (env, task, token_group, lock, node, config, service, catalog):
     cli.add_command(group)
 
 

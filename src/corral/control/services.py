@@ -2,7 +2,9 @@
 
 How this runs. One ``ServiceSupervisor`` per control plane, on its event loop. A
 service's replicas are basic tasks of the plane's backend (task ids
-``svc-<name>:<n>``: the plane routes their reports here), placed on the same ledger as
+``svc-<store>-<name>:<n>``, ``<store>`` a random mark of this server's store, so that
+servers of other data directories on the same machine never end each other's replicas:
+the plane routes their reports here), placed on the same ledger as
 environments and job units, with the service's priority class. Everything timed (a
 restart due after its backoff, a health check due or overdue, an update's gate) waits
 in one heap, with one timer for all services: no asyncio task or timer per replica.
@@ -73,8 +75,9 @@ SLACK = 0.05  # seconds early a timed item may be done, so that one wake does se
 MAX_RESPONSE = 4096  # bytes of an http check's answer read
 
 
-def service_id(name: str) -> str:
-    return f"svc-{name}"
+def service_id(name: str, mark: str) -> str:
+    """A service's task id prefix: unique to this store (``mark``) and the name."""
+    return f"svc-{mark}-{name}"
 
 
 class Replica:
@@ -368,6 +371,7 @@ class ServiceSupervisor:
         self._changed: set[Service] = set()
         self._flush_scheduled = False
         self.checks_made = 0  # http/tcp checks started (a metric, and for benchmarks)
+        self.mark = store.mark()  # this store's, in every replica's task id
         self.secrets = secretfiles.Giver()  # ``reveal`` set by a server that keeps secrets
         # the healthy endpoints of each service, for templates (service.Endpoints): a new
         # mapping after each change, never changed in place (expansions read it in threads)
@@ -389,7 +393,7 @@ class ServiceSupervisor:
             raise ValueError(f"priority_class {pclass!r} is not one of {known}")
         svc = self.services.get(spec.name)
         if svc is None:
-            svc = Service(spec.name, service_id(spec.name), [spec], [text], workdir,
+            svc = Service(spec.name, service_id(spec.name, self.mark), [spec], [text], workdir,
                           owner or "anonymous", self.priority_classes[pclass],
                           replicas=spec.replicas)  # fmt: skip
             self.services[spec.name] = svc

@@ -8,6 +8,7 @@ control process. Every write is one transaction, with its events.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,14 @@ class ServiceStore:
         with self.store._tx() as db:
             db.execute("DELETE FROM services WHERE name = ?", (name,))
         return []
+
+    def mark(self) -> str:
+        """A random mark of this store, made once: the replicas' task ids carry it."""
+        mark = self.store.get_meta("service-mark")
+        if mark is None:
+            mark = secrets.token_hex(3)
+            self.store.set_meta("service-mark", mark)
+        return mark
 
     def services(self) -> list[dict[str, Any]]:
         cur = self.store._db.execute("SELECT * FROM services ORDER BY name")

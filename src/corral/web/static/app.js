@@ -25,6 +25,8 @@ const el = (tag, attrs = {}, ...children) => {
 };
 const badge = (state) => el("span", { class: `state ${state}`, "data-state": state }, state);
 const clock = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "-");
+const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "-");
+const isOperator = () => !!app.me && ROLES.indexOf(app.me.role) >= 1;
 
 const app = {
   token: localStorage.getItem("corral-token") || "",
@@ -32,6 +34,9 @@ const app = {
   stream: null,
   lastSeq: 0,
   env: null, // the environment page's state
+  job: null, // the job page's state
+  services: null, // the services page's state
+  view: null,
   timers: [],
 };
 
@@ -60,6 +65,7 @@ function showLogin(message) {
   $("#login").hidden = false;
   $("#app").hidden = true;
   $("#logout").hidden = true;
+  $("#nav").hidden = true;
   $("#who").textContent = "";
   $("#login-error").textContent = message || "";
   if (app.stream) app.stream.close();
@@ -77,8 +83,9 @@ async function login(token) {
   $("#login").hidden = true;
   $("#app").hidden = false;
   $("#logout").hidden = false;
+  $("#nav").hidden = false;
   $("#who").textContent = `${app.me.name} (${app.me.role})`;
-  const operator = ROLES.indexOf(app.me.role) >= 1;
+  const operator = isOperator();
   document.querySelectorAll(".needs-operator").forEach((n) => (n.hidden = !operator));
   follow();
   route();
@@ -107,7 +114,8 @@ function follow() {
     app.lastSeq = e.seq;
     onEvent(e);
   };
-  for (const kind of ["environment", "transition", "task", "role", "call", "run", "lock", "token"]) {
+  for (const kind of ["environment", "transition", "task", "role", "call", "run", "lock", "token",
+    "job", "units", "service"]) {
     app.stream.addEventListener(kind, handle);
   }
 }
@@ -119,21 +127,56 @@ function onEvent(e) {
     listRefresh = setTimeout(loadList, 150);
   }
   if (app.env && e.env === app.env.id) envEvent(e);
+  if ((e.kind === "job" || e.kind === "units") && app.view === "jobs") refreshJobs();
+  if ((e.kind === "job" || e.kind === "units") && app.job && e.job === app.job.id) refreshJob();
+  if (e.kind === "service" && app.services) refreshServices();
+}
+
+// ``fn`` runs ``delay`` ms after it is first asked for, then at most once per ``gap()`` ms
+// however often it is asked for (a burst of events makes one request), never two at once.
+function throttled(fn, gap, delay = 120) {
+  let timer = null, last = 0, running = false, again = false;
+  const run = async () => {
+    timer = null;
+    if (running) { again = true; return; }
+    running = true;
+    last = Date.now();
+    try { await fn(); } catch (e) { console.warn(e); }
+    running = false;
+    if (again) { again = false; ask(); }
+  };
+  const ask = () => {
+    if (timer === null) timer = setTimeout(run, Math.max(delay, last + gap() - Date.now()));
+  };
+  return ask;
 }
 
 // -- routing -----------------------------------------------------------------------------
 
+const VIEWS = { list: "#list-view", env: "#env-view", jobs: "#jobs-view", job: "#job-view",
+  services: "#services-view" };
+const NAV = { list: "envs", env: "envs", jobs: "jobs", job: "jobs", services: "services" };
+
 function route() {
   for (const t of app.timers) clearInterval(t);
   app.timers = [];
-  const m = location.hash.match(/^#\/env\/([\w-]+)/);
-  $("#list-view").hidden = !!m;
-  $("#env-view").hidden = !m;
-  if (m) openEnv(m[1]);
-  else {
-    app.env = null;
-    loadList();
-  }
+  const h = location.hash;
+  const env = h.match(/^#\/env\/([\w-]+)/);
+  const job = h.match(/^#\/job\/([\w-]+)/);
+  const view = env ? "env" : job ? "job" : /^#\/jobs\b/.test(h) ? "jobs"
+    : /^#\/services\b/.test(h) ? "services" : "list";
+  app.view = view;
+  for (const [name, sel] of Object.entries(VIEWS)) $(sel).hidden = name !== view;
+  document.querySelectorAll("#nav a").forEach((a) =>
+    a.classList.toggle("current", a.dataset.nav === NAV[view]));
+  if (view !== "env") app.env = null;
+  if (view !== "job") app.job = null;
+  if (view !== "services") app.services = null;
+  if (view === "env") openEnv(env[1]);
+  else if (view === "job") openJob(job[1]);
+  else if (view === "jobs") openJobs();
+  else if (view === "services") openServices();
+  else loadList();
 }
 window.addEventListener("hashchange", () => app.me && route());
 
@@ -343,7 +386,9 @@ async function tailLog() {
 
 function colour(state) {
   return { RUNNING: "#0969da", CONFIGURED: "#1a7f37", STANDBY: "#1a7f37", ERROR: "#cf222e",
-    LOST: "#cf222e", LAUNCHING: "#9a6700", PENDING: "#9a6700" }[state] || "#57606a";
+    LOST: "#cf222e", LAUNCHING: "#9a6700", PENDING: "#9a6700", SUCCEEDED: "#1a7f37",
+    FAILED: "#cf222e", STARTING: "#9a6700", RETRYING: "#9a6700", ENDING: "#9a6700",
+    FAILING: "#9a6700", EVICTING: "#9a6700", BLOCKED: "#8250df" }[state] || "#57606a";
 }
 
 function drawGraph(channels) {
@@ -411,6 +456,472 @@ function drawGraph(channels) {
     g.append(label, title);
     svg.append(g);
     app.env.nodes.set(t.path, g);
+  }
+}
+
+// -- jobs ------------------------------------------------------------------------------------
+
+const LIVE_JOB = ["QUEUED", "RUNNING"];
+const FINAL_STEP = ["SUCCEEDED", "FAILED", "CANCELLED", "BLOCKED"];
+const STATE_ORDER = ["RUNNING", "STARTING", "RETRYING", "ENDING", "FAILING", "EVICTING", "QUEUED",
+  "SUCCEEDED", "FAILED", "BLOCKED", "CANCELLED", "LOST"];
+const MAX_JOBS = 500; // rows of the job list
+const MAX_DRAWN = 500; // steps drawn as a graph; above, a table of counts per state
+const MAX_EDGES = 5000;
+const MAX_STEP_ROWS = 500;
+
+const byState = (states) => [...states].sort((a, b) =>
+  ((STATE_ORDER.indexOf(a) + 1) || 99) - ((STATE_ORDER.indexOf(b) + 1) || 99) || a.localeCompare(b));
+
+function counts(c) {
+  const box = el("span", { class: "counts" });
+  for (const s of byState(Object.keys(c || {}))) {
+    if (c[s] > 0) box.append(el("span", { class: `state ${s}`, "data-count": s }, `${s} ${c[s]}`));
+  }
+  return box;
+}
+
+const refreshJobs = throttled(() => loadJobs(), () => 1000);
+const refreshJob = throttled(() => loadJob(), () =>
+  (app.job && app.job.data && app.job.data.units > MAX_DRAWN ? 1500 : 300));
+
+async function openJobs() {
+  $("#jobs-error").textContent = "";
+  await Promise.all([loadJobs(), loadJobFiles()]);
+}
+
+async function loadJobs() {
+  if (app.view !== "jobs") return;
+  const jobs = await api("GET", "/api/jobs");
+  if (app.view !== "jobs") return;
+  jobs.sort((a, b) => (b.created || 0) - (a.created || 0));
+  const shown = jobs.slice(0, MAX_JOBS);
+  $("#jobs tbody").replaceChildren(...shown.map((j) =>
+    el("tr", { "data-job": j.id, "data-state": j.state, onclick: () => (location.hash = `#/job/${j.id}`) },
+      el("td", {}, el("a", { href: `#/job/${encodeURIComponent(j.id)}` }, j.id)),
+      el("td", {}, j.name), el("td", {}, j.kind),
+      el("td", {}, badge(j.state), j.reason ? el("span", { class: "muted" }, " " + j.reason) : ""),
+      el("td", {}, counts(j.counts), el("span", { class: "muted" }, ` of ${j.units}`)),
+      el("td", {}, j.owner ?? "-"), el("td", {}, when(j.created)))));
+  $("#jobs-more").textContent = jobs.length > shown.length
+    ? `the ${shown.length} newest of ${jobs.length} jobs` : "";
+}
+
+async function loadJobFiles() {
+  if (!isOperator()) return;
+  const files = await api("GET", "/api/job-files");
+  const select = $("#job-file");
+  const keep = select.value;
+  select.replaceChildren(...files.map((f) => el("option", { value: f.file }, f.file)));
+  if (files.some((f) => f.file === keep)) select.value = keep;
+  $("#submit-job").disabled = files.length === 0;
+}
+
+$("#submit-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const file = $("#job-file").value;
+  if (!file) return;
+  $("#jobs-error").textContent = "";
+  try {
+    const r = await api("POST", "/api/jobs", { file });
+    location.hash = r.kind === "service" ? "#/services" : `#/job/${r.id}`;
+  } catch (e) {
+    $("#jobs-error").textContent = e.message;
+  }
+});
+
+// -- one job -----------------------------------------------------------------------------------
+
+async function openJob(id) {
+  app.job = { id, data: null, shape: null, nodes: new Map(), rows: new Map(), rowsKey: null,
+    steps: new Map(), selected: null, logDone: false };
+  $("#job-title").textContent = id;
+  $("#job-state").replaceWith(Object.assign(el("span", { class: "state" }), { id: "job-state" }));
+  for (const sel of ["#job-kind", "#job-reason", "#job-graph-note", "#job-log", "#steps-more"]) {
+    $(sel).textContent = "";
+  }
+  $("#job-log-step").textContent = "(pick a step)";
+  $("#job-counts").replaceChildren();
+  $("#job-graph").replaceChildren();
+  $("#job-steps tbody").replaceChildren();
+  $("#job-summary tbody").replaceChildren();
+  $("#step-filter").replaceChildren(el("option", { value: "" }, "all"));
+  $("#job-stop").hidden = true;
+  await loadJob();
+  app.timers.push(setInterval(tailJobLog, 2000));
+}
+
+async function loadJob() {
+  const j = app.job;
+  if (!j) return;
+  let data;
+  try {
+    data = await api("GET", `/api/jobs/${encodeURIComponent(j.id)}`);
+  } catch (e) {
+    if (app.job === j) $("#job-reason").textContent = e.message;
+    return;
+  }
+  if (app.job !== j) return;
+  j.data = data;
+  const steps = data.steps || [];
+  j.steps = new Map(steps.map((s) => [s.index, s]));
+  $("#job-title").textContent = `${data.name} ${data.id}`;
+  $("#job-state").replaceWith(Object.assign(badge(data.state), { id: "job-state" }));
+  $("#job-kind").textContent = `${data.kind}, ${data.units} step${data.units === 1 ? "" : "s"}, ` +
+    `priority ${data.priority_class}, by ${data.owner}, ${when(data.created)}`;
+  $("#job-reason").textContent = data.reason || "";
+  $("#job-counts").replaceChildren(counts(data.counts));
+  $("#job-stop").hidden = !isOperator() || !LIVE_JOB.includes(data.state);
+  drawJob(steps, data);
+  renderSteps(steps, data);
+}
+
+$("#job-stop").addEventListener("click", async () => {
+  const j = app.job;
+  if (!j || !confirm(`Stop job ${j.id}? Its running steps are ended.`)) return;
+  try {
+    await api("DELETE", `/api/jobs/${encodeURIComponent(j.id)}`);
+    await loadJob();
+  } catch (e) {
+    $("#job-reason").textContent = e.message;
+  }
+});
+
+const stepName = (s) => s.name ?? `#${s.index}`;
+
+function renderSteps(steps, data) {
+  const j = app.job;
+  const filter = $("#step-filter");
+  const states = byState(new Set(steps.map((s) => s.state)));
+  if ([...filter.options].map((o) => o.value).join() !== ["", ...states].join()) {
+    const keep = filter.value;
+    filter.replaceChildren(el("option", { value: "" }, "all"),
+      ...states.map((s) => el("option", { value: s }, s)));
+    filter.value = states.includes(keep) ? keep : "";
+  }
+  const wanted = filter.value ? steps.filter((s) => s.state === filter.value) : steps;
+  const shown = wanted.slice(0, MAX_STEP_ROWS);
+  const key = shown.map((s) => s.index).join(",");
+  if (key !== j.rowsKey) {
+    j.rowsKey = key;
+    j.rows = new Map();
+    $("#job-steps tbody").replaceChildren(...shown.map((s) => {
+      const tr = el("tr", { "data-step": s.index, onclick: () => selectStep(s.index) });
+      j.rows.set(s.index, tr);
+      return tr;
+    }));
+  }
+  for (const s of shown) fillStep(j.rows.get(s.index), s);
+  const total = filter.value ? wanted.length : data.units;
+  $("#steps-more").textContent = shown.length < total ? `(the first ${shown.length} of ${total})` : "";
+}
+
+$("#step-filter").addEventListener("change", () => {
+  if (app.job && app.job.data) renderSteps(app.job.data.steps || [], app.job.data);
+});
+
+function fillStep(tr, s) {
+  tr.setAttribute("data-state", s.state);
+  tr.classList.toggle("selected", app.job.selected === s.index);
+  const link = el("a", { href: "#", class: "log-link", onclick: (ev) => {
+    ev.preventDefault();
+    ev.stopPropagation();
+    selectStep(s.index);
+  } }, "log");
+  tr.replaceChildren(el("td", {}, s.index), el("td", {}, stepName(s)), el("td", {}, badge(s.state)),
+    el("td", {}, s.attempt ?? "-"), el("td", {}, s.node ?? "-"),
+    el("td", { class: "reason" }, s.reason ?? ""), el("td", {}, link));
+}
+
+function selectStep(index) {
+  const j = app.job;
+  if (!j) return;
+  const before = j.selected;
+  j.selected = index;
+  j.logDone = false;
+  for (const i of [before, index]) {
+    const s = j.steps.get(i);
+    const tr = j.rows.get(i);
+    if (s && tr) fillStep(tr, s);
+    const g = j.nodes.get(i);
+    if (g) g.classList.toggle("selected", i === index);
+  }
+  const s = j.steps.get(index);
+  $("#job-log-step").textContent = s ? `${stepName(s)} (#${index})` : `#${index}`;
+  $("#job-log").textContent = "";
+  tailJobLog();
+}
+
+async function tailJobLog() {
+  const j = app.job;
+  if (!j || j.selected === null || j.logDone) return;
+  const index = j.selected;
+  const s = j.steps.get(index);
+  const final = !!s && FINAL_STEP.includes(s.state);
+  try {
+    const r = await api("GET", `/api/jobs/${encodeURIComponent(j.id)}/log?index=${index}&lines=200`);
+    if (app.job !== j || j.selected !== index) return;
+    $("#job-log").textContent = r.lines.length ? r.lines.join("\n") : "(no output)";
+    j.logDone = final; // what it wrote before it ended is all it writes
+  } catch (e) {
+    if (app.job === j && j.selected === index) $("#job-log").textContent = e.message;
+  }
+}
+
+// -- a job's steps as a graph: layers from the steps that need none, each step right of what
+// it needs; in a layer, a step sits near the steps it needs (one barycentre pass) ---------------
+
+function drawJob(steps, data) {
+  const j = app.job;
+  const big = steps.length > MAX_DRAWN || data.units > MAX_DRAWN;
+  $("#job-graph-box").hidden = big;
+  $("#job-summary").hidden = !big;
+  if (big) {
+    j.shape = null;
+    j.nodes = new Map();
+    $("#job-graph").replaceChildren();
+    $("#job-graph-note").textContent = `(${data.units} steps: more than ${MAX_DRAWN} are not drawn)`;
+    $("#job-summary tbody").replaceChildren(
+      ...byState(Object.keys(data.counts || {})).filter((s) => data.counts[s] > 0).map((s) =>
+        el("tr", { "data-state": s }, el("td", {}, badge(s)), el("td", {}, data.counts[s]))),
+      el("tr", { "data-state": "" }, el("td", {}, "all"), el("td", {}, data.units)));
+    return;
+  }
+  const shape = steps.map((s) => `${s.index}:${(s.needs || []).join(",")}`).join(";");
+  if (shape !== j.shape) {
+    j.shape = shape;
+    layoutJob(steps);
+  }
+  for (const s of steps) {
+    const g = j.nodes.get(s.index);
+    if (g) paintNode(g, s);
+  }
+}
+
+function layoutJob(steps) {
+  const j = app.job;
+  const svg = $("#job-graph");
+  const NS = "http://www.w3.org/2000/svg";
+  const mk = (tag, attrs) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    return n;
+  };
+  svg.replaceChildren();
+  j.nodes = new Map();
+  const known = new Set(steps.map((s) => s.index));
+  const needs = new Map(steps.map((s) =>
+    [s.index, [...new Set(s.needs || [])].filter((d) => known.has(d) && d !== s.index)]));
+  // layers: the longest path from a step that needs none (Kahn's order)
+  const users = new Map();
+  const waiting = new Map();
+  for (const s of steps) {
+    waiting.set(s.index, needs.get(s.index).length);
+    for (const d of needs.get(s.index)) {
+      if (!users.has(d)) users.set(d, []);
+      users.get(d).push(s.index);
+    }
+  }
+  const layer = new Map();
+  const order = steps.filter((s) => waiting.get(s.index) === 0).map((s) => s.index);
+  for (const i of order) layer.set(i, 0);
+  for (let k = 0; k < order.length; k++) {
+    const i = order[k];
+    for (const u of users.get(i) || []) {
+      layer.set(u, Math.max(layer.get(u) ?? 0, layer.get(i) + 1));
+      waiting.set(u, waiting.get(u) - 1);
+      if (waiting.get(u) === 0) order.push(u);
+    }
+  }
+  const layers = [];
+  for (const s of steps) {
+    const l = layer.get(s.index) ?? 0; // (a cycle, which the API never gives, is not followed)
+    (layers[l] ||= []).push(s);
+  }
+  const N = steps.length;
+  const small = N <= 60;
+  const W = small ? 140 : 96, H = small ? 28 : 18, GX = small ? 56 : 36, GY = small ? 12 : 6;
+  const ROWS = small ? 20 : 40; // a layer taller than this wraps into more columns
+  const font = small ? 11 : 9, chars = small ? 20 : 14;
+  const pos = new Map();
+  let x = 10, maxRows = 0;
+  for (const col of layers) {
+    if (!col) continue;
+    const key = (s) => {
+      const ds = needs.get(s.index).filter((d) => pos.has(d));
+      return ds.length ? ds.reduce((a, d) => a + pos.get(d).y, 0) / ds.length : 0;
+    };
+    col.sort((a, b) => key(a) - key(b) || a.index - b.index);
+    col.forEach((s, k) => {
+      const row = k % ROWS;
+      pos.set(s.index, { x: x + Math.floor(k / ROWS) * (W + 2 * GY), y: 10 + row * (H + GY) });
+    });
+    maxRows = Math.max(maxRows, Math.min(col.length, ROWS));
+    x += Math.ceil(col.length / ROWS) * (W + 2 * GY) - 2 * GY + GX;
+  }
+  const width = x - GX + 10, height = 20 + maxRows * (H + GY) - GY;
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  const defs = mk("defs", {});
+  const marker = mk("marker", { id: "job-arrow", viewBox: "0 0 10 10", refX: 10, refY: 5,
+    markerWidth: 6, markerHeight: 6, orient: "auto" });
+  marker.append(mk("path", { d: "M0,0 L10,5 L0,10 z", fill: "#8c959f" }));
+  defs.append(marker);
+  svg.append(defs);
+  const edges = [];
+  for (const s of steps) for (const d of needs.get(s.index)) edges.push([d, s.index]);
+  if (edges.length <= MAX_EDGES) {
+    for (const [from, to] of edges) {
+      const a = pos.get(from), b = pos.get(to);
+      const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
+      svg.append(mk("path", { class: "edge", "data-edge": `${from}->${to}`,
+        d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}` }));
+    }
+  } else {
+    $("#job-graph-note").textContent = `(${edges.length} dependencies: not drawn)`;
+  }
+  for (const s of steps) {
+    const p = pos.get(s.index);
+    const g = mk("g", { class: "node", "data-step": s.index, transform: `translate(${p.x},${p.y})` });
+    g.addEventListener("click", () => selectStep(s.index));
+    g.append(mk("rect", { width: W, height: H }));
+    const label = mk("text", { x: 5, y: H / 2 + font / 2 - 1, "font-size": font });
+    const name = stepName(s);
+    label.textContent = name.length > chars ? name.slice(0, chars - 1) + "…" : name;
+    g.append(label, mk("title", {}));
+    if (s.index === j.selected) g.classList.add("selected");
+    svg.append(g);
+    j.nodes.set(s.index, g);
+  }
+}
+
+function paintNode(g, s) {
+  g.setAttribute("data-state", s.state);
+  g.querySelector("rect").setAttribute("fill", colour(s.state));
+  g.querySelector("title").textContent = `${stepName(s)} (#${s.index}): ${s.state}` +
+    `${s.node ? " on " + s.node : ""}${s.reason ? "\n" + s.reason : ""}`;
+}
+
+// -- services ------------------------------------------------------------------------------------
+
+const refreshServices = throttled(() => loadServices(), () => 500);
+
+async function openServices() {
+  app.services = { cards: new Map(), unsettled: false };
+  $("#services").replaceChildren();
+  $("#services-error").textContent = "";
+  await loadServices();
+  // a replica's health changes without an event: while some replica is not yet (or no
+  // longer) healthy, look again every 2 s; events bring the rest
+  app.timers.push(setInterval(() => app.services && app.services.unsettled && refreshServices(), 2000));
+}
+
+async function loadServices() {
+  const sv = app.services;
+  if (!sv) return;
+  let list, catalog;
+  try {
+    [list, catalog] = await Promise.all([api("GET", "/api/services"), api("GET", "/api/catalog")]);
+  } catch (e) {
+    if (app.services === sv) $("#services-error").textContent = e.message;
+    return;
+  }
+  if (app.services !== sv) return;
+  $("#services-error").textContent = "";
+  $("#services-none").hidden = list.length > 0;
+  const seen = new Set();
+  let unsettled = false;
+  for (const svc of list) {
+    seen.add(svc.name);
+    if (!sv.cards.has(svc.name)) sv.cards.set(svc.name, serviceCard(svc.name));
+    if (!fillService(sv.cards.get(svc.name), svc, catalog[svc.name] || [])) unsettled = true;
+  }
+  sv.unsettled = unsettled;
+  for (const [name, card] of sv.cards) {
+    if (!seen.has(name)) {
+      card.root.remove();
+      sv.cards.delete(name);
+    }
+  }
+  const box = $("#services");
+  const roots = list.map((s) => sv.cards.get(s.name).root);
+  if (roots.some((r, i) => box.children[i] !== r)) box.append(...roots); // (moves only if the order changed)
+}
+
+function serviceCard(name) {
+  const c = { name };
+  c.state = el("span", { class: "state" });
+  c.info = el("span", { class: "muted" });
+  c.input = el("input", { type: "number", min: 0, max: 10000, step: 1, class: "scale-input",
+    "aria-label": `replicas of ${name}` });
+  c.input.addEventListener("input", () => (c.input.dataset.dirty = "1"));
+  c.button = el("button", { class: "scale-button", onclick: () => scale(c) }, "Scale");
+  const controls = el("span", { class: "scale" }, "replicas ", c.input, " ", c.button);
+  controls.hidden = !isOperator();
+  c.reason = el("p", { class: "error svc-reason" });
+  c.error = el("p", { class: "error svc-error" });
+  c.endpoints = el("p", { class: "muted svc-endpoints" });
+  c.tbody = el("tbody");
+  c.root = el("section", { class: "card service", "data-service": name },
+    el("div", { class: "row" }, el("h3", {}, name), c.state, c.info, controls),
+    c.reason, c.error, c.endpoints,
+    el("table", { class: "members" },
+      el("thead", {}, el("tr", {}, ...["slot", "replica", "version", "state", "health", "restarts",
+        "node", "address", "pid", "reason"].map((h) => el("th", {}, h)))),
+      c.tbody));
+  return c;
+}
+
+// healthy | unhealthy | pending | stopping: a running replica is healthy when it passes its
+// checks, or when the catalog lists it (a service without checks)
+function health(m, endpoints) {
+  if (m.state === "STOPPING") return "stopping";
+  if (m.state !== "RUNNING") return "pending";
+  const listed = endpoints.some((e) => e.slot === m.slot && e.version === m.version && e.node === m.node);
+  if (m.healthy || listed) return "healthy";
+  return m.reason ? "unhealthy" : "pending";
+}
+
+// fills a service's card; true when the service is settled (every replica running, healthy)
+function fillService(c, svc, endpoints) {
+  const state = Object.assign(badge(svc.state), { className: `state ${svc.state} svc-state` });
+  c.state.replaceWith(state);
+  c.state = state;
+  const members = svc.members || [];
+  const healths = members.map((m) => health(m, endpoints));
+  const healthy = healths.filter((h) => h === "healthy").length;
+  c.info.textContent = `${healthy} of ${svc.replicas} healthy, version ${svc.version}, ` +
+    `owner ${svc.owner ?? "-"}${svc.protected ? ", protected" : ""}`;
+  c.reason.textContent = svc.reason || "";
+  c.endpoints.textContent = endpoints.length
+    ? "endpoints: " + endpoints.map((e) => `${e.address}:${e.port ?? "-"}`).join(", ") : "";
+  if (document.activeElement !== c.input && !c.input.dataset.dirty) c.input.value = svc.replicas;
+  c.tbody.replaceChildren(...members.map((m, i) =>
+    el("tr", { "data-slot": m.slot, "data-replica": m.replica },
+      el("td", {}, m.slot), el("td", {}, m.replica), el("td", {}, m.version), el("td", {}, badge(m.state)),
+      el("td", {}, el("span", { class: `state ${healths[i]}`, "data-health": healths[i] }, healths[i])),
+      el("td", {}, m.restarts), el("td", {}, m.node ?? "-"),
+      el("td", {}, m.address && m.ports && m.ports.length
+        ? m.ports.map((p) => `${m.address}:${p}`).join(", ") : m.address ?? "-"),
+      el("td", {}, m.pid ?? "-"), el("td", {}, m.reason ?? ""))));
+  return svc.state === "RUNNING" && members.length === svc.replicas && healthy === svc.replicas;
+}
+
+async function scale(c) {
+  const n = Number(c.input.value);
+  c.error.textContent = "";
+  if (c.input.value === "" || !Number.isInteger(n) || n < 0) {
+    c.error.textContent = "replicas: a whole number, 0 or more";
+    return;
+  }
+  try {
+    await api("POST", `/api/services/${encodeURIComponent(c.name)}/scale`, { replicas: n });
+    delete c.input.dataset.dirty;
+    if (app.services) app.services.unsettled = true;
+    refreshServices();
+  } catch (e) {
+    c.error.textContent = e.message;
   }
 }
 
