@@ -232,3 +232,57 @@ def test_after_a_node_is_lost_recover_places_its_tasks_elsewhere_and_the_invento
         assert {t["node"] for t in c.get("/api/tasks", params={"env": env_id}).json()
                 if ".epn-" in t["path"]} == {"epn2"}  # fmt: skip
         assert c.delete(f"/api/environments/{env_id}").status_code == 200
+
+
+REPLICA = """
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(os.environ["CORRAL_ADDRESS"].encode())
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((os.environ["CORRAL_ADDRESS"], int(os.environ["CORRAL_PORT"])),
+                       H).serve_forever()
+"""
+
+
+def test_jobs_and_services_run_on_the_cluster(
+    cluster: RayCluster, tmp_path: Path, workflows: Path
+) -> None:
+    import sys
+
+    jobs = workflows / "jobs"
+    jobs.mkdir()
+    (jobs / "replica.py").write_text(REPLICA)
+    (jobs / "epn-work.yaml").write_text(
+        "kind: batch\nname: epn-work\narray: 4\nwants: {cpu: 1}\n"
+        "constraints: [{attribute: role, value: epn}]\n"
+        "command: {value: /bin/sh, arguments: ['-c', 'echo $CORRAL_JOB_INDEX']}\n"
+    )
+    (jobs / "flp-web.yaml").write_text(
+        f"kind: service\nname: flp-web\nreplicas: 2\nwants: {{cpu: 0.5, ports: 1}}\n"
+        "constraints: [{attribute: role, value: flp}]\n"
+        f"command: {{value: {sys.executable}, arguments: [replica.py]}}\n"
+        "health: {http: {path: /}, interval: 500ms, timeout: 500ms}\n"
+        "restart: {initial: 200ms}\n"
+    )
+    with serve(cluster, tmp_path, workflows) as s, s.client(s.admin) as c:
+        job = c.post("/api/jobs", json={"file": "epn-work"}).json()["id"]
+        wait_for(lambda: c.get(f"/api/jobs/{job}").json()["state"] == "SUCCEEDED",
+                 "the batch job done on the epn nodes")  # fmt: skip
+        steps = c.get(f"/api/jobs/{job}").json()["steps"]
+        assert {st["node"] for st in steps} <= {"epn1", "epn2"}
+        assert c.post("/api/jobs", json={"file": "flp-web"}).status_code == 201
+        wait_for(lambda: len(c.get("/api/catalog/flp-web").json()) == 2, "2 healthy replicas")
+        eps = c.get("/api/catalog/flp-web").json()
+        assert {e["node"] for e in eps} == {"flp1", "flp2"}  # spread
+        for e in eps:  # reached at its node's address, as the catalog says
+            assert httpx.get(f"http://{e['address']}:{e['port']}/").text == e["address"]
+        before = {m["slot"]: m["pid"] for m in c.get("/api/services/flp-web").json()["members"]}
+        os.kill(before[0], 9)
+        wait_for(lambda: {m["slot"]: m["pid"] for m in c.get("/api/services/flp-web").json()
+                          ["members"] if m["healthy"]}.get(0) not in (None, before[0]),
+                 "replica 0 restarted")  # fmt: skip
+        assert c.delete("/api/services/flp-web").status_code == 200

@@ -153,6 +153,8 @@ def node_info(n: dict[str, Any]) -> Node:
     labels = {k: str(v) for k, v in (n.get("Labels") or {}).items() if not k.startswith("ray.io/")}
     res = n.get("Resources") or {}
     name = labels.pop("name", None) or str(n.get("NodeName") or n["NodeManagerAddress"])
+    # where the node's tasks are reached (services' endpoints, health checks)
+    labels.setdefault("address", str(n.get("NodeManagerAddress") or name))
     return Node(
         name,
         cpu=float(res.get("CPU", 0.0)),

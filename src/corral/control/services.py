@@ -698,6 +698,8 @@ class ServiceSupervisor:
         env = [("CORRAL_ENVIRONMENT_ID", svc.id), ("CORRAL_TASK_ID", r.key),
                ("CORRAL_SERVICE", svc.name), ("CORRAL_REPLICA", str(r.slot)),
                ("CORRAL_SERVICE_VERSION", str(r.version + 1))]  # fmt: skip
+        if r.node is not None:
+            env.append(("CORRAL_ADDRESS", self.address_of(r.node)))  # where to listen
         if r.ports:
             env += [("CORRAL_PORT", str(r.ports[0])),
                     ("CORRAL_PORTS", ",".join(map(str, r.ports)))]  # fmt: skip
