@@ -85,6 +85,7 @@ NEEDS = {
     ("GET", "/api/jobs/{job_id}/log"): "viewer",
     ("GET", "/api/services"): "viewer",
     ("GET", "/api/services/{name}"): "viewer",
+    ("GET", "/api/services/{name}/log"): "viewer",
     ("POST", "/api/services/{name}/scale"): "operator",
     ("DELETE", "/api/services/{name}"): "operator",
     ("GET", "/api/catalog"): "viewer",

@@ -154,7 +154,11 @@ def test_services_and_the_catalog(server: tuple[Server, dict[str, str]]) -> None
         assert sd == [{"targets": targets, "labels": {"corral_service": "web",
                                                        "corral_node": eps[0]["node"]}}]  # fmt: skip
         tr = viewer.get("/api/sd/traefik").json()
-        assert tr["http"]["routers"]["web"] == {"rule": "PathPrefix(`/web`)", "service": "web"}
+        router = {"rule": "PathPrefix(`/web`)", "service": "web", "middlewares": ["web-strip"]}
+        assert tr["http"]["routers"]["web"] == router
+        assert tr["http"]["middlewares"] == {"web-strip": {"stripPrefix": {"prefixes": ["/web"]}}}
+        log = viewer.get("/api/services/web/log", params={"slot": 0})
+        assert log.status_code == 200 and log.json()["path"].endswith("/0.log")
         urls = sorted(x["url"] for x in tr["http"]["services"]["web"]["loadBalancer"]["servers"])
         assert urls == [f"http://{t}" for t in targets]
         for t in targets:  # what the catalog says answers

@@ -365,3 +365,35 @@ async def test_http_checks_keep_their_connection_and_survive_a_server_closing_it
     assert count("ka-connections") == 1, count("ka-connections")
     assert count("stale-connections") >= count("stale-answers") - 1
     assert not [n for n in rig.notes("stale") if "health check failed" in n]
+
+
+@with_rig([Node("n1", cpu=2, memory=10_000, ports=(21000, 21999))])
+async def test_room_a_service_gives_back_starts_what_waits(rig: Rig) -> None:
+    from corral.jobs.spec import BatchSpec
+    from corral.jobs.units import units_of
+
+    rig.deploy(rig.spec(web(2)))  # 2 cpus: the node is full
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 2)
+    text = "kind: batch\nname: b\nwants: {cpu: 1}\ncommand: {value: /bin/true}\n"
+    spec, diags = load_job(str(rig.tmp / "b.yaml"), text)
+    assert not diags and isinstance(spec, BatchSpec)
+    job = rig.plane.jobs.submit(units_of(spec), name="b", kind="batch", text=text,
+                                workdir=str(rig.tmp), owner="qa")  # fmt: skip
+    await rig.until(lambda: job.reason is not None and "waiting" in job.reason)
+    rig.sup.scale("web", 1)  # gives a cpu back: the job starts, nothing else asked
+    assert await job.done == "SUCCEEDED"
+    # and the other way: a replica waiting for room starts when a job's room frees
+    gate = rig.tmp / "gate"
+    hold = text.replace("/bin/true}", f"/bin/sh, arguments: ['-c', 'while [ ! -e {gate} ]; do "
+                        "sleep 0.01; done']}")  # fmt: skip
+    spec2, diags = load_job(str(rig.tmp / "hold.yaml"), hold)
+    assert not diags and isinstance(spec2, BatchSpec), diags
+    holder = rig.plane.jobs.submit(units_of(spec2), name="hold", kind="batch", text=hold,
+                                   workdir=str(rig.tmp), owner="qa")  # fmt: skip
+    await rig.until(lambda: holder.state == "RUNNING")
+    rig.sup.scale("web", 2)  # one cpu free: the second replica waits
+    await rig.until(lambda: any((m["reason"] or "").startswith("waiting")
+                                for m in rig.sup.show("web")["members"]))  # fmt: skip
+    gate.touch()
+    assert await holder.done == "SUCCEEDED"
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 2)

@@ -102,6 +102,20 @@ def mount(
     async def service_show(name: ServiceName, who: Viewer) -> dict[str, Any]:
         return jobs.one_service(name)
 
+    @app.get(
+        "/api/services/{name}/log", tags=["services"],
+        responses=problems(e404="no such service, or this server keeps no logs"),
+    )  # fmt: skip
+    async def service_log(
+        name: ServiceName,
+        who: Viewer,
+        slot: Annotated[int, Query(ge=0, le=10_000, examples=[0])] = 0,
+        lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, examples=[50])] = 100,
+    ) -> dict[str, Any]:
+        """The end of a replica's log (every process its slot ran, appended)."""
+        path = jobs.replica_log(name, slot, log_dir)
+        return {"service": name, "slot": slot, "path": path, "lines": tail(path, lines)}
+
     @app.post(
         "/api/services/{name}/scale", tags=["services"],
         responses=problems(e404="no such service"),

@@ -364,6 +364,25 @@ def job_stop(job_id: str, server: str, token: str, output: str) -> None:
     out.print(f"job {j['id']} is {j['state']} ({_counts(j.get('counts'))})")
 
 
+@job.command("resume")
+@click.argument("job_id", metavar="ID")
+@server_options
+@output_option
+def job_resume(job_id: str, server: str, token: str, output: str) -> None:
+    """Run a failed or cancelled job again: the steps that succeeded are not run again.
+    Operator."""
+    api = Api(server, token)
+    r = _request(api, "POST", f"/api/jobs/{_seg(job_id)}/resume")
+    if r.status_code >= 400:
+        fail(1, _problem(r))
+    j = r.json()
+    if output == "json":
+        _json(j)
+        return
+    out.print(f"job {j['id']} is {j['state']}: {j.get('reason') or ''} "
+              f"(`corral job show {j['id']}`)")  # fmt: skip
+
+
 # -- services ----------------------------------------------------------------------------------
 
 

@@ -261,6 +261,14 @@ class JobService:
         self.service.record({"kind": "job", "job": job_id, "note": "resumed"}, who.name)
         return job.summary()
 
+    def replica_log(self, name: str, slot: int, log_dir: str | None) -> str:
+        if log_dir is None:
+            raise ServiceError(404, "No logs", "this server keeps no logs")
+        svc = self.plane.services.services.get(name)
+        if svc is None:
+            raise ServiceError(404, "No such service", f"no service {name!r}")
+        return os.path.join(log_dir, svc.id, f"{slot}.log")
+
     def log_path(self, job_id: str, index: int, log_dir: str | None) -> str:
         if log_dir is None:
             raise ServiceError(404, "No logs", "this server keeps no logs")
@@ -328,14 +336,20 @@ class JobService:
         """Traefik's HTTP provider dynamic configuration: a router and a service each."""
         routers: dict[str, Any] = {}
         services: dict[str, Any] = {}
+        middlewares: dict[str, Any] = {}  # the service sees its own paths: /web/x -> /x
         for name, eps in self.catalog().items():
             servers = [{"url": f"http://{_host(e['address'])}:{e['port']}"}
                        for e in eps if e["port"] is not None]  # fmt: skip
             if not servers:
                 continue
-            routers[name] = {"rule": f"PathPrefix(`/{name}`)", "service": name}
+            strip = f"{name}-strip"
+            routers[name] = {"rule": f"PathPrefix(`/{name}`)", "service": name,
+                             "middlewares": [strip]}  # fmt: skip
             services[name] = {"loadBalancer": {"servers": servers}}
-        return {"http": {"routers": routers, "services": services}} if routers else {}
+            middlewares[strip] = {"stripPrefix": {"prefixes": [f"/{name}"]}}
+        if not routers:
+            return {}
+        return {"http": {"routers": routers, "services": services, "middlewares": middlewares}}
 
 
 def _host(address: str) -> str:

@@ -127,12 +127,12 @@ class Ledger:
         self._held: dict[str, Reservation] = {}
         self._order = 0
         # called when room may have freed up (a release, an uncordon, new nodes): what
-        # waits for room (queued job units) is placed again
-        self.on_free: Callable[[], None] | None = None
+        # waits for room (queued job units, pending replicas) is placed again
+        self.on_free: list[Callable[[], None]] = []
 
     def _freed(self) -> None:
-        if self.on_free is not None:
-            self.on_free()
+        for listener in self.on_free:
+            listener()
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.nodes, dict(self.usage), self.version)
@@ -267,6 +267,7 @@ class Ledger:
         if gone:
             self.usage = dict(without(self.snapshot(), gone).used)
             self.version += 1
+            self._freed()
 
     def cordon(self, name: str, on: bool = True) -> None:
         """A cordoned node takes no new tasks; what runs there stays."""

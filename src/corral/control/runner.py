@@ -178,7 +178,7 @@ class JobRunner:
         self._events: list[dict[str, Any]] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        ledger.on_free = self._room
+        ledger.on_free.append(self._room)
         # the jobs' secrets (docs/secrets.md): ``secrets.reveal`` is set by a server
         # that keeps some; each running unit that declares some has its directory
         self.secrets = secretfiles.Giver()

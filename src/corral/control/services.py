@@ -377,6 +377,8 @@ class ServiceSupervisor:
         # mapping after each change, never changed in place (expansions read it in threads)
         self.snapshot: Mapping[str, tuple[str, ...]] = {}
         self._healthy_said: dict[str, int] = {}  # the healthy count each service last said
+        self._waiting: set[Service] = set()  # services with replicas that wait for room
+        ledger.on_free.append(self._room)
 
     # -- the API ------------------------------------------------------------------------
 
@@ -514,6 +516,11 @@ class ServiceSupervisor:
 
     # -- reconciling ----------------------------------------------------------------------
 
+    def _room(self) -> None:
+        """Room may have freed up (work ended elsewhere): place the pending replicas."""
+        for svc in list(self._waiting):
+            self._touch(svc)
+
     def _touch(self, svc: Service) -> None:
         self._dirty.add(svc)
         self._changed.add(svc)
@@ -527,6 +534,7 @@ class ServiceSupervisor:
         now = self._now() + SLACK  # (a restart woken SLACK early is due)
         to_place: list[Replica] = []
         for svc in dirty:
+            self._waiting.discard(svc)  # (added again below if a replica still waits)
             if svc.name not in self.services:
                 continue
             self._converge(svc, now)
@@ -672,6 +680,7 @@ class ServiceSupervisor:
             got = self.ledger.reserve_each(items, seed=f"svc{prio}", priority=prio)
             for r, held in zip(rest, got, strict=True):
                 if isinstance(held, str):
+                    self._waiting.add(r.svc)
                     if r.reason != f"waiting: {held}":
                         r.reason = f"waiting: {held}"
                         self._changed.add(r.svc)
