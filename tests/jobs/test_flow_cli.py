@@ -170,3 +170,25 @@ def test_the_qa_makeflow_example_runs(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "report.txt").read_text() == (
         "reco run 245146\nreco run 245147\n1\n1\n")  # fmt: skip
+
+
+def test_a_changed_flow_reruns_only_what_changed_and_what_follows(tmp_path: Path) -> None:
+    flow = tmp_path / "f.makeflow"
+    flow.write_text(
+        "a.txt:\n\techo a >> ran; echo A > a.txt\n"
+        "b.txt: a.txt\n\techo b >> ran; cp a.txt b.txt\n"
+        "c.txt:\n\techo c >> ran; echo C > c.txt\n"
+        "d.txt: b.txt c.txt\n\techo d >> ran; cat b.txt c.txt > d.txt\n"
+    )
+    data = str(tmp_path / "data")
+    assert corral("flow", "run", "f.makeflow", "--data", data, cwd=tmp_path).returncode == 0
+    # run again unchanged: everything is done (as make says "nothing to be done")
+    (tmp_path / "ran").write_text("")
+    p = corral("flow", "run", "f.makeflow", "--data", data, cwd=tmp_path)
+    assert p.returncode == 0 and (tmp_path / "ran").read_text() == "", p.stderr
+    # a comment and a changed step: that step and what needs it run, nothing else
+    flow.write_text("# fixed c\n" + flow.read_text().replace("echo C > c.txt", "echo CC > c.txt"))
+    p = corral("flow", "run", "f.makeflow", "--data", data, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert sorted((tmp_path / "ran").read_text().split()) == ["c", "d"]
+    assert (tmp_path / "d.txt").read_text() == "A\nCC\n"

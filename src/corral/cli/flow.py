@@ -22,7 +22,6 @@ server's job file NAME instead and follows it there (``corral.cli.jobs_client``)
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
 import sys
@@ -44,7 +43,7 @@ from corral.control import runner as r
 from corral.control.journal import StoreUnavailable
 from corral.control.plane import ControlPlane, install_child_watcher
 from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
-from corral.jobs.spec import BatchSpec, DagSpec
+from corral.jobs.spec import BatchSpec, DagSpec, load_job
 from corral.jobs.units import Units, units_of, units_of_makeflow
 from corral.model.inventory import Node
 from corral.store.jobstore import JobStore
@@ -115,25 +114,58 @@ def load(path: str, failure: str | None) -> Loaded:
     return Loaded(units, spec.name, spec.kind, text, workdir, spec.placement.priority_class)
 
 
-def _previous(store: JobStore, source: str, text: str) -> dict[str, Any] | None:
-    """The last run of this same file (same path, same text), if any."""
-    digest = hashlib.sha256(text.encode()).hexdigest()
+def _previous(store: JobStore, source: str) -> dict[str, Any] | None:
+    """The last run of the file at ``source``, if any."""
     for row in reversed(store.jobs()):
         if row["source"] == source:
-            same = hashlib.sha256(row["text"].encode()).hexdigest() == digest
-            return row if same else None
+            found: dict[str, Any] = row
+            return found
     return None
 
 
+def _units_of_text(row: dict[str, Any]) -> Units | None:
+    """A previous run's units, from the text it ran (None: it no longer reads)."""
+    try:
+        if row["kind"] == "makeflow":
+            return units_of_makeflow(parse(row["text"], row["source"] or "", dict(os.environ)))
+        spec, _ = load_job(row["source"] or "", row["text"])
+    except (MakeflowError, ValueError):
+        return None
+    return units_of(spec) if isinstance(spec, BatchSpec | DagSpec) else None
+
+
+def _key(units: Units, idx: int) -> tuple[Any, ...]:
+    """What makes a step the same step in two versions of a file."""
+    s = units.spec(idx)
+    c = units.command(idx, "")
+    name = units.name(idx).split("@", 1)[0]  # (a Makeflow rule's line may move)
+    return (name, c.value, c.arguments, c.env, c.shell, c.cwd, s.outputs, s.inputs)
+
+
 def _resumable(store: JobStore, job: Loaded, prev: dict[str, Any]) -> set[int]:
-    """The units of a previous run to keep: succeeded, outputs still present."""
-    done = set()
-    for u in store.units(prev["id"]):
-        if u["state"] != r.SUCCEEDED or u["idx"] >= job.units.count:
-            continue
-        outs = job.units.spec(u["idx"]).outputs
-        if all(os.path.exists(os.path.join(job.workdir, o)) for o in outs):
-            done.add(u["idx"])
+    """The steps a previous run of the file finished that need not run again: the same
+    step (the same command, inputs and outputs, in the file as it is now), succeeded,
+    its outputs still there, and every step it needs kept too (a step after one that
+    changed runs again, as make would)."""
+    before = job.units if prev["text"] == job.text else _units_of_text(prev)
+    if before is None:
+        return set()
+    succeeded = {_key(before, u["idx"]) for u in store.units(prev["id"])
+                 if u["state"] == r.SUCCEEDED and u["idx"] < before.count}  # fmt: skip
+    units = job.units
+    done: set[int] = set()
+    grew = True
+    while grew:  # a step is kept once every step it needs is kept
+        grew = False
+        for i in range(units.count):
+            if i in done or _key(units, i) not in succeeded:
+                continue
+            spec = units.spec(i)
+            if units.array is None and any(n not in done for n in spec.needs):
+                continue
+            if all(os.path.exists(os.path.join(job.workdir, o)) for o in spec.outputs):
+                done.add(i)
+                grew = True
     return done
 
 
@@ -243,12 +275,13 @@ async def _run(
     for note in await plane.adopt_leftovers(take_over=False):
         err.print(f"[yellow]note[/]: {note}")
     done: set[int] = set()
-    prev = None if fresh else _previous(plane.jobs.store, source, job.text)
-    if prev is not None and prev["state"] != r.SUCCEEDED:
+    prev = None if fresh else _previous(plane.jobs.store, source)
+    # a flow picks up from its last run, as make does (a batch job after a failure only)
+    if prev is not None and (job.kind != "batch" or prev["state"] != r.SUCCEEDED):
         done = _resumable(plane.jobs.store, job, prev)
         if done:
             err.print(f"resuming {prev['id']}: {len(done)} of {job.units.count} steps "
-                      "already done")  # fmt: skip
+                      "already done (--fresh runs them again)")  # fmt: skip
     try:
         j = plane.jobs.submit(
             job.units, name=job.name, kind=job.kind, text=job.text, workdir=job.workdir,

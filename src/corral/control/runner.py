@@ -238,8 +238,9 @@ class JobRunner:
         for i in range(units.count):
             needs = units.spec(i).needs if units.array is None else ()
             u = Unit(job, i, sum(1 for d in needs if d not in done))
-            if i in done:
+            if i in done:  # stored as such: a later resume reads it from this job
                 u.state = SUCCEEDED
+                self._dirty_units[(job.id, i)] = u
             job.members.append(u)
         job.counts = collections.Counter(u.state for u in job.members)
         ready = [u for u in job.members if u.state == QUEUED and u.deps == 0]
