@@ -60,11 +60,11 @@ class ServiceStore:
 
     def mark(self) -> str:
         """A random mark of this store, made once: the replicas' task ids carry it."""
-        mark = self.store.get_meta("service-mark")
-        if mark is None:
-            mark = secrets.token_hex(3)
-            self.store.set_meta("service-mark", mark)
-        return mark
+        with self.store._tx() as db:  # made once, when the store is opened first
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('service-mark', ?)",
+                       (secrets.token_hex(3),))  # fmt: skip
+            row = db.execute("SELECT value FROM meta WHERE key = 'service-mark'").fetchone()
+        return str(row[0])
 
     def services(self) -> list[dict[str, Any]]:
         cur = self.store._db.execute("SELECT * FROM services ORDER BY name")
