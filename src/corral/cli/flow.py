@@ -118,8 +118,7 @@ def _previous(store: JobStore, source: str) -> dict[str, Any] | None:
     """The last run of the file at ``source``, if any."""
     for row in reversed(store.jobs()):
         if row["source"] == source:
-            found: dict[str, Any] = row
-            return found
+            return store.job(row["id"])  # (with its text)
     return None
 
 

@@ -125,7 +125,7 @@ class JobService:
         start the services it ran again. A line each."""
         notes: list[str] = []
         runner = self.plane.jobs
-        for row in runner.store.jobs(unfinished=True):
+        for row in runner.store.jobs(unfinished=True, texts=True):
             try:
                 units = self._units_of(row)
                 done = {u["idx"] for u in runner.store.units(row["id"])

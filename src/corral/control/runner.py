@@ -278,9 +278,14 @@ class JobRunner:
     def _dispatch(self) -> None:
         self._kicked = False
         placed: dict[str, list[Unit]] = {}
+        # what could fit at all: a pass offers no more cpus than the nodes have free
+        free = sum(max(0.0, n.cpu - self.ledger.usage[n.name].cpu if n.name in
+                       self.ledger.usage else n.cpu)
+                   for n in self.ledger.nodes if n.schedulable)  # fmt: skip
         for priority in sorted(self._queue, reverse=True):
             owners = self._queue[priority]
-            offered = self._offer(owners)
+            offered = self._offer(owners, free)
+            free -= sum(self._demand_cpu(u) for u in offered)
             if not offered:
                 continue
             items = [(u.key, self._demand(u)) for u in offered]
@@ -320,9 +325,13 @@ class JobRunner:
             self._launches.add(task)
             task.add_done_callback(self._launches.discard)
 
-    def _offer(self, owners: dict[str, collections.deque[Unit]]) -> list[Unit]:
-        """Up to MAX_PASS queued units of one level, in fairness order: the owner with
-        the fewest units running first, then the one whose unit started longest ago."""
+    def _demand_cpu(self, u: Unit) -> float:
+        return u.job.units.spec(u.idx).wants.cpu
+
+    def _offer(self, owners: dict[str, collections.deque[Unit]], free: float) -> list[Unit]:
+        """Up to MAX_PASS queued units of one level, in fairness order (the owner with
+        the fewest units running first, then the one whose unit started longest ago),
+        no more cpus than ``free`` (and at least one: a unit that waits says why)."""
         heap = []
         for owner, q in owners.items():
             while q and (q[0].state != QUEUED or q[0].job.stopping):  # cancelled, stopped
@@ -332,12 +341,14 @@ class JobRunner:
                 heap.append((self._running[owner], turn, q[0].job.created, q[0].idx, owner))
         heapq.heapify(heap)
         out: list[Unit] = []
-        while heap and len(out) < MAX_PASS:
+        room = free + 1e-9
+        while heap and len(out) < MAX_PASS and (room > 0 or not out):
             n, _, _, _, owner = heapq.heappop(heap)
             q = owners[owner]
             u = q.popleft()
             u.node = None
             out.append(u)
+            room -= self._demand_cpu(u)
             while q and (q[0].state != QUEUED or q[0].job.stopping):
                 q.popleft()
             if q:

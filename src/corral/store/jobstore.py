@@ -1,8 +1,10 @@
 """The jobs' tables in the embedded store (the same SQLite file as environments).
 
-A job's row keeps what it takes to run it again after a restart (its file's text, its
-path and directory) and its state; a unit has a row only once it has left the queue
-(a queued unit is a missing row), so a large array job costs one row at submission.
+A job's row keeps its state and what it takes to run it again after a restart (its
+path and directory; its file's text in a table of its own, written once: a row updated
+at every change must stay small, since SQLite rewrites a row whole); a unit has a row
+only once it has left the queue (a queued unit is a missing row), so a large array job
+costs one row at submission.
 Every write is one transaction for a whole batch of changes, with its events.
 """
 
@@ -18,8 +20,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs(
     id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, owner TEXT,
     priority_class TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,
-    source TEXT, workdir TEXT NOT NULL, text TEXT NOT NULL, units INTEGER NOT NULL,
+    source TEXT, workdir TEXT NOT NULL, units INTEGER NOT NULL,
     counts TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_texts(id TEXT PRIMARY KEY, text TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name, created);
 CREATE TABLE IF NOT EXISTS job_units(
     job TEXT NOT NULL, idx INTEGER NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,
@@ -53,12 +56,13 @@ class JobStore:
         with self.store._tx() as db:
             db.execute(
                 "INSERT INTO jobs(id, name, kind, owner, priority_class, state, reason, source,"
-                " workdir, text, units, counts, created, updated)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " workdir, units, counts, created, updated)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (row["id"], row["name"], row["kind"], row.get("owner"), row["priority_class"],
                  row["state"], row.get("reason"), row.get("source"), row["workdir"],
-                 row["text"], row["units"], json.dumps(row.get("counts") or {}), now, now),
+                 row["units"], json.dumps(row.get("counts") or {}), now, now),
             )  # fmt: skip
+            db.execute("INSERT INTO job_texts(id, text) VALUES (?, ?)", (row["id"], row["text"]))
             return self.store._put_events(db, events, now)
 
     def write(
@@ -93,12 +97,19 @@ class JobStore:
     # -- reads -------------------------------------------------------------------------
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        cur = self.store._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        cur = self.store._db.execute(
+            "SELECT jobs.*, job_texts.text FROM jobs LEFT JOIN job_texts USING (id) "
+            "WHERE jobs.id = ?", (job_id,),
+        )  # fmt: skip
         row = cur.fetchone()
         return None if row is None else _row(cur, row)
 
-    def jobs(self, *, unfinished: bool = False, name: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM jobs"
+    def jobs(
+        self, *, unfinished: bool = False, name: str | None = None, texts: bool = False
+    ) -> list[dict[str, Any]]:
+        """Jobs, oldest first; with ``texts``, each with its file's text."""
+        sql = ("SELECT jobs.*, job_texts.text FROM jobs LEFT JOIN job_texts USING (id)"
+               if texts else "SELECT * FROM jobs")  # fmt: skip
         where: list[str] = []
         args: list[Any] = []
         if unfinished:
@@ -108,7 +119,7 @@ class JobStore:
             args.append(name)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        cur = self.store._db.execute(sql + " ORDER BY created, id", args)
+        cur = self.store._db.execute(sql + " ORDER BY created, jobs.id", args)
         return [_row(cur, r) for r in cur.fetchall()]
 
     def units(self, job_id: str) -> list[dict[str, Any]]:
