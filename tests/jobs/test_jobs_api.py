@@ -82,6 +82,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, d
         "kind: batch\nname: hot\npriority_class: online\ncommand: {value: /bin/true}\n"
     )
     (jobs / "broken.yaml").write_text("kind: batch\nname: broken\ncommand: {valu: x}\n")
+    (jobs / "latin1.yaml").write_bytes(b"kind: periodic\nname: caf\xe9\n")  # not UTF-8
+    os.mkfifo(jobs / "fifo.yaml")  # a server that reads it would hang at its start
+    (jobs / "dir.yaml").mkdir()
     (jobs / "secretive.yaml").write_text(
         "kind: batch\nname: secretive\nsecrets: [db-password]\ncommand:\n  value: /bin/sh\n"
         "  arguments: ['-c', 'cp \"$CORRAL_SECRETS_DIR/db-password\" got-secret.txt; "
@@ -130,6 +133,9 @@ def test_batch_and_makeflow_jobs_run_by_name(server: tuple[Server, dict[str, str
         r = op.post("/api/jobs", json={"file": "../../etc/passwd"})
         assert r.status_code == 422 and "outside the jobs directory" in r.json()["detail"]
         assert op.post("/api/jobs", json={"file": "nope"}).status_code == 404
+        assert op.post("/api/jobs", json={"file": "fifo"}).status_code == 404
+        r = op.post("/api/jobs", json={"file": "latin1"})
+        assert r.status_code == 422 and "cannot read" in r.json()["detail"], r.text
         r = op.post("/api/jobs", json={"file": "broken"})
         assert r.status_code == 422 and "broken.yaml:3:" in r.json()["detail"], r.text
         r = op.post("/api/jobs", json={"file": "hot"})  # online is above an operator's

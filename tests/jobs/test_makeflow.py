@@ -451,3 +451,12 @@ def test_docs_example_parses() -> None:
     assert mf.rules[2].local and mf.rules[2].resources == Resources(cores=1, memory_mb=100)
     words = ["python3", "report.py", "-o", "report.html", "qa.00.root"]
     assert mf.rules[2].command.split() == words
+
+
+def test_all_commands_together_are_bounded() -> None:
+    # each rule's command is under the 1 MiB bound, but together they would not fit
+    text = "V=" + "x" * (512 * 1024) + "\n" + "".join(
+        f"o{i}:\n\techo $(V) > o{i}\n" for i in range(140))  # fmt: skip
+    with pytest.raises(MakeflowError) as e:
+        parse(text, "big.makeflow")
+    assert "commands expand to more than 67108864 characters together" in str(e.value)

@@ -397,3 +397,43 @@ async def test_room_a_service_gives_back_starts_what_waits(rig: Rig) -> None:
     gate.touch()
     assert await holder.done == "SUCCEEDED"
     await rig.until(lambda: len(rig.sup.endpoints("web")) == 2)
+
+
+@with_rig()
+async def test_a_replica_that_restarts_forever_never_overflows_its_backoff(rig: Rig) -> None:
+    body = web(env='"BROKEN=1"').replace(
+        "restart: {initial: 200ms, max: 5s, factor: 2, crash_loop: 3, reset_after: 30s}",
+        "restart: {initial: 1ms, max: 2ms, factor: 100, crash_loop: 3, reset_after: 30s}",
+    )
+    rig.deploy(rig.spec(body.replace("command: {value: " + PY + ", arguments: [SERVER]",
+                                     "command: {value: /bin/false")))  # fmt: skip
+    # past 156 restarts in a row, 100 ** restarts no longer fits a float
+    await rig.until(lambda: any(n.startswith("restart 200 ") for n in rig.notes()))
+    assert rig.sup.services["web"].state == "CRASH-LOOP"
+
+
+SLOW_FIRST = """
+import http.server, os, time
+first = [True]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if first[0]:
+            first[0] = False
+            time.sleep(1.5)  # longer than the check's interval
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["CORRAL_PORT"])), H).serve_forever()
+"""
+
+
+@with_rig()
+async def test_checks_go_on_after_one_that_outlived_its_interval(rig: Rig) -> None:
+    (rig.tmp / "slow.py").write_text(SLOW_FIRST)
+    body = web().replace("SERVER", str(rig.tmp / "slow.py"))
+    body = body.replace("interval: 500ms", "interval: 1s").replace("timeout: 500ms", "timeout: 1s")
+    rig.deploy(rig.spec(body))
+    await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
+    before = rig.sup.checks_made
+    await rig.until(lambda: rig.sup.checks_made >= before + 3)  # still checked

@@ -273,6 +273,13 @@ async def _run(
     )  # fmt: skip
     for note in await plane.adopt_leftovers(take_over=False):
         err.print(f"[yellow]note[/]: {note}")
+    # steps a `corral flow run` that died left running are ended before anything starts
+    # again (a resumed step must not run beside its old self)
+    left = [row["id"] for row in plane.jobs.store.jobs(unfinished=True)]
+    if left:
+        ended = await plane.backend.end_leftovers(left)
+        if ended:
+            err.print(f"[yellow]note[/]: {ended} steps a previous run left running are ended")
     done: set[int] = set()
     prev = None if fresh else _previous(plane.jobs.store, source)
     # a flow picks up from its last run, as make does (a batch job after a failure only)

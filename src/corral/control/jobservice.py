@@ -176,11 +176,21 @@ class JobService:
         scheduled yet (those the store holds were restored already); a line each."""
         notes: list[str] = []
         have = {p["name"] for p in self.plane.periodic.list()}
+        base = os.path.realpath(self.dir)
         for f in self.files():
-            if not f["file"].endswith((".yaml", ".yml")):
-                continue
             path = os.path.join(self.dir, f["file"])
-            text = self._read(path)
+            real = os.path.realpath(path)
+            # regular files of the directory only (not a FIFO, nor a link that leads out)
+            if not f["file"].endswith((".yaml", ".yml")) or not os.path.isfile(real):
+                continue
+            if not real.startswith(base + os.sep):
+                notes.append(f"{path}: not scheduled: it leads outside the jobs directory")
+                continue
+            try:
+                text = self._read(real)
+            except ServiceError as e:
+                notes.append(f"{path}: not scheduled: {e.detail}")
+                continue
             if "periodic" not in text:
                 continue
             spec, diags = load_job(path, text)

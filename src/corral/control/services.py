@@ -794,7 +794,8 @@ class ServiceSupervisor:
         spec = r.svc.versions[r.version].restart
         up_for = now - r.started if r.started is not None else 0.0
         r.restarts = 1 if up_for >= spec.reset_after else r.restarts + 1
-        delay = min(spec.initial * spec.factor ** (r.restarts - 1), spec.max)
+        # (the exponent is bounded: a replica that restarts forever never overflows it)
+        delay = min(spec.initial * spec.factor ** min(r.restarts - 1, 64), spec.max)
         r.state, r.reason = PENDING, why
         r.checks_due = now + delay  # (a pending replica's restart time)
         self._push(r.checks_due, "restart", r)
@@ -870,7 +871,11 @@ class ServiceSupervisor:
 
     def _check(self, r: Replica, now: float) -> None:
         probes = r.probes
-        if r.state != RUNNING or not probes or r.in_flight is not None:
+        if r.state != RUNNING or not probes:
+            return
+        if r.in_flight is not None:  # the last one has not answered yet: ask again later
+            r.checks_due = now + probes[0][0].interval
+            self._push(r.checks_due, "check", r)
             return
         h, host, port, request = probes[self.checks_made % len(probes)]
         self.checks_made += 1

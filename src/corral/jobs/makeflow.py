@@ -41,6 +41,7 @@ from types import MappingProxyType
 MAX_FILE_CHARS = 64 * 1024 * 1024
 MAX_LINE_CHARS = 1024 * 1024
 MAX_EXPANSION_CHARS = 1024 * 1024
+MAX_COMMANDS_CHARS = 64 * 1024 * 1024  # all rules' expanded commands together
 MAX_RULES = 100_000
 MAX_ERRORS = 100
 
@@ -305,6 +306,7 @@ class _Pending:
 
 class _Parser:
     def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+        self.command_chars = 0  # all expanded commands so far (MAX_COMMANDS_CHARS)
         self.path = path
         self.environ = environ
         self.problems: list[Problem] = []
@@ -515,6 +517,10 @@ class _Parser:
             return self.lookup_in(name, p.local_vars, p.category)
 
         command = _expand(text, lookup)
+        self.command_chars += len(command)
+        if self.command_chars > MAX_COMMANDS_CHARS:
+            raise _LineError(f"the rules' commands expand to more than {MAX_COMMANDS_CHARS} "
+                             "characters together")  # fmt: skip
         local = (lookup("BATCH_LOCAL") or "").strip().lower() in _TRUE
         words = command.split(None, 1)
         while words and words[0] in ("LOCAL", "MAKEFLOW"):
