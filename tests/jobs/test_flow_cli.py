@@ -192,3 +192,14 @@ def test_a_changed_flow_reruns_only_what_changed_and_what_follows(tmp_path: Path
     assert p.returncode == 0, p.stderr
     assert sorted((tmp_path / "ran").read_text().split()) == ["c", "d"]
     assert (tmp_path / "d.txt").read_text() == "A\nCC\n"
+
+
+def test_job_validate_checks_makeflow_files(tmp_path: Path) -> None:
+    from tests.conftest import EXAMPLES
+
+    good = os.path.join(EXAMPLES, "jobs", "qa.makeflow")
+    (tmp_path / "bad.makeflow").write_text("a: $(X)\n\techo\n")
+    p = corral("job", "validate", good, str(tmp_path / "bad.makeflow"), cwd=tmp_path)
+    assert p.returncode == 1
+    assert "qa.makeflow: makeflow: 6 rules" in p.stderr
+    assert "bad.makeflow:1: variable X is not defined" in p.stderr

@@ -402,3 +402,27 @@ def test_serve_with_an_elastic_pool_runs_its_jobs_on_new_nodes(tmp_path: Path) -
         notes = [e.get("note", "") for e in c.get("/api/events").json() if e["kind"] == "pool"]
         assert notes[0].startswith("asking for 2 nodes"), notes
         assert any(n.startswith("released") for n in notes), notes
+
+
+def test_a_failed_job_resumes_on_the_next_server(tmp_path: Path) -> None:
+    wf = tmp_path / "workflows"
+    jobs = wf / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "flow.makeflow").write_text(
+        "a.txt:\n\techo a >> ran; echo A > a.txt\n"
+        "b.txt: a.txt\n\techo b >> ran; test -e go && cp a.txt b.txt\n"
+    )
+    with Server(tmp_path / "data", "--workflows", str(wf)) as s:
+        admin = s.admin
+        with s.client(admin) as c:
+            job = c.post("/api/jobs", json={"file": "flow.makeflow"}).json()["id"]
+            until("the failure", lambda: c.get(f"/api/jobs/{job}").json()["state"] == "FAILED")
+    (jobs / "go").touch()
+    with Server(tmp_path / "data", "--workflows", str(wf)) as s, s.client(admin) as c:
+        r = c.post(f"/api/jobs/{job}/resume")
+        assert r.status_code == 200, r.text
+        until("the job", lambda: c.get(f"/api/jobs/{job}").json()["state"] == "SUCCEEDED")
+        assert c.post("/api/jobs/jnosuchjob9/resume").status_code == 404
+        r = c.post(f"/api/jobs/{job}/resume")
+        assert r.status_code == 409, r.text
+    assert (jobs / "ran").read_text().split() == ["a", "b", "b"]  # a ran once

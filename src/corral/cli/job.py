@@ -67,6 +67,27 @@ def report(diags: list[Diagnostic]) -> None:
     err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]", markup=True)
 
 
+def _validate_makeflow(path: str) -> bool:
+    from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_FILE_CHARS + 1).decode("utf-8")
+        mf = parse(text, path, dict(os.environ))
+    except (OSError, UnicodeDecodeError) as e:
+        err.print(f"[red]✗[/] {escape(path)}", markup=True)
+        err.print(f"[bold red]error[/]: {escape(path)}: cannot read: {e}", markup=True)
+        return False
+    except MakeflowError as e:
+        err.print(f"[red]✗[/] {escape(path)}", markup=True)
+        for p in e.problems:
+            err.print(f"[bold red]error[/]: {escape(str(p))}", markup=True)
+        return False
+    err.print(f"[green]✓[/] {escape(path)}: makeflow: {len(mf.rules)} rules, "
+              f"{len(mf.outputs)} results", markup=True)  # fmt: skip
+    return True
+
+
 @click.group()
 def job() -> None:
     """Services, batch jobs, DAGs and periodic jobs: check, run, follow (docs/jobs.md)."""
@@ -78,6 +99,9 @@ def validate(paths: tuple[str, ...]) -> None:
     """Check job files; print every error as FILE:LINE:COL: message (exit 1 on errors)."""
     failed = 0
     for path in paths:
+        if path.endswith((".makeflow", ".mf")):  # a Makeflow file (docs/makeflow.md)
+            failed += not _validate_makeflow(path)
+            continue
         spec, diags = read_job(path)
         if spec is None:
             failed += 1

@@ -261,9 +261,29 @@ class JobService:
         return job.summary()
 
     def resume(self, job_id: str, who: Principal) -> dict[str, Any]:
-        """Run a failed or cancelled job again; what succeeded is not run again."""
+        """Run a failed or cancelled job again; what succeeded is not run again (a job
+        an earlier server ran too: it is read back from the store)."""
         if job_id not in self.plane.jobs.jobs:
-            raise ServiceError(404, "No such job", f"no job {job_id!r} runs here")
+            row = self.plane.jobs.store.job(job_id)
+            if row is None:
+                raise ServiceError(404, "No such job", f"no job {job_id!r}")
+            if row["state"] not in (r.FAILED, r.CANCELLED):
+                raise ServiceError(409, "Cannot resume", f"job {job_id} is {row['state']}: "
+                                   "only a failed or cancelled job resumes")  # fmt: skip
+            try:
+                units = self._units_of(row)
+            except ValueError as e:
+                raise ServiceError(409, "Cannot resume", f"its file no longer reads: {e}") from None
+            runner = self.plane.jobs
+            stored = runner.store.units(job_id)
+            done = {u["idx"] for u in stored if u["state"] == r.SUCCEEDED}
+            runner.store.reset_units(job_id, [u["idx"] for u in stored if u["idx"] not in done])
+            job = runner.submit(units, name=row["name"], kind=row["kind"], text=row["text"],
+                                workdir=row["workdir"], owner=row["owner"] or "",
+                                priority_class=row["priority_class"], source=row["source"],
+                                job_id=job_id, done=done, restored=True)  # fmt: skip
+            self.service.record({"kind": "job", "job": job_id, "note": "resumed"}, who.name)
+            return job.summary()
         try:
             job = self.plane.jobs.resume(job_id)
         except ValueError as e:
