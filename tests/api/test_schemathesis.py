@@ -89,6 +89,8 @@ NEEDS = {
     ("POST", "/api/services/{name}/scale"): "operator",
     ("DELETE", "/api/services/{name}"): "operator",
     ("GET", "/api/catalog"): "viewer",
+    ("GET", "/api/periodic"): "viewer",
+    ("DELETE", "/api/periodic/{name}"): "operator",
     ("GET", "/api/catalog/{name}"): "viewer",
     ("GET", "/api/sd/prometheus"): "viewer",
     ("GET", "/api/sd/traefik"): "viewer",

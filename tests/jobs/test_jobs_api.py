@@ -82,6 +82,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, d
         "kind: batch\nname: hot\npriority_class: online\ncommand: {value: /bin/true}\n"
     )
     (jobs / "broken.yaml").write_text("kind: batch\nname: broken\ncommand: {valu: x}\n")
+    (jobs / "hourly.yaml").write_text(
+        "kind: periodic\nname: hourly\nschedule: '@hourly'\n"
+        "job: {kind: batch, command: {value: /bin/true}}\n"
+    )
     (jobs / "latin1.yaml").write_bytes(b"kind: periodic\nname: caf\xe9\n")  # not UTF-8
     os.mkfifo(jobs / "fifo.yaml")  # a server that reads it would hang at its start
     (jobs / "dir.yaml").mkdir()
@@ -426,3 +430,15 @@ def test_a_failed_job_resumes_on_the_next_server(tmp_path: Path) -> None:
         r = c.post(f"/api/jobs/{job}/resume")
         assert r.status_code == 409, r.text
     assert (jobs / "ran").read_text().split() == ["a", "b", "b"]  # a ran once
+
+
+def test_periodic_jobs_are_listed_and_unscheduled(server: tuple[Server, dict[str, str]]) -> None:
+    s, tokens = server
+    with s.client(tokens["operator"]) as op, s.client(tokens["viewer"]) as viewer:
+        listed = viewer.get("/api/periodic").json()
+        assert [p["name"] for p in listed] == ["hourly"]
+        assert listed[0]["schedule"] == "@hourly" and listed[0]["next_fire"] > time.time()
+        assert viewer.delete("/api/periodic/hourly").status_code == 403
+        assert op.delete("/api/periodic/hourly").status_code == 200
+        assert viewer.get("/api/periodic").json() == []
+        assert op.delete("/api/periodic/hourly").status_code == 404

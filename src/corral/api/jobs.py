@@ -129,6 +129,18 @@ def mount(
     async def service_remove(name: ServiceName, who: Operator) -> dict[str, str]:
         return await jobs.remove(name, who)
 
+    @app.get("/api/periodic", tags=["jobs"])
+    async def periodic_list(who: Viewer) -> list[dict[str, Any]]:
+        """The periodic jobs: schedule, next and last fire, the run on, runs queued."""
+        return jobs.periodic()
+
+    @app.delete(
+        "/api/periodic/{name}", tags=["jobs"], responses=problems(e404="no such periodic job")
+    )
+    async def periodic_remove(name: ServiceName, who: Operator) -> dict[str, Any]:
+        """Stop scheduling it (a run on goes on)."""
+        return jobs.unschedule(name, who)
+
     @app.get("/api/catalog", tags=["catalog"])
     async def catalog(who: Viewer) -> dict[str, list[dict[str, Any]]]:
         """The healthy endpoints of every service."""

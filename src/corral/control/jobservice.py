@@ -171,6 +171,19 @@ class JobService:
 
     # -- periodic jobs ------------------------------------------------------------------------
 
+    def periodic(self) -> list[dict[str, Any]]:
+        return self.plane.periodic.list()
+
+    def unschedule(self, name: str, who: Principal) -> dict[str, Any]:
+        """Stop scheduling a periodic job (a run on goes on; its file stays: it is
+        scheduled again at the next start while it is in the jobs directory)."""
+        try:
+            info = self.plane.periodic.remove(name)
+        except KeyError:
+            raise ServiceError(404, "No such periodic job", f"no periodic job {name!r}") from None
+        self.service.record({"kind": "periodic", "name": name, "note": "unscheduled"}, who.name)
+        return info
+
     def schedule_all(self, owner: str = "corral") -> list[str]:
         """At start: schedule each periodic job file of the jobs directory that is not
         scheduled yet (those the store holds were restored already); a line each."""
