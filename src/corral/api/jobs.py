@@ -59,7 +59,7 @@ def mount(
                            e404="no such job file", e422="the job file is wrong"),
     )  # fmt: skip
     async def job_submit(req: JobRequest, who: Operator) -> dict[str, Any]:
-        return jobs.submit(req.file, who)
+        return await jobs.submit(req.file, who)
 
     @app.get("/api/jobs", tags=["jobs"])
     async def job_list(who: Viewer) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ replicas).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import replace
 from typing import Any
@@ -68,9 +69,35 @@ class JobService:
 
     # -- submitting -------------------------------------------------------------------------
 
-    def submit(self, name: str, who: Principal) -> dict[str, Any]:
+    async def submit(self, name: str, who: Principal) -> dict[str, Any]:
         """Run the job file ``name``: a batch job, a DAG or a Makeflow file is queued; a
-        service is deployed (or updated); a periodic job is scheduled."""
+        service is deployed (or updated). The file is read and parsed in a worker
+        thread (a DAG of 100,000 steps takes seconds), the rest on the loop."""
+        got = await asyncio.to_thread(self._prepare, name)
+        kind, spec, units, text, workdir, path = got
+        if spec is not None:
+            pclass = spec.placement.priority_class
+            rank = self.plane.priority_classes.get(pclass)
+            if rank is None:
+                raise ServiceError(422, "Bad job", f"priority_class {pclass!r} is not one of "
+                                   f"{', '.join(self.plane.priority_classes)}")  # fmt: skip
+            self.service.check_class(pclass, rank, who)
+        if isinstance(spec, ServiceSpec):
+            svc = self.plane.services.deploy(spec, text=text, workdir=workdir, owner=who.name)
+            self.service.record({"kind": "service", "service": svc.name, "note": "deployed",
+                                 "file": name}, who.name)  # fmt: skip
+            return {"kind": "service", **self.plane.services.show(svc.name)}
+        assert units is not None
+        if isinstance(spec, BatchSpec | DagSpec):
+            return self._queue(units, spec.name, spec.kind, spec.placement.priority_class,
+                               text, workdir, path, who)  # fmt: skip
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return self._queue(units, stem, kind, "batch", text, workdir, path, who)
+
+    def _prepare(
+        self, name: str
+    ) -> tuple[str, ServiceSpec | BatchSpec | DagSpec | None, Units | None, str, str, str]:
+        """The job file read and parsed (no state is touched: a worker thread runs it)."""
         path = self.path(name)
         text = self._read(path)
         workdir = os.path.dirname(path)
@@ -80,9 +107,7 @@ class JobService:
             except MakeflowError as e:
                 raise ServiceError(422, "Bad job", str(e),
                                    errors=[str(p) for p in e.problems]) from None  # fmt: skip
-            stem = os.path.splitext(os.path.basename(path))[0]
-            return self._queue(units_of_makeflow(mf), stem, "makeflow", "batch", text,
-                               workdir, path, who)  # fmt: skip
+            return "makeflow", None, units_of_makeflow(mf), text, workdir, path
         spec, diags = load_job(path, text)
         if spec is None:
             raise ServiceError(422, "Bad job", "; ".join(str(d) for d in diags[:5]),
@@ -90,20 +115,9 @@ class JobService:
         if isinstance(spec, PeriodicSpec):
             raise ServiceError(422, "Bad job", "periodic jobs are scheduled by the server at "
                                "start (docs/cron.md), not submitted")  # fmt: skip
-        pclass = spec.placement.priority_class
-        rank = self.plane.priority_classes.get(pclass)
-        if rank is None:
-            raise ServiceError(422, "Bad job", f"priority_class {pclass!r} is not one of "
-                               f"{', '.join(self.plane.priority_classes)}")  # fmt: skip
-        self.service.check_class(pclass, rank, who)
         if isinstance(spec, ServiceSpec):
-            svc = self.plane.services.deploy(spec, text=text, workdir=workdir, owner=who.name)
-            self.service.record({"kind": "service", "service": svc.name, "note": "deployed",
-                                 "file": name}, who.name)  # fmt: skip
-            return {"kind": "service", **self.plane.services.show(svc.name)}
-        assert isinstance(spec, BatchSpec | DagSpec)
-        return self._queue(units_of(spec), spec.name, spec.kind, pclass, text, workdir, path,
-                           who)  # fmt: skip
+            return spec.kind, spec, None, text, workdir, path
+        return spec.kind, spec, units_of(spec), text, workdir, path
 
     def _queue(
         self, units: Units, name: str, kind: str, pclass: str, text: str, workdir: str,

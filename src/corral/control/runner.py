@@ -579,11 +579,23 @@ class JobRunner:
         job.stopping = True
         why = f"cancelled by {actor}" if actor else "cancelled"
         live = []
-        for u in job.members:
-            if u.state in (QUEUED, RETRYING):
+        never = 0  # queued units that never started: no row to write (a missing row is
+        for u in job.members:  # a queued unit, and the job's row says CANCELLED)
+            if u.state == QUEUED and u.attempt == 0:
+                u.state, u.reason = CANCELLED, why
+                never += 1
+            elif u.state in (QUEUED, RETRYING):
                 self._set(u, CANCELLED, reason=why)
             elif u.state in (STARTING, RUNNING):
                 live.append(u)
+        if never:
+            c = job.counts
+            c[QUEUED] -= never
+            if c[QUEUED] <= 0:
+                del c[QUEUED]
+            c[CANCELLED] += never
+            self._dirty_jobs[job.id] = job
+            self._schedule_flush()
         if live:
             per: dict[str, list[str]] = {}
             for u in live:
