@@ -465,3 +465,16 @@ def test_a_key_file_others_may_read_stops_the_server(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "secrets: the key file" in r.stderr and "chmod 600" in r.stderr
     assert "serving on" not in r.stdout
+
+
+def test_the_directories_a_dead_server_left_are_removed_by_owner(tmp_path: Path) -> None:
+    from corral.control.secretfiles import remove_left
+
+    mine = materialize("jabc:0", {"a": b"x"}, base=str(tmp_path))
+    also = materialize("jabc:12", {"a": b"x"}, base=str(tmp_path))
+    other = materialize("jabcd:0", {"a": b"x"}, base=str(tmp_path))  # a longer id: not it
+    (tmp_path / "unrelated").mkdir()
+    assert remove_left(["jabc"], base=str(tmp_path)) == 2
+    assert not os.path.exists(mine) and not os.path.exists(also)
+    assert os.path.exists(other) and (tmp_path / "unrelated").exists()
+    assert remove_left([], base=str(tmp_path)) == 0

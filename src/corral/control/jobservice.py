@@ -19,7 +19,9 @@ from dataclasses import replace
 from typing import Any
 
 from corral.control import runner as r
+from corral.control import secretfiles
 from corral.control.service import ControlService, Principal, ServiceError
+from corral.control.services import service_id
 from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
 from corral.jobs.spec import BatchSpec, DagSpec, PeriodicSpec, ServiceSpec, load_job
 from corral.jobs.units import Units, units_of, units_of_makeflow
@@ -139,6 +141,13 @@ class JobService:
         start the services it ran again. A line each."""
         notes: list[str] = []
         runner = self.plane.jobs
+        # the secrets' directories of processes the previous control process ran
+        owners = [row["id"] for row in runner.store.jobs(unfinished=True)]
+        owners += [service_id(row["name"], self.plane.services.mark)
+                   for row in self.plane.services.store.services()]  # fmt: skip
+        removed = secretfiles.remove_left(owners)
+        if removed:
+            notes.append(f"{removed} secrets' directories of ended processes removed")
         for row in runner.store.jobs(unfinished=True, texts=True):
             try:
                 units = self._units_of(row)

@@ -86,6 +86,23 @@ def remove(path: str) -> None:
         shutil.rmtree(path)
 
 
+def remove_left(owners: Sequence[str], base: str | None = None) -> int:
+    """Remove the directories a control process that died left for the processes of
+    these jobs or services (task id prefixes); how many were removed."""
+    where = base or default_base()
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return 0
+    prefixes = tuple(f"{PREFIX}{safe_part(o + ':')}" for o in owners)
+    gone = 0
+    for name in names:
+        if prefixes and name.startswith(prefixes):
+            remove(os.path.join(where, name))
+            gone += 1
+    return gone
+
+
 def env_for(names: Mapping[str, str], secrets: Mapping[str, bytes]) -> dict[str, str]:
     """The environment variables of the secrets asked for as such: ``names`` maps a
     secret's name to its variable's; the result a variable to the secret's value.
