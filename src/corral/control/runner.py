@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.control import secretfiles
+from corral.control.coalesce import Coalescing
 from corral.control.journal import Journal
 from corral.control.ledger import Ledger
 from corral.jobs.units import Units, blocked_by
@@ -142,7 +143,7 @@ class Job:
         }  # fmt: skip
 
 
-class JobRunner:
+class JobRunner(Coalescing):
     def __init__(
         self,
         backend: Backend,
@@ -154,6 +155,7 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         log_dir: str | None = None,
     ) -> None:
+        super().__init__()
         self.backend = backend
         self.ledger = ledger
         self.journal = journal
@@ -175,9 +177,6 @@ class JobRunner:
         # gathered writes: units and jobs changed since the last flush, and events
         self._dirty_units: dict[tuple[str, int], Unit] = {}
         self._dirty_jobs: dict[str, Job] = {}
-        self._events: list[dict[str, Any]] = []
-        self._flush_scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         ledger.on_free.append(self._room)
         # the jobs' secrets (docs/secrets.md): ``secrets.reveal`` is set by a server
         # that keeps some; each running unit that declares some has its directory
@@ -269,11 +268,6 @@ class JobRunner:
         if not self._kicked:
             self._kicked = True
             self._bind().call_soon(self._dispatch)
-
-    def _bind(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
 
     def _dispatch(self) -> None:
         self._kicked = False
@@ -712,15 +706,6 @@ class JobRunner:
         self._job_state(job, state, why)
         if job.done is not None and not job.done.done():
             job.done.set_result(state)
-
-    def _event(self, ev: dict[str, Any]) -> None:
-        self._events.append(ev)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._bind().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral.control import secretfiles
+from corral.control.coalesce import Coalescing
 from corral.control.journal import Journal
 from corral.control.ledger import Ledger
 from corral.jobs.spec import HealthCheck, ServiceSpec
@@ -336,7 +337,7 @@ def _keep_alive(version: bytes, head: bytes) -> int | None:
 _RESOLVING: set[asyncio.Future[None]] = set()
 
 
-class ServiceSupervisor:
+class ServiceSupervisor(Coalescing):
     def __init__(
         self,
         backend: Backend,
@@ -349,6 +350,7 @@ class ServiceSupervisor:
         log_dir: str | None = None,
         address_of: Callable[[str], str] | None = None,
     ) -> None:
+        super().__init__()
         self.backend = backend
         self.ledger = ledger
         self.journal = journal
@@ -366,10 +368,7 @@ class ServiceSupervisor:
         self._dirty: set[Service] = set()
         self._kicked = False
         self._jobs: set[asyncio.Future[Any]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: list[dict[str, Any]] = []
         self._changed: set[Service] = set()
-        self._flush_scheduled = False
         self.checks_made = 0  # http/tcp checks started (a metric, and for benchmarks)
         self.mark = store.mark()  # this store's, in every replica's task id
         self.secrets = secretfiles.Giver()  # ``reveal`` set by a server that keeps secrets
@@ -984,11 +983,6 @@ class ServiceSupervisor:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _bind(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._jobs.add(task)
@@ -1004,15 +998,6 @@ class ServiceSupervisor:
             ev["state"] = state
         self._event(ev)
         self._changed.add(svc)
-
-    def _event(self, ev: dict[str, Any]) -> None:
-        self._events.append(ev)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._bind().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
