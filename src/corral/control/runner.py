@@ -47,10 +47,11 @@ from typing import Any
 from corral.control import secretfiles
 from corral.control.coalesce import Coalescing
 from corral.control.journal import Journal
+from corral.control.launching import launch_batch
 from corral.control.ledger import Ledger
 from corral.jobs.units import Units, blocked_by
 from corral.planning.placement import Demand
-from corral.ports.backend import Backend, Launch, Outcome, Report
+from corral.ports.backend import Backend, Launch, Report
 from corral.store.jobstore import JobStore, UnitRow
 
 log = logging.getLogger("corral.runner")
@@ -383,22 +384,9 @@ class JobRunner(Coalescing):
             self.secrets.forget(u.key)
 
     async def _launch(self, node: str, units: list[Unit]) -> None:
-        batch: list[Launch] = []
-        refused: dict[int, str] = {}  # position -> why it cannot start (its secrets)
-        for pos, u in enumerate(units):
-            try:
-                batch.append(self._launch_of(u))
-            except secretfiles.SecretUnavailable as e:
-                refused[pos] = f"its secrets: {e}"
-        try:
-            outs = await self.backend.launch(node, batch, LAUNCH_TIMEOUT, LAUNCH_TIMEOUT)
-        except Exception as e:  # the backend broke: each launch failed
-            log.exception("launching %d units on %s", len(units), node)
-            outs = [Outcome(x.task_id, error=f"the launch failed: {e}") for x in batch]
-        if refused:
-            it = iter(outs)
-            outs = [Outcome(u.key, error=refused[i]) if i in refused else next(it)
-                    for i, u in enumerate(units)]  # fmt: skip
+        outs = await launch_batch(
+            self.backend, node, units, lambda x: x.key, self._launch_of, LAUNCH_TIMEOUT
+        )
         ended: list[Unit] = []
         for u, out in zip(units, outs, strict=True):
             if u.state != STARTING:  # cancelled or evicted meanwhile: ended by them

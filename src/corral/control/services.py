@@ -49,13 +49,14 @@ from typing import Any
 from corral.control import secretfiles
 from corral.control.coalesce import Coalescing
 from corral.control.journal import Journal
+from corral.control.launching import launch_batch
 from corral.control.ledger import Ledger
 from corral.jobs.spec import HealthCheck, ServiceSpec
 from corral.jobs.units import DEFAULT_CPU, constraints_of
 from corral.model.plan import Constraint
 from corral.model.plan import HealthCheck as ExecCheck
 from corral.planning.placement import Demand
-from corral.ports.backend import Backend, Launch, Outcome, Report
+from corral.ports.backend import Backend, Launch, Report
 from corral.store.servicestore import ServiceStore
 
 log = logging.getLogger("corral.services")
@@ -722,22 +723,9 @@ class ServiceSupervisor(Coalescing):
         return Launch(r.key, f"{svc.name}[{r.slot}]", cmd, "basic", tuple(env), logs, health)
 
     async def _launch(self, node: str, reps: list[Replica]) -> None:
-        batch: list[Launch] = []
-        refused: dict[int, str] = {}  # position -> why it cannot start (its secrets)
-        for pos, r in enumerate(reps):
-            try:
-                batch.append(self._launch_of(r))
-            except secretfiles.SecretUnavailable as e:
-                refused[pos] = f"its secrets: {e}"
-        try:
-            outs = await self.backend.launch(node, batch, LAUNCH_TIMEOUT, LAUNCH_TIMEOUT)
-        except Exception as e:
-            log.exception("launching %d replicas on %s", len(reps), node)
-            outs = [Outcome(x.task_id, error=f"the launch failed: {e}") for x in batch]
-        if refused:
-            it = iter(outs)
-            outs = [Outcome(r.key, error=refused[i]) if i in refused else next(it)
-                    for i, r in enumerate(reps)]  # fmt: skip
+        outs = await launch_batch(
+            self.backend, node, reps, lambda x: x.key, self._launch_of, LAUNCH_TIMEOUT
+        )
         now = self._now()
         for r, out in zip(reps, outs, strict=True):
             if r.state != STARTING:
