@@ -334,7 +334,9 @@ def test_a_secret_is_nowhere_but_in_the_jobs_file(server: tuple[Server, dict[str
     assert leftovers == []
 
 
-def test_after_a_kill_9_of_the_server_jobs_resume_and_services_come_back(tmp_path: Path) -> None:
+def test_after_a_kill_9_of_the_server_its_jobs_and_services_are_re_attached(
+    tmp_path: Path,
+) -> None:
     wf = tmp_path / "workflows"
     jobs = wf / "jobs"
     jobs.mkdir(parents=True)
@@ -343,7 +345,7 @@ def test_after_a_kill_9_of_the_server_jobs_resume_and_services_come_back(tmp_pat
         "import os, sys, time\n"
         "i = sys.argv[1]\n"
         "open('ran', 'a').write(i + ' ')\n"
-        "while i != '0' and not os.path.exists('gate'): time.sleep(0.01)\n"
+        "while i != '0' and not os.path.exists('gate-' + i): time.sleep(0.01)\n"
         "open('done-' + i, 'w').close()\n"
     )
     (jobs / "three.yaml").write_text(
@@ -364,24 +366,90 @@ def test_after_a_kill_9_of_the_server_jobs_resume_and_services_come_back(tmp_pat
             until("instance 0 done and 1, 2 running", lambda: (jobs / "done-0").exists() and (
                 c.get(f"/api/jobs/{job}").json()["counts"].get("RUNNING") == 2))  # fmt: skip
             until("2 healthy replicas", lambda: len(c.get("/api/catalog/web").json()) == 2)
+            before = c.get("/api/services/web").json()["members"]
+            pids = {st["index"]: st["pid"] for st in c.get(f"/api/jobs/{job}").json()["steps"]}
         assert s.proc is not None
         s.proc.kill()  # kill -9: no teardown
         s.proc.wait()
-    second = Server(tmp_path / "data", "--workflows", str(wf))
+    (jobs / "gate-1").touch()  # instance 1 ends while no server watches it
+    until("instance 1 done", lambda: (jobs / "done-1").exists())
+    second = Server(tmp_path / "data", "--workflows", str(wf), keep_agent=True)
     with second as s:
         log = s.log.read_text()
-        assert "job " + job + " (three) taken over: 1 of 3 units had succeeded" in log, log
+        assert f"job {job} (three) re-attached: 1 of 3 units had succeeded, 2 still ran" in log
+        assert "service web re-attached to its 2 running replicas (of 2)" in log, log
         with s.client(admin) as c:
-            until("1 and 2 running again", lambda: c.get(f"/api/jobs/{job}").json()["counts"]
+            # instance 1's exit, held by the node agent, is taken in; 2 runs on, same process
+            until("1 succeeded", lambda: c.get(f"/api/jobs/{job}").json()["counts"]
+                  .get("SUCCEEDED") == 2)  # fmt: skip
+            got = c.get(f"/api/jobs/{job}").json()
+            step2 = next(st for st in got["steps"] if st["index"] == 2)
+            assert step2["state"] == "RUNNING" and step2["pid"] == pids[2], got
+            until("the service healthy", lambda: len(c.get("/api/catalog/web").json()) == 2)
+        assert s.proc is not None
+        s.proc.kill()  # and again: what this one took over, the next one takes over
+        s.proc.wait()
+    third = Server(tmp_path / "data", "--workflows", str(wf))
+    with third as s:
+        log = s.log.read_text()
+        assert f"job {job} (three) re-attached: 2 of 3 units had succeeded, 1 still ran" in log
+        assert "service web re-attached to its 2 running replicas (of 2)" in log, log
+        with s.client(admin) as c:
+            (jobs / "gate-2").touch()
+            done = until("the job", lambda: (j := c.get(f"/api/jobs/{job}").json())["state"]
+                         in ("SUCCEEDED", "FAILED") and j)  # fmt: skip
+            assert done["state"] == "SUCCEEDED", done
+            until("the service healthy", lambda: len(c.get("/api/catalog/web").json()) == 2)
+            after = c.get("/api/services/web").json()["members"]
+            assert [(m["slot"], m["pid"], m["ports"]) for m in after] == [
+                (m["slot"], m["pid"], m["ports"]) for m in before], (before, after)  # fmt: skip
+            assert all(m["restarts"] == 0 for m in after), after
+    ran = (jobs / "ran").read_text().split()
+    assert sorted(ran) == ["0", "1", "2"]  # each ran once: nothing ran again
+
+
+def test_when_the_node_agent_died_too_the_units_it_ran_are_queued_again(
+    tmp_path: Path,
+) -> None:
+    wf = tmp_path / "workflows"
+    jobs = wf / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "work.py").write_text(
+        "import os, sys, time\n"
+        "open('ran', 'a').write(sys.argv[1] + ' ')\n"
+        "while not os.path.exists('gate'): time.sleep(0.01)\n"
+    )
+    (jobs / "two.yaml").write_text(
+        f"kind: batch\nname: two\narray: 2\nwants: {{cpu: 0.1}}\n"
+        f"command: {{value: {PY}, arguments: [work.py, '{{{{ index }}}}']}}\n"
+    )
+    with Server(tmp_path / "data", "--workflows", str(wf), keep_agent=True) as s:
+        admin = s.admin
+        with s.client(admin) as c:
+            job = c.post("/api/jobs", json={"file": "two"}).json()["id"]
+            until("2 running", lambda: c.get(f"/api/jobs/{job}").json()["counts"]
+                  .get("RUNNING") == 2)  # fmt: skip
+        agent = s.agent_pid()
+        assert s.proc is not None and agent is not None
+        s.proc.kill()
+        s.proc.wait()
+        os.kill(agent, signal.SIGKILL)  # its tasks die with it; nobody holds their exits
+        until("the agent gone", lambda: not Path(f"/proc/{agent}").exists()
+              or ") Z " in Path(f"/proc/{agent}/stat").read_text())  # fmt: skip
+    with Server(tmp_path / "data", "--workflows", str(wf)) as s:
+        log = s.log.read_text()
+        assert f"job {job}: 2 units its process ended while no control process watched it, " \
+            "unheard: queued again" in log, log  # fmt: skip
+        with s.client(admin) as c:
+            until("2 running again", lambda: c.get(f"/api/jobs/{job}").json()["counts"]
                   .get("RUNNING") == 2)  # fmt: skip
             (jobs / "gate").touch()
             done = until("the job", lambda: (j := c.get(f"/api/jobs/{job}").json())["state"]
                          in ("SUCCEEDED", "FAILED") and j)  # fmt: skip
+            # (not counted as a try: with no retries (the default), it still succeeds)
             assert done["state"] == "SUCCEEDED", done
-            until("the service back", lambda: len(c.get("/api/catalog/web").json()) == 2)
-    ran = (jobs / "ran").read_text().split()
-    assert ran.count("0") == 1  # what had succeeded is not run again
-    assert ran.count("1") == 2 and ran.count("2") == 2  # what ran at the crash runs again
+            assert [st["attempt"] for st in done["steps"]] == [1, 1], done
+    assert sorted((jobs / "ran").read_text().split()) == ["0", "0", "1", "1"]
 
 
 def test_serve_with_an_elastic_pool_runs_its_jobs_on_new_nodes(tmp_path: Path) -> None:

@@ -474,7 +474,9 @@ def test_the_directories_a_dead_server_left_are_removed_by_owner(tmp_path: Path)
     also = materialize("jabc:12", {"a": b"x"}, base=str(tmp_path))
     other = materialize("jabcd:0", {"a": b"x"}, base=str(tmp_path))  # a longer id: not it
     (tmp_path / "unrelated").mkdir()
-    assert remove_left(["jabc"], base=str(tmp_path)) == 2
+    runs = materialize("jabc:3", {"a": b"x"}, base=str(tmp_path))  # taken over: it runs
+    assert remove_left(["jabc"], base=str(tmp_path), keep={"jabc:3"}) == (2, {"jabc:3": runs})
     assert not os.path.exists(mine) and not os.path.exists(also)
     assert os.path.exists(other) and (tmp_path / "unrelated").exists()
-    assert remove_left([], base=str(tmp_path)) == 0
+    assert os.path.exists(runs)
+    assert remove_left([], base=str(tmp_path)) == (0, {})

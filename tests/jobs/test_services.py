@@ -437,3 +437,31 @@ async def test_checks_go_on_after_one_that_outlived_its_interval(rig: Rig) -> No
     await rig.until(lambda: len(rig.sup.endpoints("web")) == 1)
     before = rig.sup.checks_made
     await rig.until(lambda: rig.sup.checks_made >= before + 3)  # still checked
+
+
+def _listener() -> Any:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+_taken = _listener()  # a port something outside corral listens on (for the next test)
+_TAKEN_PORT = _taken.getsockname()[1]
+
+
+@with_rig([Node("n1", cpu=8, memory=10_000, ports=(_TAKEN_PORT, _TAKEN_PORT + 50))])
+async def test_a_replica_whose_port_is_taken_outside_gets_another_one(r: Rig) -> None:
+    # the node's first port is held by a process corral does not know: the replica
+    # given it fails to listen; the one started in its place gets the next port, not
+    # the same one again (no crash loop on a port it can never have)
+    try:
+        r.deploy(r.spec(web(1)))
+        await r.until(lambda: any(m["healthy"] for m in r.running()))
+        member = r.running()[0]
+        assert member["ports"] != [_TAKEN_PORT] and member["restarts"] == 1, member
+        assert any("restart 1" in n for n in r.notes()), r.notes()
+    finally:
+        _taken.close()

@@ -232,6 +232,7 @@ def serve(
         defaults_file = os.path.join(data, SITE_DEFAULTS_FILE)
     site_defaults = load_site(defaults_file, None, run_dpl).defaults
     private_process()  # its environment holds CORRAL_TOKEN: not readable by its tasks
+    import httpx  # noqa: F401  (the http call plugin's, imported lazily: now, not in the loop)
     host, port = parse_listen(listen)
     tls = parse_tls(tls_cert, tls_key)
     passed = parse_task_env(task_env)
@@ -420,10 +421,11 @@ async def _serve(
     keep = False  # at the end: leave the environments to the agent, or tear them down
     elastic: ElasticPools | None = None
     try:
-        for note in await plane.adopt_leftovers():
-            err.print(f"[yellow]note[/]: {note}")
         jobs = JobService(service)
-        for note in jobs.restore() + plane.periodic.restore() + jobs.schedule_all():
+        # (the jobs and services a previous server ran are taken over with what it left)
+        for note in await plane.adopt_leftovers(claim=jobs.restore):
+            err.print(f"[yellow]note[/]: {note}")
+        for note in plane.periodic.restore() + jobs.schedule_all():
             err.print(f"[yellow]note[/]: {note}")
         if pools:
             provider: Provider = RayProvider() if backend_name == "ray" else SimulatedProvider()

@@ -20,6 +20,7 @@ from typing import Any
 
 from corral.control import runner as r
 from corral.control import secretfiles
+from corral.control.plane import Live
 from corral.control.service import ControlService, Principal, ServiceError
 from corral.control.services import service_id
 from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
@@ -135,34 +136,55 @@ class JobService:
 
     # -- after a restart ----------------------------------------------------------------------
 
-    def restore(self) -> list[str]:
-        """At start: take over the jobs a previous control process left unfinished (the
-        units that had succeeded are not run again; those that ran are run again) and
-        start the services it ran again. A line each."""
+    def restore(self, running: Live) -> tuple[list[str], set[str]]:
+        """At start (ControlPlane.adopt_leftovers' ``claim``): take over the jobs a
+        previous control process left unfinished, and run its services again. ``running``:
+        the processes of no environment that the agents still run, by owner id. A unit
+        whose process runs is re-attached, one recorded running is heard from (its exit
+        may be held by the agent: see JobRunner.settle), one that had succeeded is not
+        run again, the rest is queued; a service's replicas that run go on (the others
+        are started again). Returns a line each, and the task ids taken over (every
+        other process is ended)."""
         notes: list[str] = []
+        claimed: set[str] = set()
         runner = self.plane.jobs
-        # the secrets' directories of processes the previous control process ran
+        # (the secrets' directories of the processes the previous control process ran)
         owners = [row["id"] for row in runner.store.jobs(unfinished=True)]
         owners += [service_id(row["name"], self.plane.services.mark)
                    for row in self.plane.services.store.services()]  # fmt: skip
-        removed = secretfiles.remove_left(owners)
-        if removed:
-            notes.append(f"{removed} secrets' directories of ended processes removed")
+        nodes = {n.name for n in self.plane.ledger.nodes}
         for row in runner.store.jobs(unfinished=True, texts=True):
             try:
                 units = self._units_of(row)
-                done = {u["idx"] for u in runner.store.units(row["id"])
-                        if u["state"] == r.SUCCEEDED}  # fmt: skip
-                runner.store.reset_units(
-                    row["id"],
-                    [u["idx"] for u in runner.store.units(row["id"]) if u["idx"] not in done],
-                )
+                stored = runner.store.units(row["id"])
+                done = {u["idx"] for u in stored if u["state"] == r.SUCCEEDED}
+                live = running.get(row["id"], {})
+                attached: dict[int, r.Attached] = {}
+                for u in stored:
+                    idx, pid = u["idx"], u["pid"]
+                    if u["state"] not in r.ALIVE or u["node"] not in nodes or idx >= units.count:
+                        continue
+                    proc = live.get(idx)
+                    if proc is not None and pid in (None, proc[0]):
+                        attached[idx] = r.Attached(proc[0], u["node"], u["attempt"],
+                                                   u["started"], heard=True)  # fmt: skip
+                    elif proc is None and pid is not None:
+                        attached[idx] = r.Attached(pid, u["node"], u["attempt"],
+                                                   u["started"], heard=False)  # fmt: skip
+                again = [u["idx"] for u in stored
+                         if u["idx"] not in done and u["idx"] not in attached]  # fmt: skip
+                runner.store.reset_units(row["id"], again)
                 runner.submit(units, name=row["name"], kind=row["kind"], text=row["text"],
                               workdir=row["workdir"], owner=row["owner"] or "",
                               priority_class=row["priority_class"], source=row["source"],
-                              job_id=row["id"], done=done, restored=True)  # fmt: skip
-                notes.append(f"job {row['id']} ({row['name']}) taken over: {len(done)} of "
-                             f"{units.count} units had succeeded")  # fmt: skip
+                              job_id=row["id"], done=done, restored=True,
+                              attached=attached)  # fmt: skip
+                claimed.update(f"{row['id']}:{i}" for i, a in attached.items() if a.heard)
+                what = "re-attached" if attached else "taken over"
+                notes.append(
+                    f"job {row['id']} ({row['name']}) {what}: {len(done)} of "
+                    f"{units.count} units had succeeded, {len(attached)} still ran"
+                )
             except (ValueError, ServiceError) as e:
                 now = self.service.clock()
                 why = f"not taken over after a restart: {e}"
@@ -177,9 +199,21 @@ class JobService:
                 notes.append(f"service {row['name']} not started again: {first}")
                 continue
             spec = replace(spec, replicas=row["replicas"])
-            sup.deploy(spec, text=row["text"], workdir=row["workdir"], owner=row["owner"] or "")
-            notes.append(f"service {row['name']} started again: {row['replicas']} replicas")
-        return notes
+            svc = sup.deploy(spec, text=row["text"], workdir=row["workdir"],
+                             owner=row["owner"] or "")  # fmt: skip
+            reattached = sup.attach(svc, row["version"], running.get(svc.id, {}), nodes)
+            claimed.update(reattached)
+            if reattached:
+                notes.append(f"service {row['name']} re-attached to its {len(reattached)} running "
+                             f"replicas (of {row['replicas']})")  # fmt: skip
+            else:
+                notes.append(f"service {row['name']} started again: {row['replicas']} replicas")
+        removed, kept = secretfiles.remove_left(owners, keep=claimed)
+        if removed:
+            notes.append(f"{removed} secrets' directories of ended processes removed")
+        runner.secrets.adopt({k: d for k, d in kept.items() if runner.owns(k.partition(":")[0])})
+        sup.secrets.adopt({k: d for k, d in kept.items() if sup.owns(k.partition(":")[0])})
+        return notes, claimed
 
     def _units_of(self, row: dict[str, Any]) -> Units:
         if row["kind"] == "makeflow":
@@ -278,14 +312,14 @@ class JobService:
         if j is not None:
             out["steps"] = [
                 {"index": u.idx, "name": j.units.name(u.idx), "state": u.state,
-                 "attempt": u.attempt, "node": u.node, "reason": u.reason,
+                 "attempt": u.attempt, "node": u.node, "pid": u.pid, "reason": u.reason,
                  "needs": list(j.units.spec(u.idx).needs) if j.units.array is None else []}
                 for u in j.members[:10_000]
             ]  # fmt: skip
         else:
             out["steps"] = [
                 {"index": u["idx"], "state": u["state"], "attempt": u["attempt"],
-                 "node": u["node"], "reason": u["reason"]}
+                 "node": u["node"], "pid": u["pid"], "reason": u["reason"]}
                 for u in self.plane.jobs.store.units(job_id)[:10_000]
             ]  # fmt: skip
         return out

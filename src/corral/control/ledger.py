@@ -10,7 +10,7 @@ resources back when it ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from corral.model.inventory import Node
@@ -124,6 +124,7 @@ class Ledger:
         self.nodes = tuple(nodes)
         self.usage: dict[str, Usage] = {}
         self.version = 0
+        self.cursors: dict[str, int] = {}  # (see Snapshot.cursors; queued work only)
         self._held: dict[str, Reservation] = {}
         self._order = 0
         # called when room may have freed up (a release, an uncordon, new nodes): what
@@ -195,8 +196,28 @@ class Ledger:
         """Book what an environment already holds, where it is (a take-over of running
         tasks): no placement, and nothing refused; an overcommit shows in the table."""
         request = Request(demands_of(plan), "spread")
+        self._book(zip(nodes, ports, request.demands, strict=True))
+        self._order += 1
+        self._held[key] = Holder(key, priority, tuple(nodes), tuple(ports),
+                                 tuple(request.demands), order=self._order)  # fmt: skip
+        return self._held[key]
+
+    def hold_each(
+        self, items: Sequence[tuple[str, str, Demand, tuple[int, ...]]], *, priority: int = 0
+    ) -> None:
+        """Book what queued work already holds, each (key, node, demand, ports) where it
+        runs (units and replicas taken over after a restart): no placement, nothing
+        refused. One update for the whole batch."""
+        if not items:
+            return
+        self._book((node, ports, d) for _, node, d, ports in items)
+        for key, node, d, ports in items:
+            self._order += 1
+            self._held[key] = Holder(key, priority, (node,), (ports,), (d,), order=self._order)
+
+    def _book(self, what: Iterable[tuple[str, tuple[int, ...], Demand]]) -> None:
         usage = dict(self.usage)
-        for node, p, d in zip(nodes, ports, request.demands, strict=True):
+        for node, p, d in what:
             u = usage.get(node, Usage())
             usage[node] = Usage(
                 cpu=round(u.cpu + d.wants.cpu, 9), memory=u.memory + d.wants.memory,
@@ -204,10 +225,6 @@ class Ledger:
             )  # fmt: skip
         self.usage = usage
         self.version += 1
-        self._order += 1
-        self._held[key] = Holder(key, priority, tuple(nodes), tuple(ports),
-                                 tuple(request.demands), order=self._order)  # fmt: skip
-        return self._held[key]
 
     def reserve_more(
         self, key: str, demands: Sequence[Demand], *, seed: str, priority: int = 0
@@ -232,9 +249,11 @@ class Ledger:
         holds, or why it waits. One snapshot and one commit for the whole list."""
         if not items:
             return []
-        snap = self.snapshot()
+        # (queued work's ports go round each node's range: see Snapshot.cursors)
+        snap = Snapshot(self.nodes, dict(self.usage), self.version, self.cursors)
         got = place_each(snap, [d for _, d in items], seed=seed)
         self.usage = dict(got.usage)
+        self.cursors = {**self.cursors, **got.cursors}
         self.version += 1
         out: list[Reservation | str] = []
         for pos, ((key, demand), node) in enumerate(zip(items, got.nodes, strict=True)):

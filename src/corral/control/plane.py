@@ -58,6 +58,11 @@ log = logging.getLogger("corral.plane")
 # judges a placement before the environment exists: the plan and each task's node; raises
 # to refuse it (e.g. a detector lock; see ControlService)
 Admit = Callable[[Plan, Sequence[str]], None]
+# at start, the processes of no environment that agents still run: owner id -> index ->
+# (pid, the state it last said)
+Live = Mapping[str, Mapping[int, tuple[int, str | None]]]
+# takes some of them over: (notes, the task ids it took)
+Claim = Callable[[Live], tuple[list[str], Collection[str]]]
 RESTARTED = "the control process restarted after a crash"
 
 
@@ -387,7 +392,9 @@ class ControlPlane:
 
         await self._once(env_id, work)
 
-    async def adopt_leftovers(self, *, take_over: bool = True) -> list[str]:
+    async def adopt_leftovers(
+        self, *, take_over: bool = True, claim: Claim | None = None
+    ) -> list[str]:
         """At start: what a previous control process left unfinished.
 
         Its transitions left STARTED end FAILED. An environment whose tasks still run
@@ -399,8 +406,13 @@ class ControlPlane:
         (its recipe) and placed: RECOVER relaunches it, destroy ends it. Those that
         cannot be are ``left`` (destroying them ends them); without ``take_over``
         (``corral run``) every one is ended. A process of no unfinished environment
-        that an agent still runs is ended. Returns a line per environment saying what
-        happened.
+        that an agent still runs is ended, unless ``claim`` (with ``take_over``: the jobs
+        and services a previous process ran, see JobService.restore) takes it: it is
+        given the processes of no environment, by owner id, and answers with its notes
+        and the task ids it runs on. The reports the agents held meanwhile come after
+        all that (a unit that ended while no control process watched it is heard), then
+        the job runner settles what it took over and did not hear from. Returns a line
+        per environment saying what happened.
         """
         # what runs first: the inventory waits for the orders a previous process left
         # under way; until it has answered, its transitions stay recorded as under way
@@ -438,7 +450,12 @@ class ControlPlane:
                     continue
                 notes.append(f"{what}: cannot re-attach ({why}): its processes are ended")
             rest.append(row)
-        strangers = [f"{e}:{i}" for e, tasks in running.items() for i in tasks]
+        claimed: Collection[str] = ()
+        if take_over and claim is not None:
+            more, claimed = claim(running)
+            notes += more
+        strangers = [k for e, tasks in running.items() for i in tasks
+                     if (k := f"{e}:{i}") not in claimed]  # fmt: skip
         if strangers:  # an agent runs them for nobody: end them
             await self.backend.stop(self.ledger.nodes[0].name, strangers, 3.0)
             notes.append(f"{len(strangers)} processes of no unfinished environment ended")
@@ -463,6 +480,7 @@ class ControlPlane:
         if ended:
             notes.append(f"{ended} leftover processes ended")
         await self.backend.resume()
+        notes += self.jobs.settle()
         return notes
 
     def _replayed(self, row: dict[str, Any]) -> tuple[Plan, list[dict[str, Any]]] | str:

@@ -27,6 +27,12 @@ the plane routes their reports here).
   or not) are BLOCKED, the others run. Either way the job ends FAILED, and
   ``resume`` runs it again from where it stopped: the steps that succeeded are not
   run again.
+- **After a restart.** A control process killed -9 leaves its units to the node
+  agents. The next one takes its unfinished jobs over: a unit whose process still
+  runs is re-attached (RUNNING, its resources booked where it runs); one recorded
+  running whose process is gone may have ended meanwhile: the agents hold its exit
+  report and give it at resume, and only one still unheard then is queued again (not
+  a try). What had succeeded is not run again.
 - **The store.** Changes are gathered and written once per loop iteration, in one
   transaction through the plane's journal, with their events (a job's state, and
   units counted by state, never an event per unit).
@@ -42,7 +48,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from corral.control import secretfiles
 from corral.control.coalesce import Coalescing
@@ -69,6 +75,7 @@ FAILED = "FAILED"
 CANCELLED = "CANCELLED"
 BLOCKED = "BLOCKED"  # a DAG step that needs one that failed
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, BLOCKED})
+ALIVE = frozenset({STARTING, RUNNING, ENDING, FAILING, EVICTING})  # a process may run
 # job states
 JOB_QUEUED, JOB_RUNNING = "QUEUED", "RUNNING"
 JOB_FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -76,6 +83,17 @@ JOB_FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 LAUNCH_TIMEOUT = 30.0
 GRACE = 3.0
 MAX_PASS = 5000  # units offered to placement per priority level and pass
+
+
+class Attached(NamedTuple):
+    """A unit taken over after a restart: where it ran, and whether its process was
+    found running (``heard``; else its exit may be held by the agent)."""
+
+    pid: int | None
+    node: str
+    attempt: int
+    started: float | None
+    heard: bool
 
 
 def new_job_id() -> str:
@@ -175,6 +193,7 @@ class JobRunner(Coalescing):
         self._retry_timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._launches: set[asyncio.Task[None]] = set()
+        self._unheard: list[Unit] = []  # taken over, not found running (see settle)
         # gathered writes: units and jobs changed since the last flush, and events
         self._dirty_units: dict[tuple[str, int], Unit] = {}
         self._dirty_jobs: dict[str, Job] = {}
@@ -203,10 +222,12 @@ class JobRunner(Coalescing):
         env: Sequence[tuple[str, str]] = (),
         done: Collection[int] = (),
         restored: bool = False,
+        attached: Mapping[int, Attached] | None = None,
     ) -> Job:
         """Queue a job's units (those in ``done`` count as succeeded: a resumed job).
         Stored before anything starts (StoreUnavailable: nothing is queued); a job
-        ``restored`` after a restart is in the store already (same id)."""
+        ``restored`` after a restart is in the store already (same id), with the
+        units ``attached`` that ran at the crash (see the module doc)."""
         if priority_class not in self.priority_classes:
             known = ", ".join(self.priority_classes)
             raise ValueError(f"priority_class {priority_class!r} is not one of {known}")
@@ -222,16 +243,17 @@ class JobRunner(Coalescing):
               "units": units.count, "owner": job.owner}  # fmt: skip
         now = self.clock()
         if restored:
-            ev["note"] = f"taken over after a restart: {len(done)} units had succeeded"
+            ev["note"] = (f"taken over after a restart: {len(done)} units had succeeded, "
+                          f"{len(attached or ())} ran")  # fmt: skip
             self.journal.write(lambda: self.store.write([], [], [ev], now))
         else:
             events = self.journal.call(lambda: self.store.create(row, [ev], now))
             self.journal.publish(events)
         self.jobs[job.id] = job
-        self._admit(job, set(done))
+        self._admit(job, set(done), attached or {})
         return job
 
-    def _admit(self, job: Job, done: set[int]) -> None:
+    def _admit(self, job: Job, done: set[int], attached: Mapping[int, Attached]) -> None:
         units = job.units
         job.users = units.dependents()
         job.members = []
@@ -242,11 +264,47 @@ class JobRunner(Coalescing):
                 u.state = SUCCEEDED
                 self._dirty_units[(job.id, i)] = u
             job.members.append(u)
+        if attached:
+            self._attach(job, attached)
         job.counts = collections.Counter(u.state for u in job.members)
         ready = [u for u in job.members if u.state == QUEUED and u.deps == 0]
         self._enqueue(ready)
         self._check_end(job)
         self._kick()
+
+    def _attach(self, job: Job, attached: Mapping[int, Attached]) -> None:
+        """Units that ran at a crash, RUNNING again where they ran (their resources
+        booked there: no placement)."""
+        booked = []
+        for i, a in attached.items():
+            u = job.members[i]
+            u.state, u.pid, u.node, u.attempt, u.started = RUNNING, a.pid, a.node, a.attempt, \
+                a.started  # fmt: skip
+            self._running[job.owner] += 1
+            if not a.heard:
+                self._unheard.append(u)
+            booked.append((u.key, a.node, self._demand(u), ()))
+        self.ledger.hold_each(booked, priority=job.priority)
+        job.state = JOB_RUNNING
+        self._dirty_jobs[job.id] = job
+
+    def settle(self) -> list[str]:
+        """After the agents gave the reports they held (at start): a unit taken over
+        whose process was gone and whose exit nobody held ended unseen (its node or
+        agent was lost too): it is queued again, not counted as a try. A line per job."""
+        unheard, self._unheard = self._unheard, []
+        lost = [u for u in unheard if u.state == RUNNING]
+        if not lost:
+            return []
+        why = "its process ended while no control process watched it, unheard: queued again"
+        self._release(lost)
+        for u in lost:
+            u.attempt -= 1
+            u.pid = u.node = None
+            self._set(u, QUEUED, reason=why)
+        self._enqueue(lost)
+        per = collections.Counter(u.job.id for u in lost)
+        return [f"job {j}: {n} units {why}" for j, n in per.items()]
 
     def _enqueue(self, units: Sequence[Unit], front: bool = False) -> None:
         for u in units:
@@ -724,5 +782,5 @@ class JobRunner(Coalescing):
         job.stopping = False
         job.done = self._bind().create_future()
         self._job_state(job, JOB_QUEUED, f"resumed: {len(done)} units already succeeded")
-        self._admit(job, done)
+        self._admit(job, done, {})
         return job

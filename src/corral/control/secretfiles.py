@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from corral.jobs.spec import SecretRef
 from corral.store.secrets import SecretError, check_name
@@ -86,21 +86,33 @@ def remove(path: str) -> None:
         shutil.rmtree(path)
 
 
-def remove_left(owners: Sequence[str], base: str | None = None) -> int:
+def remove_left(
+    owners: Sequence[str], base: str | None = None, keep: Collection[str] = ()
+) -> tuple[int, dict[str, str]]:
     """Remove the directories a control process that died left for the processes of
-    these jobs or services (task id prefixes); how many were removed."""
+    these jobs or services (task id prefixes), but those of the task ids in ``keep``
+    (processes that still run, taken over). Returns how many were removed, and the
+    kept directories by task id."""
     where = base or default_base()
     try:
         names = os.listdir(where)
     except OSError:
-        return 0
+        return 0, {}
     prefixes = tuple(f"{PREFIX}{safe_part(o + ':')}" for o in owners)
+    kept_by = {f"{PREFIX}{safe_part(t)}-": t for t in keep}
     gone = 0
+    kept: dict[str, str] = {}
     for name in names:
-        if prefixes and name.startswith(prefixes):
-            remove(os.path.join(where, name))
-            gone += 1
-    return gone
+        if not prefixes or not name.startswith(prefixes):
+            continue
+        path = os.path.join(where, name)
+        head = name[: name.rindex("-") + 1]
+        if head in kept_by and kept_by[head] not in kept:
+            kept[kept_by[head]] = path
+            continue
+        remove(path)
+        gone += 1
+    return gone, kept
 
 
 def env_for(names: Mapping[str, str], secrets: Mapping[str, bytes]) -> dict[str, str]:
@@ -173,6 +185,11 @@ class Giver:
                 self.forget(task_id)
                 raise SecretUnavailable(str(e)) from None
         return out
+
+    def adopt(self, dirs: Mapping[str, str]) -> None:
+        """Directories made for processes that a previous control process ran and this
+        one took over: removed when they end, as its own."""
+        self._dirs.update(dirs)
 
     def forget(self, task_id: str) -> None:
         """The process ended: its secrets' directory goes."""

@@ -57,7 +57,7 @@ from corral.model.plan import Constraint
 from corral.model.plan import HealthCheck as ExecCheck
 from corral.planning.placement import Demand
 from corral.ports.backend import Backend, Launch, Report
-from corral.store.servicestore import ServiceStore
+from corral.store.servicestore import ReplicaRow, ServiceStore
 
 log = logging.getLogger("corral.services")
 
@@ -378,6 +378,8 @@ class ServiceSupervisor(Coalescing):
         self.snapshot: Mapping[str, tuple[str, ...]] = {}
         self._healthy_said: dict[str, int] = {}  # the healthy count each service last said
         self._waiting: set[Service] = set()  # services with replicas that wait for room
+        # replicas' rows to write at the next flush (None: it no longer runs)
+        self._rows: dict[tuple[str, int], ReplicaRow | None] = {}
         ledger.on_free.append(self._room)
 
     # -- the API ------------------------------------------------------------------------
@@ -418,6 +420,42 @@ class ServiceSupervisor(Coalescing):
             self._note(svc, f"updating to version {svc.target + 1}", state="UPDATING")
         self._touch(svc)
         return svc
+
+    def attach(
+        self,
+        svc: Service,
+        version: int,
+        live: Mapping[int, tuple[int, str | None]],
+        nodes: Collection[str],
+    ) -> list[str]:
+        """At start, right after ``deploy``: the replicas the previous control process
+        recorded running (of its ``version``) whose processes still run (``live``: by
+        replica number, the pid) go on, RUNNING where they run, checked again from now;
+        the service's other slots get new replicas. Returns their task ids."""
+        kept: list[str] = []
+        booked = []
+        now = self._now()
+        slots = {r.slot for r in svc.members.values()}
+        for row in self.store.replicas(svc.name):
+            proc = live.get(row["n"])
+            if (proc is None or row["version"] != version or row["node"] not in nodes
+                    or row["pid"] not in (None, proc[0]) or row["slot"] >= svc.replicas
+                    or row["slot"] in slots):  # fmt: skip
+                self._rows[(svc.name, row["n"])] = None  # it no longer runs
+                continue
+            r = Replica(svc, row["n"], row["slot"], svc.target)
+            r.node, r.ports, r.pid = row["node"], row["ports"], proc[0]
+            r.state, r.started = RUNNING, now
+            svc.members[r.n] = r
+            svc.next_n = max(svc.next_n, r.n + 1)
+            svc.sticky[r.slot] = r.node
+            slots.add(r.slot)
+            booked.append((r.key, r.node, self._demand(r, None), r.ports))
+            self._up(r, now)
+            kept.append(r.key)
+        self.ledger.hold_each(booked, priority=svc.priority)
+        self._touch(svc)
+        return kept
 
     def scale(self, name: str, replicas: int) -> Service:
         """Change the number of replicas; those that stay are not restarted (KeyError)."""
@@ -735,22 +773,30 @@ class ServiceSupervisor(Coalescing):
                 self._crashed(r, f"cannot start: {out.error}")
                 continue
             r.state, r.started = RUNNING, now
-            r.healthy_since = None
-            r.passes = r.fails = 0
-            spec = r.svc.versions[r.version]
-            r.probes = self._probes(r)
-            if r.probes:
-                first = min(FIRST_CHECK, min(h.interval for h in spec.health))
-                r.checks_due = now + first
-                self._push(r.checks_due, "check", r)
-            else:
-                self._push(now + spec.update.healthy_for, "gate", r.svc)
+            self._up(r, now)
             early, r.early = r.early, None
             if early is not None and (early.pid is None or early.pid == r.pid):
                 self._on_report(r, early)
             self._changed.add(r.svc)
         for svc in {r.svc for r in reps}:
             self._touch(svc)
+
+    def _up(self, r: Replica, now: float) -> None:
+        """Its process runs (launched, or taken over): checked from now, and recorded."""
+        r.healthy_since = None
+        r.passes = r.fails = 0
+        spec = r.svc.versions[r.version]
+        r.probes = self._probes(r)
+        if r.probes:
+            first = min(FIRST_CHECK, min(h.interval for h in spec.health))
+            r.checks_due = now + first
+            self._push(r.checks_due, "check", r)
+        else:
+            self._push(now + spec.update.healthy_for, "gate", r.svc)
+        assert r.node is not None
+        self._rows[(r.svc.name, r.n)] = (r.svc.name, r.n, r.slot, r.version + 1, r.node,
+                                         ",".join(map(str, r.ports)), r.pid)  # fmt: skip
+        self._schedule_flush()
 
     # -- reports and restarts --------------------------------------------------------------
 
@@ -800,6 +846,9 @@ class ServiceSupervisor(Coalescing):
         self.ledger.release_each([r.key])
         if self.secrets:
             self.secrets.forget(r.key)
+        if r.pid is not None:
+            self._rows[(r.svc.name, r.n)] = None
+            self._schedule_flush()
         r.pid = None
         r.healthy_since = None
 
@@ -1005,10 +1054,13 @@ class ServiceSupervisor(Coalescing):
                                    "replicas": svc.replicas})  # fmt: skip
         rows = [(s.name, s.texts[s.target], s.workdir, s.owner, s.replicas, s.target + 1,
                  s.state, s.reason) for s in changed if s.name in self.services]  # fmt: skip
-        if not rows and not events:
+        reps, self._rows = self._rows, {}
+        up = [row for row in reps.values() if row is not None]
+        gone = [k for k, row in reps.items() if row is None]
+        if not rows and not events and not reps:
             return
         now = self.clock()
-        self.journal.write(lambda: self.store.write(rows, events, now))
+        self.journal.write(lambda: self.store.write(rows, events, now, up, gone))
 
 
 def _same_replicas(a: ServiceSpec, b: ServiceSpec) -> bool:

@@ -55,6 +55,10 @@ class Snapshot:
     nodes: tuple[Node, ...]
     used: Mapping[str, Usage] = field(default_factory=dict)
     version: int = 0
+    # per node, the port its next search starts from (else its range's first): queued
+    # work goes round the range, so a port that something outside took is not given
+    # again at once to the replica that just failed on it
+    cursors: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +151,9 @@ class _State:
             self.mem[i] = node.memory - u.memory
             self.gpu[i] = node.gpu - u.gpu
             self.tasks[i] = u.tasks
-            self.port_cursor[i] = node.ports[0]
+            lo, hi = node.ports
+            at = snapshot.cursors.get(node.name, lo)
+            self.port_cursor[i] = at if lo <= at <= hi else lo
 
     def free_ports(self, i: int) -> int:
         taken = self.ports[i]
@@ -184,6 +190,11 @@ class _State:
             p += 1
         self.port_cursor[i] = p
         return tuple(out)
+
+    def cursors(self) -> dict[str, int]:
+        """Where each node's next port search starts (the nodes that gave ports)."""
+        return {node.name: self.port_cursor[i] for i, node in enumerate(self.nodes)
+                if self.ports[i] is not None}  # fmt: skip
 
     def usage(self) -> dict[str, Usage]:
         out = {}
@@ -388,6 +399,7 @@ class EachPlacement:
     waiting: Mapping[int, str]  # demand position -> why it does not fit now
     usage: Mapping[str, Usage]
     version: int
+    cursors: Mapping[str, int] = field(default_factory=dict)  # (see Snapshot)
 
 
 def place_each(
@@ -428,7 +440,9 @@ def place_each(
         waiting[pos] = why
         nodes.append(None)
         ports.append(())
-    return EachPlacement(tuple(nodes), tuple(ports), waiting, st.usage(), snapshot.version)
+    return EachPlacement(
+        tuple(nodes), tuple(ports), waiting, st.usage(), snapshot.version, st.cursors()
+    )
 
 
 def _waiting(

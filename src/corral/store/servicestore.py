@@ -2,8 +2,9 @@
 
 A service's row keeps what it takes to run it again after a restart: the text of the
 version its replicas are made of, its directory, owner and number of replicas, with
-its state. Replicas are not stored: they are processes, started again by the next
-control process. Every write is one transaction, with its events.
+its state. A replica has a row while its process runs (where, its ports and pid): the
+next control process, after a kill -9 of this one, re-attaches the replicas that still
+run. Every write is one transaction, with its events.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ CREATE TABLE IF NOT EXISTS services(
     name TEXT PRIMARY KEY, text TEXT NOT NULL, workdir TEXT NOT NULL, owner TEXT,
     replicas INTEGER NOT NULL, version INTEGER NOT NULL DEFAULT 1,
     state TEXT NOT NULL DEFAULT 'RUNNING', reason TEXT, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS service_replicas(
+    service TEXT NOT NULL, n INTEGER NOT NULL, slot INTEGER NOT NULL,
+    version INTEGER NOT NULL, node TEXT NOT NULL, ports TEXT NOT NULL, pid INTEGER,
+    PRIMARY KEY(service, n)) WITHOUT ROWID;
 """
 
 Row = tuple[str, str, str, str, int, int, str, str | None]
+# a replica whose process runs: (service, n, slot, version, node, ports, pid)
+ReplicaRow = tuple[str, int, int, int, str, str, int | None]
 
 
 class ServiceStore:
@@ -31,10 +38,25 @@ class ServiceStore:
         self.store = store
         store._db.executescript(SCHEMA)
 
-    def write(self, rows: Sequence[Row], events: Sequence[Event], now: float) -> list[Event]:
-        """Services' (name, text, workdir, owner, replicas, version, state, reason) and
-        events, in one transaction."""
+    def write(
+        self,
+        rows: Sequence[Row],
+        events: Sequence[Event],
+        now: float,
+        replicas: Sequence[ReplicaRow] = (),
+        gone: Sequence[tuple[str, int]] = (),
+    ) -> list[Event]:
+        """Services' (name, text, workdir, owner, replicas, version, state, reason),
+        the replicas that now run and those (service, n) that no longer do, and events,
+        in one transaction."""
         with self.store._tx() as db:
+            if gone:
+                db.executemany("DELETE FROM service_replicas WHERE service = ? AND n = ?", gone)
+            if replicas:
+                db.executemany(
+                    "INSERT OR REPLACE INTO service_replicas(service, n, slot, version, node,"
+                    " ports, pid) VALUES (?,?,?,?,?,?,?)", replicas,
+                )  # fmt: skip
             db.executemany(
                 "INSERT INTO services(name, text, workdir, owner, replicas, version, state,"
                 " reason, updated) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET"
@@ -56,7 +78,18 @@ class ServiceStore:
     def remove(self, name: str) -> list[Event]:
         with self.store._tx() as db:
             db.execute("DELETE FROM services WHERE name = ?", (name,))
+            db.execute("DELETE FROM service_replicas WHERE service = ?", (name,))
         return []
+
+    def replicas(self, name: str) -> list[dict[str, Any]]:
+        """The service's replicas recorded running (by the previous control process)."""
+        cur = self.store._db.execute(
+            "SELECT n, slot, version, node, ports, pid FROM service_replicas WHERE service = ?"
+            " ORDER BY n", (name,),
+        )  # fmt: skip
+        return [{"n": n, "slot": slot, "version": v, "node": node,
+                 "ports": tuple(int(p) for p in ports.split(",") if p), "pid": pid}
+                for n, slot, v, node, ports, pid in cur.fetchall()]  # fmt: skip
 
     def mark(self) -> str:
         """A random mark of this store, made once: the replicas' task ids carry it."""
