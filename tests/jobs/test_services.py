@@ -135,6 +135,16 @@ async def test_a_replica_killed_9_is_restarted_with_backoff(rig: Rig) -> None:
     assert notes[1].startswith("restart 2 in 0.4 s"), notes  # the backoff grew
     ep = rig.sup.endpoints("web")[0]
     assert ep["address"] == "127.0.0.1" and 21000 <= ep["port"] <= 21999
+    # the service said so: STARTING, RUNNING once healthy, DEGRADED while its replica
+    # was down, RUNNING again
+    await rig.until(lambda: rig.sup.services["web"].state == "RUNNING")
+    rig.sup._flush()  # (written once per loop iteration: now)
+    states = [(e["state"], e.get("note")) for e in rig.store.events()
+              if e.get("service") == "web" and "state" in e]  # fmt: skip
+    assert states[:3] == [("STARTING", "deployed: 1 replicas"),
+                          ("RUNNING", "1 of 1 replicas healthy"),
+                          ("DEGRADED", "0 of 1 replicas healthy")], states  # fmt: skip
+    assert states[-1] == ("RUNNING", "1 of 1 replicas healthy"), states
 
 
 @with_rig()

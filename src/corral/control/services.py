@@ -30,6 +30,9 @@ in one heap, with one timer for all services: no asyncio task or timer per repli
   ``auto_rollback`` the service goes back to the previous version the same way.
 - **Preemption.** A protected service's replicas are never evicted; others are, and
   start again when there is room.
+- **Its state.** STARTING until each of its replicas has been healthy once, then
+  RUNNING while they all are, DEGRADED when fewer are (the reason says how many);
+  UPDATING, ROLLING-BACK and CRASH-LOOP say so (see ``_judge_state``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ RESTARTING = "RESTARTING"  # being stopped, to start again (it failed its checks
 STOPPING = "STOPPING"  # being stopped for good (scaled down, replaced, removed)
 EVICTING = "EVICTING"  # being stopped, to start again when there is room (preemption)
 LIVE = frozenset({STARTING, RUNNING, RESTARTING})
+DEGRADED = "DEGRADED"  # a service's state: fewer replicas healthy than it should have
 GRACE = 3.0
 LAUNCH_TIMEOUT = 30.0
 FIRST_CHECK = 0.5  # seconds after its start, at most, a replica's first check is made
@@ -140,7 +144,8 @@ class Service:
     replicas: int = 0  # desired
     members: dict[int, Replica] = field(default_factory=dict)
     next_n: int = 0
-    state: str = "RUNNING"
+    state: str = "STARTING"
+    full: bool = False  # each of its replicas has been healthy at once (see _judge_health)
     reason: str | None = None
     sticky: dict[int, str] = field(default_factory=dict)  # slot -> the node it last ran on
     update: Update | None = None
@@ -402,7 +407,7 @@ class ServiceSupervisor(Coalescing):
                           replicas=spec.replicas)  # fmt: skip
             self.services[spec.name] = svc
             self._by_id[svc.id] = svc
-            self._note(svc, f"deployed: {spec.replicas} replicas", state="RUNNING")
+            self._note(svc, f"deployed: {spec.replicas} replicas", state=STARTING)
         elif _same_replicas(svc.spec, spec):
             if spec.replicas != svc.replicas:
                 self.scale(spec.name, spec.replicas)
@@ -464,6 +469,8 @@ class ServiceSupervisor(Coalescing):
             raise ValueError(f"replicas {replicas} is not between 0 and 10000")
         if replicas != svc.replicas:
             self._note(svc, f"scaled from {svc.replicas} to {replicas} replicas")
+            if replicas > svc.replicas:
+                svc.full = False  # (RUNNING while the new ones start, not DEGRADED)
             svc.replicas = replicas
             self._touch(svc)
         return svc
@@ -1036,10 +1043,23 @@ class ServiceSupervisor(Coalescing):
         self._event(ev)
         self._changed.add(svc)
 
+    def _judge_health(self, svc: Service, healthy: int) -> None:
+        """STARTING, RUNNING or DEGRADED, by how many replicas are healthy (an update or
+        a crash loop says more, and is left alone)."""
+        if svc.update is not None or svc.state not in (STARTING, RUNNING, DEGRADED):
+            return
+        if healthy >= svc.replicas:
+            svc.full = True
+            if svc.state != RUNNING:
+                self._note(svc, f"{healthy} of {svc.replicas} replicas healthy", state=RUNNING)
+        elif svc.full:
+            why = f"{healthy} of {svc.replicas} replicas healthy"
+            if svc.state != DEGRADED or svc.reason != why:
+                self._note(svc, why, state=DEGRADED, reason=why)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         changed, self._changed = self._changed, set()
-        events, self._events = self._events, []
         if changed or len(self.snapshot) != len(self.services):
             self.snapshot = {
                 name: tuple(f"{e['address']}:{e['port']}" for e in self.endpoints(name)
@@ -1050,8 +1070,11 @@ class ServiceSupervisor(Coalescing):
                 healthy = sum(1 for r in svc.members.values() if self._healthy(r))
                 if healthy != self._healthy_said.get(svc.name):
                     self._healthy_said[svc.name] = healthy
-                    events.append({"kind": "service", "service": svc.name, "healthy": healthy,
-                                   "replicas": svc.replicas})  # fmt: skip
+                    self._events.append({"kind": "service", "service": svc.name,
+                                         "healthy": healthy, "replicas": svc.replicas})  # fmt: skip
+                if svc.name in self.services:
+                    self._judge_health(svc, healthy)
+        events, self._events = self._events, []
         rows = [(s.name, s.texts[s.target], s.workdir, s.owner, s.replicas, s.target + 1,
                  s.state, s.reason) for s in changed if s.name in self.services]  # fmt: skip
         reps, self._rows = self._rows, {}
