@@ -233,6 +233,7 @@ def serve(
     site_defaults = load_site(defaults_file, None, run_dpl).defaults
     private_process()  # its environment holds CORRAL_TOKEN: not readable by its tasks
     import httpx  # noqa: F401  (the http call plugin's, imported lazily: now, not in the loop)
+
     host, port = parse_listen(listen)
     tls = parse_tls(tls_cert, tls_key)
     passed = parse_task_env(task_env)
@@ -403,7 +404,9 @@ async def _serve(
         store, backend, log_dir=log_dir, inventory=nodes, priority_classes=classes,
         calls=Registry(extra=call_plugins or {}),
     )  # fmt: skip
-    plane.jobs.secrets.reveal = plane.services.secrets.reveal = secrets.reveal
+    for giver in (plane.jobs.secrets, plane.services.secrets):
+        giver.reveal = secrets.reveal
+        giver.exists = secrets.exists
     service = ControlService(
         plane, workflows=workflows, role_priority=role_priority,
         site_defaults=site_defaults, run_dpl=run_dpl,

@@ -85,6 +85,14 @@ class JobService:
                 raise ServiceError(422, "Bad job", f"priority_class {pclass!r} is not one of "
                                    f"{', '.join(self.plane.priority_classes)}")  # fmt: skip
             self.service.check_class(pclass, rank, who)
+            giver = (self.plane.services if isinstance(spec, ServiceSpec) else
+                     self.plane.jobs).secrets  # fmt: skip
+            missing = giver.missing(spec.secrets) if spec.secrets else []
+            if missing:
+                why = ("this server keeps no secrets (no key)" if giver.reveal is None else
+                       "no secret " + ", ".join(repr(n) for n in missing[:5]))  # fmt: skip
+                raise ServiceError(422, "Bad job", f"{path}: its secrets: {why} (corral "
+                                   "secret put NAME: docs/secrets.md)")  # fmt: skip
         if isinstance(spec, ServiceSpec):
             svc = self.plane.services.deploy(spec, text=text, workdir=workdir, owner=who.name)
             self.service.record({"kind": "service", "service": svc.name, "note": "deployed",

@@ -154,7 +154,18 @@ class Giver:
 
     def __init__(self, reveal: Reveal | None = None) -> None:
         self.reveal = reveal
+        # does a secret of this name exist (never its value): set with ``reveal``, so
+        # that a job naming one that does not is refused when it is submitted
+        self.exists: Callable[[str], bool] | None = None
         self._dirs: dict[str, str] = {}
+
+    def missing(self, refs: Sequence[SecretRef]) -> list[str]:
+        """The secrets of ``refs`` that are not there (all of them: no secrets here)."""
+        if self.reveal is None:
+            return [r.name for r in refs]
+        if self.exists is None:
+            return []
+        return [r.name for r in refs if not self.exists(r.name)]
 
     def env(self, task_id: str, refs: Sequence[SecretRef]) -> list[tuple[str, str]]:
         """What the process's environment gets: its secrets' directory (files), and

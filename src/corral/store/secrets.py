@@ -168,6 +168,13 @@ class SecretStore:
         keys = ("name", "version", "writer", "updated", "size")
         return [dict(zip(keys, row, strict=True)) for row in cur]
 
+    def exists(self, name: str) -> bool:
+        """Is there a secret of this name (a bad name: no)."""
+        try:
+            return self.get(name) is not None
+        except ValueError:
+            return False
+
     def get(self, name: str) -> dict[str, Any] | None:
         """One secret's entry as ``names`` gives it, or None; never its value."""
         check_name(name)
