@@ -6,8 +6,6 @@ the connection at once: httpx's async client is cancelled with the awaiting coro
 
 from __future__ import annotations
 
-import httpx
-
 from corral.calls._registry import CallContext, CallError
 
 BODY_CAP = 64 * 1024
@@ -31,6 +29,8 @@ class HttpPlugin:
             "run_number": ctx.run_number,
             "variables": dict(ctx.variables),
         }
+        import httpx  # (here: ~150 ms to import, which `corral run` need not pay at start)
+
         try:
             async with httpx.AsyncClient(timeout=None) as client:
                 if method == "Post":

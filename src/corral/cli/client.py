@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import httpx
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from corral.cli.template import parse_vars, var_option
+from corral.cli import http
+from corral.cli.console import Lazy, escape, table
+from corral.cli.options import parse_vars, var_option
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    import ssl
+
+out = Lazy()
+err = Lazy(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 CA_CERT = "corral.ca_cert"  # where --ca-cert is kept, in the click context's meta
 
@@ -65,6 +65,8 @@ def trust(ca_cert: str | None) -> ssl.SSLContext | bool:
     ca_cert = ca_cert or os.environ.get("CORRAL_CA_CERT") or None
     if ca_cert is None:
         return True
+    import ssl  # (~30 ms: only for https)
+
     try:
         return ssl.create_default_context(cafile=ca_cert)
     except (OSError, ssl.SSLError) as e:
@@ -72,9 +74,11 @@ def trust(ca_cert: str | None) -> ssl.SSLContext | bool:
         fail(2, f"cannot use the CA certificate {ca_cert} (--ca-cert, CORRAL_CA_CERT): {reason}")
 
 
-def unreachable(server: str, e: httpx.HTTPError) -> str:
+def unreachable(server: str, e: http.HTTPError) -> str:
     """Why ``server`` could not be reached, with what to do about a certificate this
     client does not trust."""
+    import ssl
+
     cause: BaseException | None = e
     while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
         cause = cause.__cause__ or cause.__context__
@@ -95,15 +99,18 @@ class Api:
         if not server:
             raise click.UsageError("no server: give --server URL or set CORRAL_SERVER")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.Client(
-            base_url=server.rstrip("/"), headers=headers, timeout=300, verify=trust(ca_cert)
-        )
+        try:
+            self.client = http.Client(
+                base_url=server.rstrip("/"), headers=headers, timeout=300, verify=trust(ca_cert)
+            )
+        except ValueError as e:
+            raise click.UsageError(f"--server, CORRAL_SERVER: {e}") from None
         self.server = server
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self.client.request(method, path, **kw)
-        except httpx.HTTPError as e:
+        except http.HTTPError as e:
             fail(3, unreachable(self.server, e))
         if r.status_code >= 400:
             try:
@@ -126,8 +133,8 @@ class Api:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         yield json.loads(line[6:])
-        except httpx.HTTPError as e:
-            if isinstance(e, httpx.ConnectError):
+        except http.HTTPError as e:
+            if isinstance(e, http.ConnectError):
                 fail(3, unreachable(self.server, e))
             fail(3, f"the event stream from {self.server} ended: {e}")
 
@@ -141,10 +148,7 @@ def show(rows: list[dict[str, Any]], columns: list[str], output: str) -> None:
     if output == "json":
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
-    table = Table(*columns, box=None, pad_edge=False)
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    out.print(table)
+    table([[_cell(row.get(c)) for c in columns] for row in rows], columns)
 
 
 def _cell(v: Any) -> str:

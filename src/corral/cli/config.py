@@ -19,8 +19,7 @@ from urllib.parse import quote
 import click
 
 from corral.cli.client import Api, fail, out, output_option, server_options, show
-from corral.cli.template import parse_vars, var_option
-from corral.templates.configpayload import ConfigError, check_key
+from corral.cli.options import parse_vars, var_option
 
 revision_option = click.option(
     "--revision", "-r", type=click.IntRange(min=0), default=None, metavar="N",
@@ -31,6 +30,8 @@ revision_option = click.option(
 def _path(key: str) -> str:
     """A key in a URL: its parts quoted, the ``/`` between them kept. A key that is not
     one is refused here (a URL would lose its ``..`` on the way)."""
+    from corral.templates.configpayload import ConfigError, check_key
+
     try:
         check_key(key)
     except ConfigError as e:

@@ -21,37 +21,30 @@ server's job file NAME instead and follows it there (``corral.cli.jobs_client``)
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from corral.backends.local import LocalBackend
 from corral.cli.client import output_option, server_options
+from corral.cli.console import Lazy, escape, progress
 from corral.cli.hardening import private_process
 from corral.cli.job import job, read_job, report
 from corral.cli.jobs_client import run_remote
+from corral.cli.options import no_gc
 from corral.cli.run import DEFAULT_DATA, parse_priorities, parse_task_env, read_inventory
-from corral.control import runner as r
-from corral.control.journal import StoreUnavailable
-from corral.control.plane import ControlPlane, install_child_watcher
-from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
-from corral.jobs.spec import BatchSpec, DagSpec, load_job
-from corral.jobs.units import Units, units_of, units_of_makeflow
-from corral.model.inventory import Node
-from corral.store.jobstore import JobStore
-from corral.store.lock import DataDirInUse, DataLock
-from corral.store.sqlite import SqliteStore
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:  # (imported where they are used: the client commands need none of them)
+    from corral.jobs.units import Units
+    from corral.model.inventory import Node
+    from corral.store.jobstore import JobStore
+
+out = Lazy()
+err = Lazy(stderr=True)
 
 
 class Loaded:
@@ -77,6 +70,10 @@ def _is_makeflow(path: str, text: str) -> bool:
 def load(path: str, failure: str | None) -> Loaded:
     """The job at ``path`` (a Makeflow file or a batch/dag job file); exits 1 with
     every error printed when it is wrong."""
+    from corral.jobs.makeflow import MAX_FILE_CHARS, MakeflowError, parse
+    from corral.jobs.spec import BatchSpec, DagSpec
+    from corral.jobs.units import Units, units_of, units_of_makeflow
+
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_CHARS + 1)
@@ -124,6 +121,10 @@ def _previous(store: JobStore, source: str) -> dict[str, Any] | None:
 
 def _units_of_text(row: dict[str, Any]) -> Units | None:
     """A previous run's units, from the text it ran (None: it no longer reads)."""
+    from corral.jobs.makeflow import MakeflowError, parse
+    from corral.jobs.spec import BatchSpec, DagSpec, load_job
+    from corral.jobs.units import units_of, units_of_makeflow
+
     try:
         if row["kind"] == "makeflow":
             return units_of_makeflow(parse(row["text"], row["source"] or "", dict(os.environ)))
@@ -146,6 +147,8 @@ def _resumable(store: JobStore, job: Loaded, prev: dict[str, Any]) -> set[int]:
     step (the same command, inputs and outputs, in the file as it is now), succeeded,
     its outputs still there, and every step it needs kept too (a step after one that
     changed runs again, as make would)."""
+    from corral.control import runner as r
+
     before = job.units if prev["text"] == job.text else _units_of_text(prev)
     if before is None:
         return set()
@@ -209,6 +212,10 @@ def flow_run(path: str, failure: str | None, **kw: Any) -> None:
 @click.option("--data", default=DEFAULT_DATA, show_default=True, metavar="DIR")
 def flow_status(path: str, data: str) -> None:
     """The last run of PATH: its state and each step's (from the store in --data)."""
+    from corral.control import runner as r
+    from corral.store.jobstore import JobStore
+    from corral.store.sqlite import SqliteStore
+
     db = os.path.join(data, "corral.db")
     if not os.path.exists(db):
         err.print(f"[bold red]error[/]: no store in {escape(data)}")
@@ -241,6 +248,34 @@ def run_job(
     task_env: tuple[str, ...],
     fresh: bool,
 ) -> None:
+    """Run the job file at ``path`` here and exit with its status (130: Ctrl-C)."""
+    try:
+        code = _run_job(path, failure, data, inventory, priority_classes, task_env, fresh)
+    except KeyboardInterrupt:  # (before its own handling of Ctrl-C is in place)
+        err.print(f"interrupted before {escape(path)} started: no step ran")
+        code = 130
+    sys.exit(code)
+
+
+def _run_job(
+    path: str,
+    failure: str | None,
+    data: str,
+    inventory: str | None,
+    priority_classes: tuple[str, ...],
+    task_env: tuple[str, ...],
+    fresh: bool,
+) -> int:
+    with no_gc():  # (what _run needs, imported now)
+        import asyncio
+
+        import corral.backends.local
+        import corral.control.plane
+        import corral.jobs.makeflow
+        import corral.jobs.spec
+        import corral.store.sqlite  # noqa: F401
+        from corral.store.lock import DataDirInUse, DataLock
+
     private_process()
     job = load(path, failure)
     nodes = read_inventory(inventory)
@@ -251,7 +286,7 @@ def run_job(
     except DataDirInUse as e:
         err.print(f"[bold red]error[/]: {e}")
         sys.exit(1)
-    sys.exit(asyncio.run(_run(job, os.path.abspath(path), data, nodes, classes, passed, fresh)))
+    return asyncio.run(_run(job, os.path.abspath(path), data, nodes, classes, passed, fresh))
 
 
 async def _run(
@@ -263,8 +298,54 @@ async def _run(
     passed: dict[str, str],
     fresh: bool,
 ) -> int:
+    import asyncio
+
+    from corral.control.plane import install_child_watcher
+
     install_child_watcher()
     loop = asyncio.get_running_loop()
+    # Ctrl-C (or SIGTERM) from now on: before the job is submitted, nothing starts; after,
+    # its running steps are stopped and the flow can be resumed
+    interrupted = False
+    stopping: list[asyncio.Future[Any]] = []
+    submitted: list[Callable[[], Awaitable[Any]]] = []  # how to stop the job, once it is
+
+    def on_signal() -> None:
+        nonlocal interrupted
+        interrupted = True
+        if submitted and not stopping:
+            stopping.append(asyncio.ensure_future(submitted[0]()))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await _submit_and_follow(
+            job, source, data, nodes, classes, passed, fresh, submitted, lambda: interrupted
+        )
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _submit_and_follow(
+    job: Loaded,
+    source: str,
+    data: str,
+    nodes: list[Node] | None,
+    classes: dict[str, int] | None,
+    passed: dict[str, str],
+    fresh: bool,
+    submitted: list[Callable[[], Awaitable[Any]]],
+    interrupted: Callable[[], bool],
+) -> int:
+    import asyncio
+
+    from corral.backends.local import LocalBackend
+    from corral.control import runner as r
+    from corral.control.journal import StoreUnavailable
+    from corral.control.plane import ControlPlane
+    from corral.store.sqlite import SqliteStore
+
     store = SqliteStore(os.path.join(data, "corral.db"))
     logs = os.path.join(os.path.abspath(data), "logs")
     plane = ControlPlane(
@@ -288,6 +369,12 @@ async def _run(
         if done:
             err.print(f"resuming {prev['id']}: {len(done)} of {job.units.count} steps "
                       "already done (--fresh runs them again)")  # fmt: skip
+    if interrupted():
+        await plane.close()
+        store.close()
+        err.print(f"interrupted before {escape(job.name)} started: no step ran; run the same "
+                  "command again to run it")  # fmt: skip
+        return 130
     try:
         j = plane.jobs.submit(
             job.units, name=job.name, kind=job.kind, text=job.text, workdir=job.workdir,
@@ -299,38 +386,32 @@ async def _run(
         await plane.close()
         store.close()
         return 1
+    submitted.append(lambda: plane.jobs.cancel(j.id, actor="Ctrl-C"))
     err.print(f"job [bold]{j.id}[/] ({escape(job.name)}): {job.units.count} steps; "
               f"logs in {os.path.join(data, 'logs', j.id)}")  # fmt: skip
-    interrupted = False
-    stopping: list[asyncio.Future[Any]] = []
-
-    def on_signal() -> None:
-        nonlocal interrupted
-        interrupted = True
-        if not stopping:
-            stopping.append(asyncio.ensure_future(plane.jobs.cancel(j.id, actor="Ctrl-C")))
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
-    )  # fmt: skip
-    try:
-        assert j.done is not None
-        with progress:
-            bar = progress.add_task("steps", total=job.units.count)
-            while not j.done.done():
-                await asyncio.wait([j.done], timeout=0.25)
-                c = j.counts
-                progress.update(
-                    bar, completed=c[r.SUCCEEDED] + c[r.FAILED] + c[r.BLOCKED],
-                    description=f"{c[r.RUNNING]} running, {c[r.QUEUED]} queued",
-                )  # fmt: skip
-        state = j.done.result()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    if interrupted():  # (Ctrl-C while it was submitted)
+        await plane.jobs.cancel(j.id, actor="Ctrl-C")
+    bars = progress(err, transient=True, disable=not err.is_terminal)
+    assert j.done is not None
+    with bars:
+        bar = bars.add_task("steps", total=job.units.count)
+        while not j.done.done():
+            await asyncio.wait([j.done], timeout=0.25)
+            c = j.counts
+            bars.update(
+                bar, completed=c[r.SUCCEEDED] + c[r.FAILED] + c[r.BLOCKED],
+                description=f"{c[r.RUNNING]} running, {c[r.QUEUED]} queued",
+            )  # fmt: skip
+    state = j.done.result()
+    c = j.counts
+    summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(c.items()) if n)
+    if interrupted():
+        await plane.close()
+        store.close()
+        err.print(f"interrupted: job {j.id} ({escape(job.name)}) stopped ({summary}); run "
+                  "the same command again to resume (the steps that succeeded do not run "
+                  "again)")  # fmt: skip
+        return 130
     failed = [u for u in j.members if u.state == r.FAILED]
     for u in failed[:10]:
         log_path = os.path.join(data, "logs", j.id, f"{u.idx}.log")
@@ -338,14 +419,9 @@ async def _run(
                   f"{escape(u.reason or '')} (log: {log_path})")  # fmt: skip
     if len(failed) > 10:
         err.print(f"... and {len(failed) - 10} more failed steps")
-    c = j.counts
-    summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(c.items()) if n)
     (out if state == r.SUCCEEDED else err).print(f"job {j.id} {state}: {summary}")
     await plane.close()
     store.close()
-    if interrupted:
-        err.print("interrupted: run the same command again to resume")
-        return 130
     return 0 if state == r.SUCCEEDED else 1
 
 

@@ -6,7 +6,6 @@ only, not by the tasks it starts, which run as the same user. Tasks are dumpable
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 PR_SET_DUMPABLE = 4
@@ -15,6 +14,8 @@ log = logging.getLogger("corral")
 
 def private_process() -> None:
     """Make this process non-dumpable (Linux); said in the log when it cannot be."""
+    import ctypes  # (here: ~40 ms to import, for the long-lived commands only)
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:

@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
-from corral.jobs.spec import (
-    MAX_FILE_BYTES,
-    BatchSpec,
-    DagSpec,
-    JobSpec,
-    PeriodicSpec,
-    describe,
-    load_job,
-)
-from corral.templates.diagnostics import Diagnostic, Loc
+from corral.cli.console import Lazy, escape
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:  # (imported where they are used: the client commands need none of them)
+    from corral.jobs.spec import JobSpec
+    from corral.templates.diagnostics import Diagnostic
+
+err = Lazy(stderr=True)
 
 
 def read_job(path: str) -> tuple[JobSpec | None, list[Diagnostic]]:
     """A job file read (at most MAX_FILE_BYTES + 1 bytes: a larger one is refused) and
     checked; a periodic job's job named by file is read and checked too."""
+    from corral.jobs.spec import BatchSpec, DagSpec, PeriodicSpec
+    from corral.templates.diagnostics import Diagnostic
+
     spec, diags = _load(path)
     if isinstance(spec, PeriodicSpec) and spec.job_file is not None:
         target = os.path.join(os.path.dirname(path), spec.job_file)
@@ -52,6 +49,9 @@ def read_job(path: str) -> tuple[JobSpec | None, list[Diagnostic]]:
 
 
 def _load(path: str) -> tuple[JobSpec | None, list[Diagnostic]]:
+    from corral.jobs.spec import MAX_FILE_BYTES, load_job
+    from corral.templates.diagnostics import Diagnostic, Loc
+
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
@@ -97,6 +97,8 @@ def job() -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def validate(paths: tuple[str, ...]) -> None:
     """Check job files; print every error as FILE:LINE:COL: message (exit 1 on errors)."""
+    from corral.jobs.spec import describe
+
     failed = 0
     for path in paths:
         if path.endswith((".makeflow", ".mf")):  # a Makeflow file (docs/makeflow.md)

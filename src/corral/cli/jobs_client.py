@@ -34,14 +34,10 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 import click
-import httpx
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from corral.cli.client import Api, err, fail, out, output_option, server_options, unreachable
-from corral.cli.client import show as show_json
+from corral.cli import http
+from corral.cli.client import Api, err, fail, out, output_option, server_options, show, unreachable
+from corral.cli.console import escape, progress
 from corral.cli.job import job
 
 MAX_LOG_LINES = 10_000  # the most lines the server returns at once
@@ -68,31 +64,11 @@ def _counts(counts: Any) -> str:
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if n) or "-"
 
 
-def show(rows: list[dict[str, Any]], columns: list[str], output: str) -> None:
-    """As the client's ``show``; written to a pipe or a file, the table is not shrunk to
-    80 columns (its cells would be cut)."""
-    if output == "json" or out.is_terminal:
-        show_json(rows, columns, output)
-        return
-    table = Table(*columns, box=None, pad_edge=False)
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    Console(highlight=False, soft_wrap=True, width=1000).print(table, crop=False)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, dict):
-        return " ".join(f"{k}={n}" for k, n in v.items())
-    return str(v)
-
-
 def _json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
-def _problem(r: httpx.Response) -> str:
+def _problem(r: http.Response) -> str:
     """A refusal as ``Api.call`` prints it: the problem's title, status and detail."""
     try:
         body = r.json()
@@ -105,11 +81,11 @@ def _problem(r: httpx.Response) -> str:
         return f"HTTP {r.status_code}: {r.text[:500]}"
 
 
-def _request(api: Api, method: str, path: str, **kw: Any) -> httpx.Response:
+def _request(api: Api, method: str, path: str, **kw: Any) -> http.Response:
     """The server's answer, whatever its status (exit 3 if it cannot be reached)."""
     try:
         return api.client.request(method, path, **kw)
-    except httpx.HTTPError as e:
+    except http.HTTPError as e:
         fail(3, unreachable(api.server, e))
 
 
@@ -517,7 +493,12 @@ def run_remote(name: str, server: str, token: str | None, detach: bool, output: 
                interval: float = 0.5) -> NoReturn:  # fmt: skip
     """``corral job run NAME`` with a server: submit the job file NAME and follow it."""
     api = Api(server, token)
-    r = _request(api, "POST", "/api/jobs", json={"file": name})
+    try:
+        r = _request(api, "POST", "/api/jobs", json={"file": name})
+    except KeyboardInterrupt:
+        err.print(f"interrupted while submitting {escape(name)}: it may have been submitted "
+                  "all the same (`corral job list` says)")  # fmt: skip
+        sys.exit(130)
     if r.status_code >= 400:
         msg = _problem(r)
         if r.status_code in (404, 422) and os.path.isfile(name):
@@ -545,7 +526,9 @@ def run_remote(name: str, server: str, token: str | None, detach: bool, output: 
     try:
         final = _follow_job(api, j, interval)
     except KeyboardInterrupt:
-        err.print(f"\ndetached: job {j['id']} goes on running; follow it again with "
+        if err.is_terminal:
+            err.print()  # (off the progress bar's line)
+        err.print(f"detached: job {j['id']} goes on running; follow it again with "
                   f"`corral job show {j['id']}` or `corral job logs {j['id']} --follow`, "
                   f"stop it with `corral job stop {j['id']}`")  # fmt: skip
         sys.exit(130)
@@ -567,13 +550,10 @@ def _follow_job(api: Api, j: dict[str, Any], interval: float) -> dict[str, Any]:
     reported: set[int] = set()
     state = j.get("state")
     total = int(j.get("units") or 0)
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
-    )  # fmt: skip
+    bars = progress(err, transient=True, disable=not err.is_terminal)
     started = time.monotonic()
-    with progress:
-        bar = progress.add_task("submitted", total=total)
+    with bars:
+        bar = bars.add_task("submitted", total=total)
         while True:
             j = api.call("GET", path)
             c = {k: int(v) for k, v in (j.get("counts") or {}).items()}
@@ -581,11 +561,11 @@ def _follow_job(api: Api, j: dict[str, Any], interval: float) -> dict[str, Any]:
             desc = f"{c.get('RUNNING', 0)} running, {c.get('QUEUED', 0)} queued"
             if j.get("state") == "QUEUED" and j.get("reason"):
                 desc += f" ({j['reason']})"
-            progress.update(bar, completed=ended, description=escape(desc))
+            bars.update(bar, completed=ended, description=escape(desc))
             if j.get("state") != state and not err.is_terminal and j.get("state") in LIVE:
                 err.print(f"job {j['id']} {j.get('state')}")
             state = j.get("state")
-            _report_failures(j, reported, progress.console.print, final=state not in LIVE)
+            _report_failures(j, reported, bars.console.print, final=state not in LIVE)
             if state not in LIVE:
                 return j
             # a longer wait the longer it runs: at most 4 reads a second, at least 1 each 5 s

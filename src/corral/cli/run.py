@@ -10,7 +10,6 @@ reason are printed), 2 for a wrong command line.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -18,45 +17,35 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from corral.backends.local import LocalBackend
-from corral.calls import CallError, Registry
 from corral.cli.client import remote_events, server_options
+from corral.cli.console import Lazy, progress
 from corral.cli.hardening import private_process
+from corral.cli.options import no_gc, parse_vars, var_option
 from corral.cli.template import (
     TIME_LIMIT,
     builtin_defaults,
     call_plugin_option,
+    count_tasks,
     load_site,
     parse_call_plugins,
-    parse_vars,
     report,
     report_warnings,
-    var_option,
 )
-from corral.control import recipes
-from corral.control.environment import Environment, TransitionError
-from corral.control.journal import StoreUnavailable
-from corral.control.ledger import PlacementError
-from corral.control.plane import ControlPlane, install_child_watcher, new_environment_id
-from corral.control.site import DplRunner, make_site, repository_of
 from corral.lifecycle import task as tasksm
-from corral.model.inventory import Node
-from corral.ports import taskenv
-from corral.store.files import DiskSources
-from corral.store.inventory import InventoryError, load_inventory
-from corral.store.lock import DataDirInUse, DataLock
-from corral.store.sqlite import SqliteStore
-from corral.templates import check
-from corral.templates.services import RecordingSite
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:  # (imported where they are used: `corral events` needs none of them)
+    import asyncio
+
+    from corral.calls import Registry
+    from corral.control.environment import Environment
+    from corral.model.inventory import Node
+
+out = Lazy()
+err = Lazy(stderr=True)
 
 PATH_TO = {
     "DEPLOYED": ("DEPLOY",),
@@ -117,6 +106,8 @@ def parse_task_env(names: tuple[str, ...]) -> dict[str, str]:
                 "never the server's",
                 param_hint="--task-env",
             )
+    from corral.ports import taskenv
+
     values = taskenv.passed(names)
     for name in sorted(set(names) - set(values)):
         err.print(f"[yellow]note[/]: --task-env {name}: not set here, so not passed to tasks")
@@ -139,6 +130,8 @@ def parse_priorities(pairs: tuple[str, ...]) -> dict[str, int] | None:
 def read_inventory(path: str | None) -> list[Node] | None:
     if path is None:
         return None
+    from corral.store.inventory import InventoryError, load_inventory
+
     try:
         return load_inventory(path)
     except InventoryError as e:
@@ -235,6 +228,19 @@ def run(
     call_plugins: tuple[str, ...],
 ) -> None:
     """Run the workflow at PATH on this machine until Ctrl-C."""
+    with no_gc():
+        import asyncio
+
+        from corral.backends.local import LocalBackend  # noqa: F401  (for _run)
+        from corral.calls import CallError, Registry
+        from corral.control import recipes
+        from corral.control.plane import new_environment_id
+        from corral.control.site import DplRunner, make_site, repository_of
+        from corral.store.files import DiskSources
+        from corral.store.lock import DataDirInUse, DataLock
+        from corral.templates import check
+        from corral.templates.services import RecordingSite
+
     private_process()  # its environment is not its tasks' to read
     passed = parse_task_env(task_env)
     user = parse_vars(variables)
@@ -304,6 +310,15 @@ async def _run(
     recipe: str | None = None,
     task_env: dict[str, str] | None = None,
 ) -> int:
+    import asyncio
+
+    from corral.backends.local import LocalBackend
+    from corral.control.environment import TransitionError
+    from corral.control.journal import StoreUnavailable
+    from corral.control.ledger import PlacementError
+    from corral.control.plane import ControlPlane, install_child_watcher
+    from corral.store.sqlite import SqliteStore
+
     install_child_watcher()
     loop = asyncio.get_running_loop()
     store = SqliteStore(os.path.join(data, "corral.db"))
@@ -322,10 +337,10 @@ async def _run(
         await plane.close()
         store.close()
         return 1
-    n = sum(1 for t in env.tasks if not t.hook)
     err.print(
-        f"environment [bold]{env.id}[/] ({plan.name}): {n} tasks, {len(plan.calls)} calls; "
-        f"logs in {os.path.join(data, 'logs', env.id)}"
+        f"environment [bold]{env.id}[/] ({plan.name}): {count_tasks(plan)}, "
+        f"{len(plan.calls)} calls; logs in {os.path.join(data, 'logs', env.id)} "
+        f"(`corral logs {env.id} -f{'' if data == DEFAULT_DATA else ' --data ' + data}`)"
     )
     notes = _Notes(env)
     plane.bus.subscribe(notes.on_events)
@@ -377,6 +392,8 @@ async def _run(
 
 
 async def _transition(env: Environment, event: str) -> None:
+    import asyncio
+
     target = TASK_TARGET.get(event)
     total = sum(1 for t in env.tasks if not t.hook)
     if not err.is_terminal:
@@ -384,22 +401,16 @@ async def _transition(env: Environment, event: str) -> None:
         await env.transition(event)
         err.print(f"{event} done: {env.state}; tasks {_counts(env)}")
         return
-    with Progress(
-        TextColumn("{task.description:<15}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[counts]}"),
-        console=err,
-        transient=False,
-    ) as progress:
-        bar = progress.add_task(event, total=total, counts="")
+    with progress(
+        err, "{task.description:<15}", "{task.fields[counts]}", transient=False
+    ) as progress_bar:
+        bar = progress_bar.add_task(event, total=total, counts="")
         job = asyncio.ensure_future(env.transition(event))
         while not job.done():
             done = sum(1 for t in env.tasks if t.state == target and not t.hook)
-            progress.update(bar, completed=done, counts=_counts(env))
+            progress_bar.update(bar, completed=done, counts=_counts(env))
             await asyncio.wait([job], timeout=0.1)
-        progress.update(
+        progress_bar.update(
             bar, completed=total if job.exception() is None else None, counts=_counts(env)
         )
         job.result()
@@ -410,6 +421,8 @@ async def _watch(
 ) -> int:
     """Wait for Ctrl-C, the end of --for, a failure, or (when driven to RUNNING) the run
     stopping by itself; CONFIGURED with no run is where --until CONFIGURED stays."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     end = None if duration is None else loop.time() + duration
     while True:
@@ -467,7 +480,11 @@ class _Notes:
 @click.option("--env", "env_id", default=None, help="Only this environment's events.")
 @click.option("--after", type=click.IntRange(min=0), default=0, help="Only events after this seq.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events (with a server).")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="text: one line per event, its time in this machine's local time; json: one JSON "
+    "object per line, its time in seconds since the epoch (for scripts).",
+)  # fmt: skip
 def events(
     data: str,
     server: str | None,
@@ -478,7 +495,10 @@ def events(
     output: str,
 ) -> None:
     """Print the events, oldest first: from a server (--server or CORRAL_SERVER), or
-    from the store in --data."""
+    from the store in --data.
+
+    Each line: the event's number, its local time, the environment, the kind and the
+    rest of it as key=value."""
     if server:
         remote_events(server, token, env_id, after, follow, output, _format_event)
         return
@@ -488,6 +508,8 @@ def events(
     if not os.path.exists(db):
         err.print(f"[bold red]error[/]: no store at {db} (is --data right?)")
         sys.exit(1)
+    from corral.store.sqlite import SqliteStore
+
     store = SqliteStore(db)
     try:
         for e in store.events(env=env_id, after=after):
@@ -506,4 +528,16 @@ def _format_event(e: dict[str, Any]) -> str:
         shown = e["tasks"][:3]
         more = f" +{len(e['tasks']) - 3}" if len(e["tasks"]) > 3 else ""
         rest += f" tasks={','.join(shown)}{more}"
-    return f"{e['seq']:>7} {e['time']:.3f} {e.get('env') or '-':<11} {e['kind']:<11} {rest}"
+    return f"{e['seq']:>7} {local_time(e['time'])} {e.get('env') or '-':<11} {e['kind']:<11} {rest}"
+
+
+def local_time(t: Any) -> str:
+    """Seconds since the epoch as this machine's local time, to the millisecond."""
+    if not isinstance(t, int | float) or isinstance(t, bool):
+        return str(t)
+    try:
+        whole = time.localtime(int(t))
+    except (OverflowError, OSError, ValueError):
+        return str(t)
+    ms = min(round((t - int(t)) * 1000), 999)
+    return time.strftime("%Y-%m-%d %H:%M:%S", whole) + f".{ms:03d}"

@@ -21,10 +21,11 @@ from urllib.parse import quote
 import click
 
 from corral.cli.client import Api, fail, out, output_option, server_options, show
-from corral.store.secrets import MAX_VALUE, SecretError, check_name
 
 
 def _name(name: str) -> str:
+    from corral.store.secrets import SecretError, check_name  # (cryptography: not at start)
+
     try:
         return quote(check_name(name), safe="")
     except SecretError as e:
@@ -40,6 +41,8 @@ def _when(t: Any) -> str:
 def read_value(path: str | None) -> bytes:
     """The value from ``path``, or standard input: asked without echo on a terminal,
     else read whole. At most ``MAX_VALUE`` bytes."""
+    from corral.store.secrets import MAX_VALUE
+
     if path is None and sys.stdin.isatty():
         typed = click.prompt("value", hide_input=True, err=True)
         return str(typed).encode("utf-8")

@@ -8,36 +8,23 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import click
-import yaml
-from rich.console import Console
-from rich.markup import escape
 
-from corral.calls.builtin import BridgePlugin
-from corral.control.site import DplRunner, load_defaults, make_site, repository_of, with_store
-from corral.model.inventory import Node
-from corral.model.plan import Plan
-from corral.store.files import DiskSources
-from corral.store.inventory import load_inventory
-from corral.store.sqlite import ConfigReader
-from corral.templates import Diagnostic, check
-from corral.templates.expansion import check_task_file as check_task_text
+from corral.cli.console import Lazy, escape, table
+from corral.cli.options import parse_vars, var_option
+
+if TYPE_CHECKING:  # (imported where they are used: `corral --version` needs none of them)
+    from corral.calls.builtin import BridgePlugin
+    from corral.model.inventory import Node
+    from corral.model.plan import Plan
+    from corral.templates import Diagnostic
 
 TIME_LIMIT = 60.0  # seconds an expansion may take (docs/templates.md, Bounds)
+MAX_SHOWN = 200  # tasks `template render` lists on a terminal (-o wide: all)
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def parse_vars(pairs: Iterable[str]) -> dict[str, str]:
-    """``k=v`` pairs from --var; the value is kept as text (JSON lists stay JSON text)."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise click.BadParameter(f"{pair!r}: expected NAME=VALUE", param_hint="--var")
-        out[key.strip()] = value
-    return out
+err = Lazy(stderr=True)
 
 
 def builtin_defaults(path: str) -> dict[str, str]:
@@ -61,6 +48,11 @@ class SiteOptions:
 def expand_file(
     path: str, variables: dict[str, str], seed: str, site: SiteOptions | None = None
 ) -> tuple[Plan | None, list[Diagnostic]]:
+    from corral.control.site import DplRunner, make_site, repository_of, with_store
+    from corral.store.files import DiskSources
+    from corral.store.sqlite import ConfigReader
+    from corral.templates import check
+
     site = site or SiteOptions()
     sources = DiskSources()
     runner = DplRunner(repository_of(path)) if site.run_dpl else None
@@ -98,6 +90,8 @@ def call_plugin_option(f: Callable[..., None]) -> Callable[..., None]:
 def parse_call_plugins(
     pairs: Iterable[str], passed: dict[str, str] | None = None
 ) -> dict[str, BridgePlugin]:
+    from corral.calls.builtin import BridgePlugin
+
     out: dict[str, BridgePlugin] = {}
     for pair in pairs:
         name, eq, command = pair.partition("=")
@@ -112,6 +106,8 @@ def is_task_file(path: str) -> bool:
     level has a ``command`` and no ``roles``."""
     if os.path.basename(os.path.dirname(os.path.abspath(path))) == "tasks":
         return True
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             node = yaml.compose(f.read(1 << 20), Loader=yaml.SafeLoader)
@@ -127,6 +123,9 @@ def check_task_file(path: str, variables: dict[str, str], site: SiteOptions) -> 
     """A task class checked on its own: parsed, and its command, channels and health
     check expanded with the site defaults, the variables and placeholders for what a
     workflow would give (a variable a template must set is named in the errors)."""
+    from corral.store.files import DiskSources
+    from corral.templates.expansion import check_task_file as check_task_text
+
     return check_task_text(
         path, DiskSources(), variables=variables,
         global_defaults={**site.defaults, **builtin_defaults(path)},
@@ -145,9 +144,6 @@ def report(diags: list[Diagnostic]) -> None:
     err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]", markup=True)
 
 
-var_option = click.option(
-    "--var", "variables", multiple=True, metavar="NAME=VALUE", help="Set a variable (repeatable)."
-)
 seed_option = click.option(
     "--seed", default="0", show_default=True, help="Seed for uid.New() and environment_id."
 )
@@ -180,6 +176,9 @@ def site_options(f: Callable[..., None]) -> Callable[..., None]:
 def load_site(
     defaults_file: str | None, inventory: str | None, run_dpl: bool, store_dir: str | None = None
 ) -> SiteOptions:
+    from corral.control.site import load_defaults
+    from corral.store.inventory import load_inventory
+
     try:
         defaults = load_defaults(defaults_file) if defaults_file else {}
         nodes = load_inventory(inventory) if inventory else []
@@ -239,7 +238,7 @@ def validate(
             report_warnings(plan)
             ms = (time.perf_counter() - t0) * 1000
             err.print(
-                f"[green]✓[/] {path}: {len(plan.tasks)} tasks, {len(plan.calls)} calls, "
+                f"[green]✓[/] {path}: {count_tasks(plan)}, {len(plan.calls)} calls, "
                 f"{len(plan.binds)} binds, {len(plan.connects)} connects ({ms:.0f} ms)",
                 markup=True,
             )
@@ -253,8 +252,10 @@ def validate(
 @seed_option
 @site_options
 @click.option(
-    "-o", "--output", type=click.Choice(["json", "yaml", "table"]), default="table",
-    show_default=True, help="Output format; json is stable for scripts.",
+    "-o", "--output", type=click.Choice(["json", "yaml", "table", "wide"]), default="table",
+    show_default=True, help="Output format; json is stable for scripts. table fits a "
+    "terminal's width (cells cut short; not when written to a pipe or a file); wide never "
+    "cuts, and lists every task.",
 )  # fmt: skip
 def render(
     path: str,
@@ -273,9 +274,22 @@ def render(
     if output == "json":
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     elif output == "yaml":
+        import yaml
+
         sys.stdout.write(yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
     else:
-        print_table(plan)
+        print_table(plan, wide=output == "wide" or not sys.stdout.isatty())
+
+
+def count_tasks(plan: Plan) -> str:
+    """The plan's tasks as ``corral run`` counts them: the processes an environment keeps
+    running, and apart from them the hook tasks (run to their end at a transition)."""
+    hooks = sum(1 for t in plan.tasks if t.control == "hook")
+    n = len(plan.tasks) - hooks
+    said = f"{n} tasks"  # (as "1 calls": scripts read these lines)
+    if hooks:
+        said += f" + {hooks} hook task{'s' if hooks != 1 else ''}"
+    return said
 
 
 def plan_or_exit(path: str, variables: tuple[str, ...], seed: str, site: SiteOptions) -> Plan:
@@ -295,30 +309,50 @@ def plan_or_exit(path: str, variables: tuple[str, ...], seed: str, site: SiteOpt
     return plan
 
 
-def print_table(plan: Plan) -> None:
+def print_table(plan: Plan, wide: bool = False) -> None:
+    """The plan as tables. On a terminal (``wide`` false) Rich fits them to its width,
+    cutting long cells, and at most MAX_SHOWN tasks are listed; ``wide`` (``-o wide``,
+    and whenever the output is a pipe or a file) prints every cell whole, every task."""
+    tasks = [
+        [t.path, t.task_class, t.control, str(t.critical).lower(),
+         " ".join([t.command.value, *t.command.arguments])]
+        for t in (plan.tasks if wide else plan.tasks[:MAX_SHOWN])
+    ]  # fmt: skip
+    calls = [
+        [c.path, c.func, str(c.trigger), str(c.await_), f"{c.timeout:g}s",
+         str(c.critical).lower()]
+        for c in plan.calls
+    ]  # fmt: skip
+    task_head = ["task", "class", "control", "critical", "command"]
+    call_head = ["call", "func", "trigger", "await", "timeout", "critical"]
+    summary = (
+        f"{count_tasks(plan)}, {len(plan.calls)} calls, {len(plan.binds)} binds, "
+        f"{len(plan.connects)} connects, {len(plan.collections)} collections"
+    )
+    if wide:
+        sys.stdout.write(f"{plan.name}: {plan.description}\n")
+        table(tasks, task_head)
+        if calls:
+            table(calls, call_head)
+        sys.stdout.write(summary + "\n")
+        return
+    from rich.console import Console
     from rich.table import Table
 
     out = Console(highlight=False)
-    out.print(f"[bold]{plan.name}[/]: {plan.description}")
-    t = Table("task", "class", "control", "critical", "command")
-    for task in plan.tasks[:200]:
-        cmd = " ".join([task.command.value, *task.command.arguments])
-        t.add_row(task.path, task.task_class, task.control, str(task.critical).lower(), cmd)
+    out.print(f"[bold]{escape(plan.name)}[/]: {escape(plan.description)}")
+    t = Table(*task_head)
+    for row in tasks:
+        t.add_row(*(escape(c) for c in row))
     out.print(t)
-    if len(plan.tasks) > 200:
-        out.print(f"... and {len(plan.tasks) - 200} more tasks (use -o json for all)")
-    if plan.calls:
-        c = Table("call", "func", "trigger", "await", "timeout", "critical")
-        for call in plan.calls:
-            c.add_row(
-                call.path, call.func, str(call.trigger), str(call.await_),
-                f"{call.timeout:g}s", str(call.critical).lower(),
-            )  # fmt: skip
+    if len(plan.tasks) > MAX_SHOWN:
+        out.print(f"... and {len(plan.tasks) - MAX_SHOWN} more tasks (-o wide or -o json: all)")
+    if calls:
+        c = Table(*call_head)
+        for row in calls:
+            c.add_row(*(escape(x) for x in row))
         out.print(c)
-    out.print(
-        f"{len(plan.tasks)} tasks, {len(plan.calls)} calls, {len(plan.binds)} binds, "
-        f"{len(plan.connects)} connects, {len(plan.collections)} collections"
-    )
+    out.print(summary + " (-o wide: the cells whole)")
 
 
 @template.command()
@@ -326,19 +360,35 @@ def print_table(plan: Plan) -> None:
 @var_option
 @seed_option
 @site_options
+@click.option(
+    "-o", "--output", type=click.Choice(["dot", "svg"]), default="dot", show_default=True,
+    help="dot: Graphviz's DOT text (draw it with Graphviz's `dot -Tsvg`, which is not "
+    "installed with corral); svg: an SVG picture laid out by corral itself (the grandalf "
+    "library, installed with corral), nothing else needed.",
+)  # fmt: skip
 def graph(
     path: str,
     variables: tuple[str, ...],
     seed: str,
+    output: str,
     defaults_file: str | None,
     inventory: str | None,
     run_dpl: bool,
     store_dir: str | None,
 ) -> None:
-    """Print the tasks and channels as a Graphviz DOT graph."""
+    """Print the tasks and channels as a graph: Graphviz DOT text, or an SVG picture.
+
+    `corral template graph FILE -o svg > flow.svg` needs nothing else; the DOT text
+    needs Graphviz (`... | dot -Tsvg > flow.svg`, with Graphviz's `dot` installed). A
+    server's web GUI draws a running environment's graph too."""
     site = load_site(defaults_file, inventory, run_dpl, store_dir)
     plan = plan_or_exit(path, variables, seed, site)
-    sys.stdout.write(to_dot(plan))
+    if output == "svg":
+        from corral.cli.graph import to_svg
+
+        sys.stdout.write(to_svg(plan))
+    else:
+        sys.stdout.write(to_dot(plan))
 
 
 def to_dot(plan: Plan) -> str:

@@ -18,12 +18,6 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import (  # type: ignore[import-untyped]  # croniter 7.0.0 ships no type hints
-    CroniterBadDateError,
-    CroniterError,
-    croniter,
-)
-
 __all__ = [
     "MAX_COUNTED",
     "Action",
@@ -73,6 +67,9 @@ class CronError(ValueError):
 
 def _walls(expr: str, start: datetime, backward: bool) -> Iterator[datetime]:
     """The naive wall-clock datetimes matching ``expr`` strictly after (before) ``start``."""
+    # (imported here: `corral run` and the client commands load this module, not croniter)
+    from croniter import CroniterBadDateError, croniter  # type: ignore[import-untyped]
+
     it: Any = croniter(expr, start)
     while True:
         try:
@@ -86,6 +83,8 @@ def _walls(expr: str, start: datetime, backward: bool) -> Iterator[datetime]:
 
 def _check_field(expr: str) -> str | None:
     """croniter's complaint about an expression, or None when it accepts it."""
+    from croniter import CroniterError, croniter  # croniter 7.0.0 ships no type hints
+
     try:
         croniter.expand(expr)
     except (CroniterError, ValueError, TypeError, KeyError) as e:
