@@ -79,6 +79,7 @@ WORKFLOWS = ["hello", "datataking"]  # the workflows of examples/
 DETECTORS = ["TPC", "ITS"]
 NODES = ["localhost", "flp1"]  # the local backend's node; one of examples/inventory's
 STATES = ["RUNNING", "CONFIGURED", "ERROR", "DONE"]
+ROLE_PATHS = ["datataking.flp-localhost", "datataking.qc"]  # roles of examples/datataking.yaml
 
 
 def _op(name: str, path: str, method: str) -> str:
@@ -463,7 +464,6 @@ def create_app(
     app.state.service = service
     app.state.logins = logins if logins is not None else FailedLogins()
     app.state.closing = False
-    trees: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # role trees by state version
 
     # -- errors as problem details ----------------------------------------------------------
 
@@ -613,17 +613,25 @@ def create_app(
                       _environment_links("/id", "Transition", "Destroy", "Tasks"))
         | _problems(e404="no such environment"),
     )  # fmt: skip
-    async def environment(env_id: EnvId, who: Viewer) -> dict[str, Any]:
+    async def environment(
+        env_id: EnvId,
+        who: Viewer,
+        channels: Annotated[
+            bool,
+            Query(
+                description="with every channel (false: only `flows`, the channels "
+                "between roles, for a big environment)",
+                examples=[True, False],
+            ),
+        ] = True,
+    ) -> dict[str, Any]:
+        tree = await service.role_tree(env_id)  # (None: not run here)
         out = summary(env_id)
         live = service.plane.environments.get(env_id)
-        if live is not None:
-            cached = trees.get(env_id)
-            if cached is None or cached[0] != live.version:
-                for gone in [k for k in trees if k not in service.plane.environments]:
-                    del trees[gone]  # environments that ended
-                cached = trees[env_id] = (live.version, role_tree(live))
-            out["roles"] = cached[1]
-            out["channels"] = channels(live)
+        if live is not None and tree is not None:
+            out["roles"], out["flows"] = tree
+            if channels:
+                out["channels"] = channel_list(live)
         out["transitions"] = service.store.transitions(env_id)
         return out
 
@@ -674,17 +682,36 @@ def create_app(
     # -- tasks, runs ----
 
     @app.get(
-        "/api/tasks", tags=["tasks"], responses=_ok(200, "a page of tasks", _task_links("/0/id"))
-    )
+        "/api/tasks", tags=["tasks"],
+        responses=_ok(200, "a page of tasks (with `env`: how many match in the header "
+                      "`X-Total-Count`)", _task_links("/0/id")),
+    )  # fmt: skip
     async def tasks(
         who: Viewer,
+        response: Response,
         env: ByEnv = None,
         state: Annotated[str | None, Query(description="in this state", examples=STATES)] = None,
         node: Annotated[str | None, Query(description="on this node", examples=NODES)] = None,
+        role: Annotated[
+            str | None,
+            Query(
+                description="of this role (a task's, or one above tasks); needs `env`",
+                max_length=4096,
+                examples=ROLE_PATHS,
+            ),
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=10_000, examples=[100])] = 1000,
         offset: Annotated[int, Query(ge=0, le=MAX_INT, examples=[0])] = 0,
     ) -> list[dict[str, Any]]:
-        return service.find_tasks(env=env, state=state, node=node, limit=limit, offset=offset)
+        if env is None:
+            if role is not None:
+                raise ServiceError(422, "Bad request", "a role filter needs an environment (env)")
+            return service.find_tasks(state=state, node=node, limit=limit, offset=offset)
+        total, page = service.task_page(
+            env, state=state, node=node, role=role, limit=limit, offset=offset
+        )
+        response.headers["X-Total-Count"] = str(total)
+        return page
 
     def one_task(task_id: str) -> dict[str, Any]:
         env, _, idx = task_id.partition(":")
@@ -764,8 +791,30 @@ def create_app(
         after: Annotated[int, Query(ge=0, le=MAX_INT, examples=[0])] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000, examples=[100])] = 1000,
         env: ByEnv = None,
+        last: Annotated[
+            bool,
+            Query(
+                description="the newest `limit` events instead of the oldest (still in order)",
+                examples=[False, True],
+            ),
+        ] = False,
     ) -> list[dict[str, Any]]:
-        return service.store.events(env=env, after=after, limit=limit)
+        if not last:
+            return service.store.events(env=env, after=after, limit=limit)
+        return newest_events(env, after, limit)
+
+    def newest_events(env: str | None, after: int, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` events after ``after``: read back from the end in growing
+        windows of sequence numbers, so that an environment's few recent events cost
+        little whatever the store holds."""
+        top = service.store.last_seq()
+        window = 4 * limit
+        while True:
+            start = max(after, top - window)
+            got = service.store.events(env=env, after=start)
+            if len(got) >= limit or start == after:
+                return got[-limit:]
+            window *= 4
 
     @app.get("/api/events/stream", tags=["events"], response_class=StreamingResponse)
     async def stream(
@@ -1048,6 +1097,10 @@ def create_app(
     async def index() -> FileResponse:
         return FileResponse(os.path.join(STATIC, "index.html"))
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # (browsers ask for it whatever the page says)
+        return FileResponse(os.path.join(STATIC, "favicon.ico"), media_type="image/x-icon")
+
     # -- metrics ----
 
     @app.get("/metrics", tags=["metrics"], response_class=Response)
@@ -1111,25 +1164,7 @@ def tail(path: str, lines: int) -> list[str]:
     return text[-lines:]
 
 
-def role_tree(env: Any) -> list[dict[str, Any]]:
-    """The roles above the tasks (path prefixes), with their aggregated states, parents
-    before children. Task roles themselves are the task list's business."""
-    from corral.lifecycle.task import aggregate
-
-    per: dict[str, list[tuple[str, bool]]] = {}
-    for t in env.tasks:
-        if t.hook:
-            continue
-        parts = t.spec.path.split(".")
-        for i in range(1, len(parts)):
-            per.setdefault(".".join(parts[:i]), []).append((t.state, t.spec.critical))
-    return [
-        {"path": path, "state": aggregate(states), "tasks": len(states)}
-        for path, states in sorted(per.items())
-    ]
-
-
-def channels(env: Any) -> list[dict[str, Any]]:
+def channel_list(env: Any) -> list[dict[str, Any]]:
     """The channel graph, an edge per connect, pointing the way data flows: from the
     pushing or publishing side to the pulling or subscribing one."""
     out = []

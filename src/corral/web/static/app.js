@@ -41,6 +41,11 @@ const app = {
 };
 
 async function api(method, path, body) {
+  return (await request(method, path, body))[0];
+}
+
+// the answer's data and the response itself (for its headers)
+async function request(method, path, body) {
   const opts = { method, headers: { Authorization: `Bearer ${app.token}` } };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
@@ -56,7 +61,7 @@ async function api(method, path, body) {
     const extra = (data.errors || []).map((e) => e.message || e.where + ": " + e.message);
     throw new Error([data.detail || `HTTP ${r.status}`, ...extra].join("\n"));
   }
-  return data;
+  return [data, r];
 }
 
 // -- login -------------------------------------------------------------------------------
@@ -87,6 +92,14 @@ async function login(token) {
   $("#who").textContent = `${app.me.name} (${app.me.role})`;
   const operator = isOperator();
   document.querySelectorAll(".needs-operator").forEach((n) => (n.hidden = !operator));
+  if (!app.lastSeq) { // follow from now: each page loads what is, the stream brings what changes
+    try {
+      const newest = await api("GET", "/api/events?last=true&limit=1");
+      app.lastSeq = newest.length ? newest[0].seq : 0;
+    } catch (e) {
+      console.warn(e);
+    }
+  }
   follow();
   route();
 }
@@ -243,37 +256,60 @@ $("#create-form").addEventListener("submit", async (ev) => {
 });
 
 // -- one environment ---------------------------------------------------------------------------
+// The tasks are asked for a page at a time, filtered by the server (state, role, node): an
+// environment of 150,000 tasks shows TASK_PAGE rows. The roles and the dataflow graph come
+// from the role tree, aggregated per role by the server: never a DOM node per task.
+
+const TASK_PAGE = 100;
 
 async function openEnv(id) {
-  app.env = { id, tasks: new Map(), rows: new Map(), nodes: new Map(), selected: null };
+  const env = (app.env = { id, tasks: new Map(), rows: new Map(), nodes: new Map(), selected: null,
+    filter: { state: "", role: "", node: "" }, offset: 0, asked: 0, total: 0, roles: [],
+    rolesKey: null, liveFrom: null, started: null });
+  env.refresh = throttled(async () => {
+    await loadEnv();
+    await loadTasks();
+  }, () => 500, 100);
+  env.refreshTasks = throttled(() => loadTasks(), () => 1000, 200);
+  $("#env-view").removeAttribute("data-ready");
   $("#env-error").textContent = "";
   $("#log").textContent = "";
   $("#log-task").textContent = "(click a task)";
-  const [tasks, events] = await Promise.all([
-    api("GET", `/api/tasks?env=${id}&limit=10000`),
-    api("GET", `/api/events?env=${id}&limit=10000`),
-  ]);
-  for (const t of tasks) app.env.tasks.set(t.path, t);
-  renderTasks();
-  await loadEnv();
   $("#events").replaceChildren();
-  for (const e of events.slice(-200)) logEvent(e);
+  $("#tasks tbody").replaceChildren();
+  $("#tasks-range").textContent = "";
+  syncFilters();
+  let events = [];
+  await Promise.all([
+    api("GET", `/api/events?env=${encodeURIComponent(id)}&limit=100&last=true`).then((e) => (events = e)),
+    loadEnv(),
+    loadTasks(),
+  ]);
+  if (app.env !== env) return;
+  // the history goes above what the stream brought meanwhile
+  const anchor = $("#events").firstChild;
+  for (const e of events) if (env.liveFrom === null || e.seq < env.liveFrom) logEvent(e, anchor);
+  $("#env-view").dataset.ready = "true";
+  $("#env-view").dataset.readyMs = String(Math.round(performance.now())); // since the page began
   app.timers.push(setInterval(tailLog, 1500));
 }
 
 async function loadEnv() {
-  const env = await api("GET", `/api/environments/${app.env.id}`);
-  app.env.summary = env;
-  $("#env-title").textContent = `${env.name} ${env.id}`;
-  $("#env-state").replaceWith(Object.assign(badge(env.state), { id: "env-state" }));
-  $("#env-run").textContent = env.run_number ? `run ${env.run_number}` : "";
-  $("#env-busy").textContent = env.transitioning ? `${env.transitioning} …` : "";
-  if (env.error) $("#env-error").textContent = env.error;
-  renderControls(env);
-  $("#roles").replaceChildren(...(env.roles || []).map((r) =>
-    el("li", { style: `padding-left:${(r.path.split(".").length - 1) * 1.2}em`, "data-role": r.path },
-      r.path.split(".").pop() + " ", badge(r.state), el("span", { class: "muted" }, ` ${r.tasks}`))));
-  drawGraph(env.channels || []);
+  const env = app.env;
+  if (!env) return;
+  const data = await api("GET", `/api/environments/${encodeURIComponent(env.id)}?channels=false`);
+  if (app.env !== env) return;
+  env.summary = data;
+  $("#env-title").textContent = `${data.name} ${data.id}`;
+  $("#env-state").replaceWith(Object.assign(badge(data.state), { id: "env-state" }));
+  $("#env-run").textContent = data.run_number ? `run ${data.run_number}` : "";
+  $("#env-busy").textContent = data.transitioning ? `${data.transitioning} …` : "";
+  $("#env-error").textContent = data.error || "";
+  renderControls(data);
+  env.roles = data.roles || [];
+  renderRoles();
+  fillFilters(data);
+  drawGraph(env.roles, data.flows || []);
 }
 
 function renderControls(env) {
@@ -299,21 +335,139 @@ async function destroy() {
   try {
     await api("DELETE", `/api/environments/${app.env.id}`);
     await loadEnv();
+    await loadTasks();
   } catch (e) {
     $("#env-error").textContent = e.message;
   }
 }
 
+// -- the role tree: every role, its aggregated state and how many tasks it holds; a click
+// shows that role's tasks -----------------------------------------------------------------------
+
+const depthOf = (path) => path.split(".").length;
+const parentOf = (path) => path.slice(0, Math.max(0, path.lastIndexOf(".")));
+
+function renderRoles() {
+  const env = app.env;
+  $("#roles").replaceChildren(...env.roles.map((r) => {
+    const li = el("li", { style: `padding-left:${(depthOf(r.path) - 1) * 1.2}em`, "data-role": r.path,
+      title: `${r.path}: show its tasks`, onclick: () => setFilter({ role: r.path }) },
+    r.path.split(".").pop() + " ", r.state ? badge(r.state) : el("span", { class: "muted" }, "(calls)"),
+    r.state ? el("span", { class: "muted" }, ` ${r.tasks}`) : "",
+    r.unlisted ? el("span", { class: "muted unlisted" }, ` (${r.unlisted} roles below)`) : "");
+    if (r.path === env.filter.role) li.classList.add("selected");
+    return li;
+  }));
+}
+
+// -- the task table: a page of the environment's tasks, filtered ------------------------------
+
+function fillFilters(data) {
+  const env = app.env;
+  const states = byState(Object.keys(data.tasks || {}));
+  if (env.filter.state && !states.includes(env.filter.state)) states.push(env.filter.state);
+  const stateSel = $("#task-state");
+  const key = states.join();
+  if (stateSel.dataset.key !== key) {
+    stateSel.dataset.key = key;
+    stateSel.replaceChildren(el("option", { value: "" }, "all"),
+      ...states.map((s) => el("option", { value: s }, s)));
+  }
+  const rolesKey = env.roles.map((r) => r.path).join("\n");
+  if (env.rolesKey !== rolesKey) {
+    env.rolesKey = rolesKey;
+    $("#task-role").replaceChildren(el("option", { value: "" }, "all"),
+      ...env.roles.filter((r) => r.tasks > 0).map((r) =>
+        el("option", { value: r.path }, "\u00a0\u00a0".repeat(depthOf(r.path) - 1) + r.path.split(".").pop())));
+  }
+  syncFilters();
+}
+
+function syncFilters() {
+  const f = app.env.filter;
+  $("#task-state").value = f.state;
+  $("#task-role").value = f.role;
+  if (document.activeElement !== $("#task-node")) $("#task-node").value = f.node;
+}
+
+function setFilter(change) {
+  const env = app.env;
+  if (!env) return;
+  env.started = performance.now();
+  Object.assign(env.filter, change);
+  env.offset = 0;
+  syncFilters();
+  document.querySelectorAll("#roles li.selected").forEach((li) => li.classList.remove("selected"));
+  if (env.filter.role) {
+    const li = document.querySelector(`#roles li[data-role="${CSS.escape(env.filter.role)}"]`);
+    if (li) li.classList.add("selected");
+  }
+  loadTasks();
+}
+
+$("#task-state").addEventListener("change", (ev) => setFilter({ state: ev.target.value }));
+$("#task-role").addEventListener("change", (ev) => setFilter({ role: ev.target.value }));
+$("#task-node").addEventListener("change", (ev) => setFilter({ node: ev.target.value.trim() }));
+$("#tasks-clear").addEventListener("click", () => setFilter({ state: "", role: "", node: "" }));
+$("#tasks-prev").addEventListener("click", () => page(-1));
+$("#tasks-next").addEventListener("click", () => page(1));
+
+function page(step) {
+  const env = app.env;
+  if (!env) return;
+  env.started = performance.now();
+  env.offset = Math.max(0, env.offset + step * TASK_PAGE);
+  loadTasks();
+}
+
+function taskQuery(env) {
+  const q = new URLSearchParams({ env: env.id, limit: TASK_PAGE, offset: env.offset });
+  for (const k of ["state", "role", "node"]) if (env.filter[k]) q.set(k, env.filter[k]);
+  return q;
+}
+
+async function loadTasks() {
+  const env = app.env;
+  if (!env) return;
+  const q = taskQuery(env);
+  const asked = ++env.asked;
+  const [rows, r] = await request("GET", `/api/tasks?${q}`);
+  if (app.env !== env || asked !== env.asked) return; // a newer question answers
+  const total = Number(r.headers.get("X-Total-Count") ?? rows.length);
+  if (!rows.length && env.offset > 0 && total > 0) { // the last page shrank
+    env.offset = Math.floor((total - 1) / TASK_PAGE) * TASK_PAGE;
+    return loadTasks();
+  }
+  env.total = total;
+  env.tasks = new Map(rows.map((t) => [t.path, t]));
+  renderTasks();
+  $("#tasks-range").textContent = total
+    ? `${env.offset + 1}–${env.offset + rows.length} of ${total.toLocaleString("en")}`
+    : "no task matches";
+  $("#tasks-prev").disabled = env.offset === 0;
+  $("#tasks-next").disabled = env.offset + rows.length >= total;
+  const table = $("#tasks");
+  q.delete("env");
+  q.delete("limit");
+  table.dataset.query = q.toString();
+  table.dataset.total = String(total);
+  if (env.started !== null) {
+    table.dataset.ms = String(Math.round(performance.now() - env.started));
+    env.started = null;
+  }
+}
+
 function renderTasks() {
-  const body = $("#tasks tbody");
+  const env = app.env;
+  env.rows = new Map();
   const rows = [];
-  for (const t of app.env.tasks.values()) {
+  for (const t of env.tasks.values()) {
     const tr = el("tr", { "data-task": t.path, onclick: () => selectTask(t) });
-    app.env.rows.set(t.path, tr);
+    env.rows.set(t.path, tr);
     fillRow(tr, t);
     rows.push(tr);
   }
-  body.replaceChildren(...rows);
+  $("#tasks tbody").replaceChildren(...rows);
 }
 
 function fillRow(tr, t) {
@@ -324,43 +478,38 @@ function fillRow(tr, t) {
 
 function setTask(path, fields) {
   const t = app.env.tasks.get(path);
-  if (!t) return;
-  Object.assign(t, fields);
-  const tr = app.env.rows.get(path);
-  if (tr) fillRow(tr, t);
-  const node = app.env.nodes.get(path);
-  if (node) node.querySelector("rect").setAttribute("fill", colour(t.state));
+  if (t) {
+    Object.assign(t, fields);
+    const tr = app.env.rows.get(path);
+    if (tr) fillRow(tr, t);
+  }
+  const node = app.env.nodes.get(path); // a role of one task, drawn
+  if (node && fields.state) paintRole(node, fields.state);
 }
 
-let envRefresh = null;
 function envEvent(e) {
+  const env = app.env;
+  if (env.liveFrom === null) env.liveFrom = e.seq;
   logEvent(e);
   if (e.kind === "task" && Array.isArray(e.tasks)) {
     for (const path of e.tasks) setTask(path, { state: e.state, since: e.time, reason: e.reason ?? null });
   } else if (e.kind === "task" && e.task && !e.status) {
     setTask(e.task, { state: e.state, since: e.time, pid: e.pid, reason: e.reason ?? null });
   }
-  if (["environment", "transition", "role", "run"].includes(e.kind)) {
-    clearTimeout(envRefresh);
-    envRefresh = setTimeout(() => loadEnv().then(refreshTasks), 100);
-  }
+  if (e.kind === "task" && env.filter.state) env.refreshTasks(); // which tasks match changes
+  if (["environment", "transition", "role", "run"].includes(e.kind)) env.refresh();
 }
 
-async function refreshTasks() {
-  const tasks = await api("GET", `/api/tasks?env=${app.env.id}&limit=10000`);
-  for (const t of tasks) setTask(t.path, t);
-}
-
-function logEvent(e) {
+function logEvent(e, before = null) {
   const what = e.kind === "task" && e.tasks ? `${e.state} ×${e.count} on ${e.node}`
     : e.kind === "task" ? `${e.task} ${e.status || e.state}${e.reason ? ": " + e.reason : ""}`
     : e.kind === "call" ? `${e.path} ${e.func} ${e.status}${e.error ? ": " + e.error : ""}`
     : e.kind === "transition" ? `${e.transition} ${e.step || ""} ${e.status}${e.error ? ": " + e.error : ""}`
     : e.kind === "role" ? `${e.role} ${e.state}`
     : `${e.state || e.status || ""}${e.error ? ": " + e.error : ""}`;
-  const li = el("li", { "data-kind": e.kind }, `${clock(e.time)} ${e.kind} ${what}${e.actor ? " by " + e.actor : ""}`);
+  const li = el("li", { "data-kind": e.kind, "data-seq": e.seq }, `${clock(e.time)} ${e.kind} ${what}${e.actor ? " by " + e.actor : ""}`);
   const list = $("#events");
-  list.append(li);
+  list.insertBefore(li, before);
   while (list.children.length > 300) list.firstChild.remove();
   list.scrollTop = list.scrollHeight;
 }
@@ -382,16 +531,56 @@ async function tailLog() {
   }
 }
 
-// -- the dataflow graph: tasks as nodes, channels as edges, in layers from sources to sinks --
+// -- the dataflow graph: roles as nodes, the channels between them as edges, in layers from
+// sources to sinks. It collapses by role: the deepest level of the role tree with at most
+// MAX_GRAPH_NODES roles holding tasks is drawn (a small environment: a node per task) ------------
+
+const MAX_GRAPH_NODES = 40;
 
 function colour(state) {
-  return { RUNNING: "#0969da", CONFIGURED: "#1a7f37", STANDBY: "#1a7f37", ERROR: "#cf222e",
-    LOST: "#cf222e", LAUNCHING: "#9a6700", PENDING: "#9a6700", SUCCEEDED: "#1a7f37",
-    FAILED: "#cf222e", STARTING: "#9a6700", RETRYING: "#9a6700", ENDING: "#9a6700",
-    FAILING: "#9a6700", EVICTING: "#9a6700", BLOCKED: "#8250df" }[state] || "#57606a";
+  return { RUNNING: "#0969da", CONFIGURED: "#1a7f37", STANDBY: "#1a7f37", DEPLOYED: "#1a7f37",
+    ERROR: "#cf222e", LOST: "#cf222e", LAUNCHING: "#9a6700", PENDING: "#9a6700", MIXED: "#9a6700",
+    SUCCEEDED: "#1a7f37", FAILED: "#cf222e", STARTING: "#9a6700", RETRYING: "#9a6700",
+    ENDING: "#9a6700", FAILING: "#9a6700", EVICTING: "#9a6700", BLOCKED: "#8250df" }[state] || "#57606a";
 }
 
-function drawGraph(channels) {
+// the roles drawn: at the deepest depth where the roles holding tasks are few enough, each
+// role of that depth and each shallower one with no role listed below it
+function graphRoles(roles) {
+  const parents = new Set(roles.map((r) => parentOf(r.path)));
+  const held = roles.filter((r) => r.tasks > 0);
+  let deepest = 1;
+  for (const r of held) deepest = Math.max(deepest, depthOf(r.path));
+  for (let d = deepest; d >= 1; d--) {
+    const pick = held.filter((r) => {
+      const k = depthOf(r.path);
+      return k === d || (k < d && !parents.has(r.path));
+    });
+    if (pick.length <= MAX_GRAPH_NODES || d === 1) return pick;
+  }
+  return [];
+}
+
+function paintRole(g, state) {
+  g.setAttribute("data-state", state);
+  g.querySelector("rect").setAttribute("fill", colour(state));
+}
+
+function drawGraph(roles, flows) {
+  const env = app.env;
+  const drawn = graphRoles(roles);
+  const key = drawn.map((r) => r.path).join("\n") + "|" + flows.length;
+  if (key === env.graphKey) { // the same shape: only the states change
+    for (const r of drawn) {
+      const g = env.nodes.get(r.path);
+      if (g) {
+        paintRole(g, r.state);
+        g.querySelector("title").textContent = roleTitle(r);
+      }
+    }
+    return;
+  }
+  env.graphKey = key;
   const svg = $("#graph");
   const NS = "http://www.w3.org/2000/svg";
   const mk = (tag, attrs) => {
@@ -400,17 +589,26 @@ function drawGraph(channels) {
     return n;
   };
   svg.replaceChildren();
-  app.env.nodes = new Map();
-  const tasks = [...app.env.tasks.values()];
-  if (tasks.length > 300) {
-    const t = mk("text", { x: 10, y: 20 });
-    t.textContent = `${tasks.length} tasks: too many to draw`;
-    svg.append(t);
-    return;
+  env.nodes = new Map();
+  const shown = new Set(drawn.map((r) => r.path));
+  const at = (path) => { // the drawn role a role counts in
+    let p = path;
+    while (p && !shown.has(p)) p = parentOf(p);
+    return p || null;
+  };
+  const pairs = new Map();
+  for (const f of flows) {
+    const a = at(f.from), b = at(f.to);
+    if (!a || !b || a === b) continue;
+    const k = `${a}\n${b}`;
+    const e = pairs.get(k) || { from: a, to: b, channels: 0, types: new Set() };
+    e.channels += f.channels;
+    for (const t of f.types) e.types.add(t);
+    pairs.set(k, e);
   }
-  const edges = channels.filter((c) => app.env.tasks.has(c.from) && app.env.tasks.has(c.to));
-  const layer = new Map(tasks.map((t) => [t.path, 0]));
-  for (let i = 0; i < tasks.length; i++) {
+  const edges = [...pairs.values()];
+  const layer = new Map(drawn.map((r) => [r.path, 0]));
+  for (let i = 0; i < drawn.length; i++) { // longest path from a source (a cycle stops here)
     let moved = false;
     for (const e of edges) {
       if (layer.get(e.to) < layer.get(e.from) + 1) { layer.set(e.to, layer.get(e.from) + 1); moved = true; }
@@ -418,19 +616,24 @@ function drawGraph(channels) {
     if (!moved) break;
   }
   const columns = new Map();
-  for (const t of tasks) {
-    const l = layer.get(t.path);
+  for (const r of drawn) {
+    const l = layer.get(r.path);
     if (!columns.has(l)) columns.set(l, []);
-    columns.get(l).push(t);
+    columns.get(l).push(r);
   }
-  const W = 150, H = 34, GX = 60, GY = 14;
+  const W = 190, H = 46, GX = 50, GY = 16;
   const pos = new Map();
   let maxRows = 0;
   for (const [l, col] of columns) {
     maxRows = Math.max(maxRows, col.length);
-    col.forEach((t, i) => pos.set(t.path, { x: 10 + l * (W + GX), y: 10 + i * (H + GY) }));
+    col.forEach((r, i) => pos.set(r.path, { x: 10 + l * (W + GX), y: 10 + i * (H + GY) }));
   }
-  svg.setAttribute("viewBox", `0 0 ${20 + columns.size * (W + GX)} ${20 + maxRows * (H + GY)}`);
+  const width = 20 + Math.max(1, columns.size) * (W + GX) - GX, height = 20 + maxRows * (H + GY) - GY;
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", Math.max(height, 40));
+  $("#graph-note").textContent = drawn.length && drawn.some((r) => r.tasks > 1)
+    ? `(by role: ${drawn.length} roles)` : "";
   const defs = mk("defs", {});
   const marker = mk("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto" });
   marker.append(mk("path", { d: "M0,0 L10,5 L0,10 z", fill: "#8c959f" }));
@@ -441,22 +644,40 @@ function drawGraph(channels) {
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
     const path = mk("path", { class: "edge", d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}`, "data-edge": `${e.from}->${e.to}` });
     const title = mk("title", {});
-    title.textContent = `${e.from_channel} → ${e.to_channel} (${e.type})${e.address ? " " + e.address : ""}`;
+    const types = [...e.types].sort().join(", ");
+    title.textContent = `${e.from} → ${e.to}: ${e.channels} channel${e.channels === 1 ? "" : "s"} (${types})`;
     path.append(title);
     svg.append(path);
+    if (e.channels > 1) {
+      const label = mk("text", { class: "edge-label", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 5, "text-anchor": "middle" });
+      label.textContent = `×${e.channels.toLocaleString("en")}`;
+      svg.append(label);
+    }
   }
-  for (const t of tasks) {
-    const p = pos.get(t.path);
-    const g = mk("g", { class: "node", "data-node": t.path, transform: `translate(${p.x},${p.y})` });
-    g.append(mk("rect", { width: W, height: H, fill: colour(t.state) }));
-    const label = mk("text", { x: 6, y: 21 });
-    label.textContent = t.path.split(".").slice(-2).join(".").slice(0, 24);
-    const title = mk("title", {});
-    title.textContent = `${t.path} on ${t.node}: ${t.state}`;
-    g.append(label, title);
+  for (const r of drawn) {
+    const p = pos.get(r.path);
+    const g = mk("g", { class: "node", "data-node": r.path, "data-tasks": r.tasks, transform: `translate(${p.x},${p.y})` });
+    g.addEventListener("click", () => setFilter({ role: r.path }));
+    g.append(mk("rect", { width: W, height: H }));
+    const name = r.path.split(".").slice(-2).join(".");
+    const label = mk("text", { x: 8, y: r.tasks > 1 ? 19 : 28 });
+    label.textContent = name.length > 22 ? name.slice(0, 21) + "…" : name;
+    g.append(label);
+    if (r.tasks > 1) {
+      const count = mk("text", { x: 8, y: 37, class: "count" });
+      count.textContent = `${r.tasks.toLocaleString("en")} tasks`;
+      g.append(count);
+    }
+    g.append(mk("title", {}));
+    g.querySelector("title").textContent = roleTitle(r);
+    paintRole(g, r.state);
     svg.append(g);
-    app.env.nodes.set(t.path, g);
+    env.nodes.set(r.path, g);
   }
+}
+
+function roleTitle(r) {
+  return `${r.path}: ${r.state}, ${r.tasks} task${r.tasks === 1 ? "" : "s"} (click: its tasks)`;
 }
 
 // -- jobs ------------------------------------------------------------------------------------
