@@ -94,23 +94,38 @@ class Registry:
         ``--call-plugin`` bridges) come on top, replacing one of the same name."""
         self._plugins: dict[str, Plugin] = {}
         self._broken: dict[str, str] = {}
+        self._extra = dict(extra)
+        # the entry points are read at the first call checked or made (a workflow
+        # without calls never pays for the scan)
+        self._loaded = plugins is not None
         if plugins is not None:
             self._plugins.update(plugins)
             self._plugins.update(extra)
-            return
+
+    def _load(self) -> None:
+        """(Expansions check calls in worker threads: two may load at once, each making
+        whole mappings, the last kept; none sees a half-made one.)"""
+        plugins: dict[str, Plugin] = {}
+        broken: dict[str, str] = {}
         for ep in importlib.metadata.entry_points(group=GROUP):
             try:
-                self._plugins[ep.name] = ep.load()()
+                plugins[ep.name] = ep.load()()
             except Exception as e:  # a broken plugin is an error at its calls, not a crash
-                self._broken[ep.name] = f"plugin {ep.name} ({ep.value}) failed to load: {e}"
-        for name, plugin in extra.items():
-            self._broken.pop(name, None)
-            self._plugins[name] = plugin
+                broken[ep.name] = f"plugin {ep.name} ({ep.value}) failed to load: {e}"
+        for name, plugin in self._extra.items():
+            broken.pop(name, None)
+            plugins[name] = plugin
+        self._plugins, self._broken = plugins, broken
+        self._loaded = True
 
     def names(self) -> list[str]:
+        if not self._loaded:
+            self._load()
         return sorted(self._plugins)
 
     def _resolve(self, func: str) -> tuple[Plugin, ParsedFunc]:
+        if not self._loaded:
+            self._load()
         parsed = parse_func(func)
         if parsed.plugin in self._broken:
             raise CallError(self._broken[parsed.plugin])

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.calls import Registry
 from corral.control import heap, recipes
@@ -37,9 +38,6 @@ from corral.control.ledger import (
     priority_of,
     strategy_of,
 )
-from corral.control.periodic import PeriodicScheduler
-from corral.control.runner import JobRunner
-from corral.control.services import ServiceSupervisor
 from corral.control.tasks import RuntimeTask
 from corral.events.bus import EventBus
 from corral.lifecycle import environment as envsm
@@ -49,10 +47,12 @@ from corral.model.plan import Plan
 from corral.planning.placement import NoFit
 from corral.planning.preemption import PRIORITY_CLASSES
 from corral.ports.backend import BUSY, Backend, Report
-from corral.store.jobstore import JobStore
-from corral.store.periodicstore import PeriodicStore
-from corral.store.servicestore import ServiceStore
 from corral.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from corral.control.periodic import PeriodicScheduler
+    from corral.control.runner import JobRunner
+    from corral.control.services import ServiceSupervisor
 
 log = logging.getLogger("corral.plane")
 # judges a placement before the environment exists: the plan and each task's node; raises
@@ -124,21 +124,47 @@ class ControlPlane:
         # judges where RECOVER moves tasks whose node was lost (the environment, then
         # each moved task's path and new node); raises to refuse (a detector lock)
         self.admit_moves: Callable[[Environment, Sequence[tuple[str, str]]], None] | None = None
-        # batch jobs, array jobs and DAGs: units placed on the same ledger
-        self.jobs = JobRunner(
-            backend, self.ledger, self.journal, JobStore(store),
-            priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
-        )  # fmt: skip
-        # batch jobs and DAGs on a cron schedule: one timer for them all
-        self.periodic = PeriodicScheduler(self.jobs, PeriodicStore(store), clock=clock)
-        self.services = ServiceSupervisor(
-            backend, self.ledger, self.journal, ServiceStore(store),
-            priority_classes=self.priority_classes, clock=clock, log_dir=log_dir,
-            address_of=self.address_of,
-        )  # fmt: skip
+        # (the job runner, the periodic scheduler and the service supervisor are made
+        # when first used: `corral run` never imports them)
         backend.subscribe(self._on_reports)
         if inventory is None and hasattr(backend, "on_nodes"):  # a cluster's nodes change
             backend.on_nodes = lambda: self.ledger.update_nodes(backend.nodes())
+
+    # -- jobs and services, on the same ledger (made when first used) -----------------------
+
+    @functools.cached_property
+    def jobs(self) -> JobRunner:
+        """Batch jobs, array jobs and DAGs: units placed on the same ledger."""
+        from corral.control.runner import JobRunner
+        from corral.store.jobstore import JobStore
+
+        return JobRunner(
+            self.backend, self.ledger, self.journal, JobStore(self.store),
+            priority_classes=self.priority_classes, clock=self.clock, log_dir=self.log_dir,
+        )  # fmt: skip
+
+    @functools.cached_property
+    def periodic(self) -> PeriodicScheduler:
+        """Batch jobs and DAGs on a cron schedule: one timer for them all."""
+        from corral.control.periodic import PeriodicScheduler
+        from corral.store.periodicstore import PeriodicStore
+
+        return PeriodicScheduler(self.jobs, PeriodicStore(self.store), clock=self.clock)
+
+    @functools.cached_property
+    def services(self) -> ServiceSupervisor:
+        from corral.control.services import ServiceSupervisor
+        from corral.store.servicestore import ServiceStore
+
+        return ServiceSupervisor(
+            self.backend, self.ledger, self.journal, ServiceStore(self.store),
+            priority_classes=self.priority_classes, clock=self.clock, log_dir=self.log_dir,
+            address_of=self.address_of,
+        )  # fmt: skip
+
+    def _made(self, name: str) -> bool:
+        """Has ``jobs``, ``periodic`` or ``services`` been made (else: it has nothing)."""
+        return name in self.__dict__
 
     def create(
         self,
@@ -271,7 +297,9 @@ class ControlPlane:
         """
         env_id = env_id or new_environment_id()
         cls, priority = priority_of(plan, self.priority_classes)
-        spared = {*protected, *self.services.protected_keys()}  # protected services too
+        spared = set(protected)
+        if self._made("services"):
+            spared |= self.services.protected_keys()  # protected services too
         result = self.ledger.preemption(
             plan, seed=env_id, priority=priority, strategy=strategy_of(plan),
             protected=spared,
@@ -292,8 +320,9 @@ class ControlPlane:
     ) -> None:
         """End what holds these ledger keys: environments are destroyed, job units
         queued again (one call for all of them)."""
-        units = [v for v in victims if self.jobs.owns(v.partition(":")[0])]
-        replicas = [v for v in victims if self.services.owns(v.partition(":")[0])]
+        jobs, services = self._made("jobs"), self._made("services")
+        units = [v for v in victims if jobs and self.jobs.owns(v.partition(":")[0])]
+        replicas = [v for v in victims if services and self.services.owns(v.partition(":")[0])]
         if units:
             await self.jobs.evict(units, note)
         if replicas:
@@ -480,7 +509,8 @@ class ControlPlane:
         if ended:
             notes.append(f"{ended} leftover processes ended")
         await self.backend.resume()
-        notes += self.jobs.settle()
+        if self._made("jobs"):
+            notes += self.jobs.settle()
         return notes
 
     def _replayed(self, row: dict[str, Any]) -> tuple[Plan, list[dict[str, Any]]] | str:
@@ -662,8 +692,8 @@ class ControlPlane:
             tid for tid in running
             if tid.partition(":")[0] not in self.environments
             and tid.partition(":")[0] not in self._destroying
-            and not self.jobs.owns(tid.partition(":")[0])
-            and not self.services.owns(tid.partition(":")[0])
+            and not (self._made("jobs") and self.jobs.owns(tid.partition(":")[0]))
+            and not (self._made("services") and self.services.owns(tid.partition(":")[0]))
         ]  # fmt: skip
         if strangers:
             await self.backend.stop(self.ledger.nodes[0].name, strangers, 3.0)
@@ -716,9 +746,12 @@ class ControlPlane:
         if self._reconciling is not None:
             self._reconciling.cancel()
         try:
-            await self.periodic.close()  # before the runner: its ending runs start nothing
-            await self.jobs.close()
-            await self.services.close()
+            if self._made("periodic"):  # before the runner: its ending runs start nothing
+                await self.periodic.close()
+            if self._made("jobs"):
+                await self.jobs.close()
+            if self._made("services"):
+                await self.services.close()
         except Exception:
             log.exception("stopping the jobs and services")
         for env_id in list(self.environments):
@@ -739,7 +772,7 @@ class ControlPlane:
             env = self.environments.get(env_id)
             if env is not None:
                 env.on_reports(rs)
-            elif self.jobs.owns(env_id):
+            elif self._made("jobs") and self.jobs.owns(env_id):
                 self.jobs.on_reports(rs)
-            elif self.services.owns(env_id):
+            elif self._made("services") and self.services.owns(env_id):
                 self.services.on_reports(rs)
