@@ -454,3 +454,43 @@ command: {{value: {PY}, arguments: [{s}, "{{{{ index }}}}"]}}
         started = (tmp_path / f"start-{m.idx}").read_text().split()
         assert len(started) == (2 if m.key in evicted else 1)
         assert m.attempt == 1  # an eviction is not a try
+
+
+@with_rig
+async def test_a_million_instance_array_is_made_while_the_loop_goes_on(
+    rig: Rig, tmp_path: Path
+) -> None:
+    spec = job(
+        tmp_path / "b.yaml",
+        f"""
+kind: batch
+name: huge
+array: 1000000
+wants: {{cpu: 100}}
+command: {{value: {PY}, arguments: ["{{{{ index }}}}"]}}
+""",
+    )
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    before = ticks
+    j = await rig.runner.submit_large(
+        units_of(spec), name="huge", kind="batch", text="", workdir=str(tmp_path), owner="a"
+    )
+    ticker.cancel()
+    # its million units were made in a worker thread: the loop ran meanwhile (made on
+    # the loop, not one tick would have passed)
+    assert ticks - before > 1
+    assert j.counts == {"QUEUED": 1_000_000} and len(j.members) == 1_000_000
+    assert {u.job for u in j.members[::1000]} == {j}
+    await rig.until(lambda: bool(j.reason))
+    assert j.reason.startswith("waiting: 100 cpus needed"), j.reason
+    await rig.runner.cancel(j.id)
+    assert await rig.wait(j) == "CANCELLED"

@@ -100,10 +100,11 @@ class JobService:
             return {"kind": "service", **self.plane.services.show(svc.name)}
         assert units is not None
         if isinstance(spec, BatchSpec | DagSpec):
-            return self._queue(units, spec.name, spec.kind, spec.placement.priority_class,
-                               text, workdir, path, who)  # fmt: skip
+            return await self._queue(units, spec.name, spec.kind,
+                                     spec.placement.priority_class, text, workdir, path,
+                                     who)  # fmt: skip
         stem = os.path.splitext(os.path.basename(path))[0]
-        return self._queue(units, stem, kind, "batch", text, workdir, path, who)
+        return await self._queue(units, stem, kind, "batch", text, workdir, path, who)
 
     def _prepare(
         self, name: str
@@ -130,14 +131,15 @@ class JobService:
             return spec.kind, spec, None, text, workdir, path
         return spec.kind, spec, units_of(spec), text, workdir, path
 
-    def _queue(
+    async def _queue(
         self, units: Units, name: str, kind: str, pclass: str, text: str, workdir: str,
         source: str, who: Principal,
     ) -> dict[str, Any]:  # fmt: skip
         try:
-            job = self.plane.jobs.submit(units, name=name, kind=kind, text=text,
-                                         workdir=workdir, owner=who.name,
-                                         priority_class=pclass, source=source)  # fmt: skip
+            job = await self.plane.jobs.submit_large(
+                units, name=name, kind=kind, text=text, workdir=workdir, owner=who.name,
+                priority_class=pclass, source=source,
+            )  # fmt: skip
         except ValueError as e:
             raise ServiceError(422, "Bad job", str(e)) from None
         return job.summary()

@@ -83,6 +83,7 @@ JOB_FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 LAUNCH_TIMEOUT = 30.0
 GRACE = 3.0
 MAX_PASS = 5000  # units offered to placement per priority level and pass
+LARGE = 50_000  # units of a job whose units submit_large makes in a worker thread
 
 
 class Attached(NamedTuple):
@@ -162,6 +163,20 @@ class Job:
         }  # fmt: skip
 
 
+def _members(job: Job, done: set[int]) -> list[Unit]:
+    """The job's units: those in ``done`` SUCCEEDED, the others QUEUED, each with the
+    number of steps it waits for."""
+    units = job.units
+    if units.array is not None:
+        members = [Unit(job, i, 0) for i in range(units.count)]
+    else:
+        members = [Unit(job, i, sum(1 for d in units.spec(i).needs if d not in done))
+                   for i in range(units.count)]  # fmt: skip
+    for i in done:
+        members[i].state = SUCCEEDED
+    return members
+
+
 class JobRunner(Coalescing):
     def __init__(
         self,
@@ -228,6 +243,38 @@ class JobRunner(Coalescing):
         Stored before anything starts (StoreUnavailable: nothing is queued); a job
         ``restored`` after a restart is in the store already (same id), with the
         units ``attached`` that ran at the crash (see the module doc)."""
+        job = self._new(units, name, kind, text, workdir, owner, priority_class, source,
+                        job_id, env)  # fmt: skip
+        job.members = _members(job, set(done))
+        return self._start(job, done, restored, attached or {})
+
+    async def submit_large(
+        self,
+        units: Units,
+        *,
+        name: str,
+        kind: str,
+        text: str,
+        workdir: str,
+        owner: str = "",
+        priority_class: str = "batch",
+        source: str | None = None,
+    ) -> Job:
+        """``submit`` of a new job, whose units, when there are many, are made in a
+        worker thread (a 1,000,000-instance array takes a second: the loop goes on)."""
+        job = self._new(units, name, kind, text, workdir, owner, priority_class, source,
+                        None, ())  # fmt: skip
+        if units.count >= LARGE:
+            job.members = await asyncio.to_thread(_members, job, set())
+        else:
+            job.members = _members(job, set())
+        return self._start(job, (), False, {})
+
+    def _new(
+        self, units: Units, name: str, kind: str, text: str, workdir: str, owner: str,
+        priority_class: str, source: str | None, job_id: str | None,
+        env: Sequence[tuple[str, str]],
+    ) -> Job:  # fmt: skip
         if priority_class not in self.priority_classes:
             known = ", ".join(self.priority_classes)
             raise ValueError(f"priority_class {priority_class!r} is not one of {known}")
@@ -238,37 +285,43 @@ class JobRunner(Coalescing):
             created=self.clock(),
         )  # fmt: skip
         job.done = self._loop.create_future()
-        row = {**job.summary(), "workdir": workdir, "text": text, "state": JOB_QUEUED}
-        ev = {"kind": "job", "job": job.id, "name": name, "state": JOB_QUEUED,
-              "units": units.count, "owner": job.owner}  # fmt: skip
+        return job
+
+    def _start(
+        self, job: Job, done: Collection[int], restored: bool, attached: Mapping[int, Attached]
+    ) -> Job:
+        """Store the job (a restored one is stored already), then queue what may start."""
+        row = {**job.summary(), "workdir": job.workdir, "text": job.text, "state": JOB_QUEUED}
+        ev = {"kind": "job", "job": job.id, "name": job.name, "state": JOB_QUEUED,
+              "units": job.units.count, "owner": job.owner}  # fmt: skip
         now = self.clock()
         if restored:
             ev["note"] = (f"taken over after a restart: {len(done)} units had succeeded, "
-                          f"{len(attached or ())} ran")  # fmt: skip
+                          f"{len(attached)} ran")  # fmt: skip
             self.journal.write(lambda: self.store.write([], [], [ev], now))
         else:
             events = self.journal.call(lambda: self.store.create(row, [ev], now))
             self.journal.publish(events)
         self.jobs[job.id] = job
-        self._admit(job, set(done), attached or {})
+        self._admit(job, set(done), attached)
         return job
 
     def _admit(self, job: Job, done: set[int], attached: Mapping[int, Attached]) -> None:
+        """Queue what may start of ``job.members`` (made by ``_members``)."""
         units = job.units
         job.users = units.dependents()
-        job.members = []
-        for i in range(units.count):
-            needs = units.spec(i).needs if units.array is None else ()
-            u = Unit(job, i, sum(1 for d in needs if d not in done))
-            if i in done:  # stored as such: a later resume reads it from this job
-                u.state = SUCCEEDED
-                self._dirty_units[(job.id, i)] = u
-            job.members.append(u)
+        for i in done:  # stored as such: a later resume reads it from this job
+            self._dirty_units[(job.id, i)] = job.members[i]
         if attached:
             self._attach(job, attached)
-        job.counts = collections.Counter(u.state for u in job.members)
-        ready = [u for u in job.members if u.state == QUEUED and u.deps == 0]
-        self._enqueue(ready)
+        if done or attached:
+            job.counts = collections.Counter(u.state for u in job.members)
+            ready = [u for u in job.members if u.state == QUEUED and u.deps == 0]
+        else:
+            job.counts = collections.Counter({QUEUED: units.count})
+            ready = job.members if units.array is not None else [
+                u for u in job.members if u.deps == 0]  # fmt: skip
+        self._enqueue_job(job, ready)
         self._check_end(job)
         self._kick()
 
@@ -305,6 +358,12 @@ class JobRunner(Coalescing):
         self._enqueue(lost)
         per = collections.Counter(u.job.id for u in lost)
         return [f"job {j}: {n} units {why}" for j, n in per.items()]
+
+    def _enqueue_job(self, job: Job, units: Sequence[Unit]) -> None:
+        """Queue units of one job at the back of its owner's queue (one call)."""
+        if units:
+            q = self._queue.setdefault(job.priority, {}).setdefault(job.owner, collections.deque())
+            q.extend(units)
 
     def _enqueue(self, units: Sequence[Unit], front: bool = False) -> None:
         for u in units:
@@ -782,5 +841,6 @@ class JobRunner(Coalescing):
         job.stopping = False
         job.done = self._bind().create_future()
         self._job_state(job, JOB_QUEUED, f"resumed: {len(done)} units already succeeded")
+        job.members = _members(job, done)
         self._admit(job, done, {})
         return job
