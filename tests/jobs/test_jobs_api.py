@@ -374,7 +374,10 @@ def test_after_a_kill_9_of_the_server_its_jobs_and_services_are_re_attached(
     second = Server(tmp_path / "data", "--workflows", str(wf), keep_agent=True)
     with second as s:
         log = s.log.read_text()
-        assert f"job {job} (three) re-attached: 1 of 3 units had succeeded, 2 still ran" in log
+        assert (
+            f"job {job} (three) re-attached: 1 of 3 units had succeeded, 1 still ran, "
+            "1 whose processes are gone (their node agent may hold their exits)" in log
+        ), log
         assert "service web re-attached to its 2 running replicas (of 2)" in log, log
         with s.client(admin) as c:
             # instance 1's exit, held by the node agent, is taken in; 2 runs on, same process

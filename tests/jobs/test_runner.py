@@ -494,3 +494,38 @@ command: {{value: {PY}, arguments: ["{{{{ index }}}}"]}}
     assert j.reason.startswith("waiting: 100 cpus needed"), j.reason
     await rig.runner.cancel(j.id)
     assert await rig.wait(j) == "CANCELLED"
+
+
+@with_rig
+async def test_a_unit_its_node_agent_fenced_is_queued_again_not_failed(
+    rig: Rig, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    spec = job(
+        tmp_path / "b.yaml",
+        f"""
+kind: batch
+name: fenced
+wants: {{cpu: 1}}
+command: {{value: {PY}, arguments: ["-c", "import os, time\\nopen('ran', 'a').write('x')\\n\\
+while not os.path.exists('{gate}'): time.sleep(0.01)"]}}
+""",
+    )
+    j = rig.submit(spec)
+    await rig.until(lambda: j.counts.get("RUNNING") == 1)
+    first = j.members[0].pid
+    ran = tmp_path / "ran"
+    await rig.until(lambda: ran.exists() and ran.read_text() == "x")
+    # what a node agent does when no control process spoke for the lease (the server
+    # was down): it ends the process, saying why (no server runs meanwhile: nothing
+    # starts on the node until the fence is done)
+    rig.plane.ledger.cordon("n1")
+    assert await rig.backend.fence(silent=10.0, default_lease=1.0) == 1
+    await rig.until(lambda: j.counts.get("QUEUED") == 1)
+    assert "fenced: " in (j.members[0].reason or "") and j.members[0].attempt == 0
+    rig.plane.ledger.cordon("n1", False)
+    await rig.until(lambda: j.members[0].pid not in (None, first))
+    gate.touch()
+    assert await rig.wait(j) == "SUCCEEDED", j.members[0].reason  # (a fence: not a try)
+    assert j.members[0].attempt == 1
+    assert ran.read_text() == "xx"

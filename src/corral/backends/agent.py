@@ -19,6 +19,13 @@ sets in its hello), connected or not, it ends that task: a controller that lost 
 (crashed, partitioned, frozen) must not find a second copy of its tasks running when
 it starts them again. With no controller and nothing left to run, the agent exits.
 
+Exits said again. A report sent is not a report read: a controller killed -9 may
+die with exits in its socket, unread. So the exits (and losses) sent to a controller
+in the last ``REPLAY`` seconds are kept, and given again, first, to the next
+controller that says hello with another ``session`` (a controller's process): what it
+already knows it ignores (a unit or task that is not running, or runs another pid);
+what its predecessor never read is not lost.
+
 A new agent of a data directory first ends whatever a previous one left: the
 descendants of its tasks (the kernel only ends the tasks themselves when an agent is
 killed), found by the ``CORRAL_AGENT`` mark they inherit.
@@ -51,6 +58,9 @@ PING = 0.25  # the controller speaks at least this often (seconds)
 MAX_BUFFERED = 1_000_000  # reports kept while no controller listens (reconcile repairs more)
 SETTLE = 10.0  # seconds an inventory waits for the orders a previous controller left
 ORDERS = frozenset(("allocate", "launch", "transition", "stop", "release"))
+REPLAY = 30.0  # seconds the exits sent to a controller are kept, to be said again
+MAX_REPLAY = 100_000  # (and at most this many)
+ENDS = frozenset(("exited", "lost"))
 
 
 def socket_path(data_dir: str) -> str:
@@ -106,6 +116,9 @@ class Agent:
         # those of a previous controller: their outcome is what the tasks' state is)
         self._orders: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._resumed = False
+        # the exits sent to the controller, to be said again to the next (see the doc)
+        self._sent: collections.deque[tuple[float, Report]] = collections.deque(maxlen=MAX_REPLAY)
+        self._session: object = None  # the controller's, said in its hello
         backend.subscribe(self._on_reports)
 
     async def serve(self) -> None:
@@ -195,6 +208,15 @@ class Agent:
             log.warning("a new controller said hello: the previous connection is dropped")
             old.close()
         self._resumed = False  # reports wait until the controller says resume
+        session = args.get("session")
+        if session is None or session != self._session:  # another controller process
+            now = time.monotonic()
+            again = [r for t, r in self._sent if now - t <= REPLAY]
+            if again:
+                log.info("%d exits sent to the previous controller are said again", len(again))
+                self._buffer.extendleft(reversed(again))
+            self._sent.clear()
+        self._session = session
         lease = args.get("lease")
         if isinstance(lease, bool) or not isinstance(lease, int | float):
             lease = None
@@ -258,6 +280,10 @@ class Agent:
             self._buffer.extend(reports)
             return
         self._send(w, {"reports": wire.encode_reports(reports)})
+        now = time.monotonic()
+        self._sent.extend((now, r) for r in reports if r.kind in ENDS)
+        while self._sent and now - self._sent[0][0] > REPLAY:
+            self._sent.popleft()
 
     def _heard(self) -> None:
         """The controller spoke (or, at start, is about to): the lease starts anew."""

@@ -56,6 +56,7 @@ from corral.backends.status import describe_status
 from corral.model.plan import HealthCheck
 from corral.ports.backend import (
     BUSY,
+    FENCED,
     TASK_TRANSITIONS,
     ChannelRequest,
     Launch,
@@ -468,7 +469,7 @@ class LocalBackend:
         for t, p in self._procs.items():
             lease = p.lease if p.lease is not None else default_lease
             if p.exited is None and silent >= lease:
-                p.note = (f"fenced: its agent heard nothing from a controller for "
+                p.note = (f"{FENCED}its agent heard nothing from a controller for "
                           f"{silent:.1f} s (lease {lease:g} s)")  # fmt: skip
                 out.append(t)
         if out:

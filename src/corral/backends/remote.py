@@ -74,6 +74,9 @@ class AgentBackend:
         self._reading: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next = 0
+        # this controller process (its hello says it: a node agent gives the exits it
+        # sent to another one again, see backends.agent)
+        self.session = os.urandom(8).hex()
         self._nodes: list[NodeInfo] = []
         self._lock = asyncio.Lock()
         self.agent_pid: int | None = None
@@ -118,7 +121,7 @@ class AgentBackend:
                 break
             self._reader, self._writer = reader, writer
             self._reading = asyncio.ensure_future(self._read(reader))
-            said: dict[str, Any] = {}
+            said: dict[str, Any] = {"session": self.session}
             if self.lease is not None:
                 said["lease"] = self.lease
             if self.task_env is not None:

@@ -170,31 +170,44 @@ class JobService:
                 done = {u["idx"] for u in stored if u["state"] == r.SUCCEEDED}
                 live = running.get(row["id"], {})
                 attached: dict[int, r.Attached] = {}
+                kept: dict[int, dict[str, Any]] = {}  # failed, blocked, cancelled, retrying
                 for u in stored:
-                    idx, pid = u["idx"], u["pid"]
-                    if u["state"] not in r.ALIVE or u["node"] not in nodes or idx >= units.count:
+                    idx, pid, state = u["idx"], u["pid"], u["state"]
+                    if idx >= units.count:
+                        continue
+                    if state in r.KEPT:
+                        kept[idx] = u
+                        continue
+                    if state not in r.ALIVE or u["node"] not in nodes:
                         continue
                     proc = live.get(idx)
                     if proc is not None and pid in (None, proc[0]):
                         attached[idx] = r.Attached(proc[0], u["node"], u["attempt"],
-                                                   u["started"], heard=True)  # fmt: skip
-                    elif proc is None and pid is not None:
+                                                   u["started"], True, state,
+                                                   u["reason"])  # fmt: skip
+                    elif proc is None:  # (its exit may be held by the agent; its pid too,
+                        # when its launch was under way at the crash)
                         attached[idx] = r.Attached(pid, u["node"], u["attempt"],
-                                                   u["started"], heard=False)  # fmt: skip
-                again = [u["idx"] for u in stored
-                         if u["idx"] not in done and u["idx"] not in attached]  # fmt: skip
+                                                   u["started"], False, state,
+                                                   u["reason"])  # fmt: skip
+                again = [u["idx"] for u in stored if u["idx"] not in done
+                         and u["idx"] not in attached and u["idx"] not in kept]  # fmt: skip
                 runner.store.reset_units(row["id"], again)
                 runner.submit(units, name=row["name"], kind=row["kind"], text=row["text"],
                               workdir=row["workdir"], owner=row["owner"] or "",
                               priority_class=row["priority_class"], source=row["source"],
                               job_id=row["id"], done=done, restored=True,
-                              attached=attached)  # fmt: skip
+                              attached=attached, kept=kept)  # fmt: skip
                 claimed.update(f"{row['id']}:{i}" for i, a in attached.items() if a.heard)
                 what = "re-attached" if attached else "taken over"
+                running_now = sum(1 for a in attached.values() if a.heard)
                 notes.append(
                     f"job {row['id']} ({row['name']}) {what}: {len(done)} of "
-                    f"{units.count} units had succeeded, {len(attached)} still ran"
-                )
+                    f"{units.count} units had succeeded, {running_now} still ran"
+                    + (f", {len(attached) - running_now} whose processes are gone (their "
+                       "node agent may hold their exits)" if len(attached) > running_now
+                       else "")
+                )  # fmt: skip
             except (ValueError, ServiceError) as e:
                 now = self.service.clock()
                 why = f"not taken over after a restart: {e}"
@@ -218,11 +231,11 @@ class JobService:
                              f"replicas (of {row['replicas']})")  # fmt: skip
             else:
                 notes.append(f"service {row['name']} started again: {row['replicas']} replicas")
-        removed, kept = secretfiles.remove_left(owners, keep=claimed)
+        removed, dirs = secretfiles.remove_left(owners, keep=claimed)
         if removed:
             notes.append(f"{removed} secrets' directories of ended processes removed")
-        runner.secrets.adopt({k: d for k, d in kept.items() if runner.owns(k.partition(":")[0])})
-        sup.secrets.adopt({k: d for k, d in kept.items() if sup.owns(k.partition(":")[0])})
+        runner.secrets.adopt({k: d for k, d in dirs.items() if runner.owns(k.partition(":")[0])})
+        sup.secrets.adopt({k: d for k, d in dirs.items() if sup.owns(k.partition(":")[0])})
         return notes, claimed
 
     def _units_of(self, row: dict[str, Any]) -> Units:

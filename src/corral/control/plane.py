@@ -675,6 +675,11 @@ class ControlPlane:
         inv = await self.backend.inventory()
         running = {tid: pid for tid, pid, _ in inv}
         repaired = 0
+        if why is not None:  # (their agent died with them: no report of theirs will come)
+            if self._made("jobs"):
+                repaired += self.jobs.lost_with_agent(running, why)
+            if self._made("services"):
+                repaired += self.services.lost_with_agent(running, why)
         for env in list(self.environments.values()):
             if env.transitioning is not None or env.lock.locked():
                 continue

@@ -57,7 +57,7 @@ from corral.control.launching import launch_batch
 from corral.control.ledger import Ledger
 from corral.jobs.units import Units, blocked_by
 from corral.planning.placement import Demand
-from corral.ports.backend import Backend, Launch, Report
+from corral.ports.backend import FENCED, Backend, Launch, Report
 from corral.store.jobstore import JobStore, UnitRow
 
 log = logging.getLogger("corral.runner")
@@ -76,6 +76,7 @@ CANCELLED = "CANCELLED"
 BLOCKED = "BLOCKED"  # a DAG step that needs one that failed
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, BLOCKED})
 ALIVE = frozenset({STARTING, RUNNING, ENDING, FAILING, EVICTING})  # a process may run
+KEPT = frozenset({FAILED, BLOCKED, CANCELLED, RETRYING})  # as stored, after a restart
 # job states
 JOB_QUEUED, JOB_RUNNING = "QUEUED", "RUNNING"
 JOB_FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -95,6 +96,8 @@ class Attached(NamedTuple):
     attempt: int
     started: float | None
     heard: bool
+    was: str = RUNNING  # its stored state (ENDING: its job was being cancelled...)
+    reason: str | None = None
 
 
 def new_job_id() -> str:
@@ -238,15 +241,31 @@ class JobRunner(Coalescing):
         done: Collection[int] = (),
         restored: bool = False,
         attached: Mapping[int, Attached] | None = None,
+        kept: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> Job:
         """Queue a job's units (those in ``done`` count as succeeded: a resumed job).
         Stored before anything starts (StoreUnavailable: nothing is queued); a job
         ``restored`` after a restart is in the store already (same id), with the
-        units ``attached`` that ran at the crash (see the module doc)."""
+        units ``attached`` that ran at the crash and those ``kept`` as they were stored
+        (failed, blocked, cancelled, waiting for a retry: their rows), see the module
+        doc."""
         job = self._new(units, name, kind, text, workdir, owner, priority_class, source,
                         job_id, env)  # fmt: skip
         job.members = _members(job, set(done))
+        if kept:
+            self._keep(job, kept)
         return self._start(job, done, restored, attached or {})
+
+    def _keep(self, job: Job, kept: Mapping[int, Mapping[str, Any]]) -> None:
+        """Units as the previous control process left them: failed, blocked or
+        cancelled for good, or waiting for a retry (tried again now, its tries counted)."""
+        for i, row in kept.items():
+            u = job.members[i]
+            u.state, u.attempt, u.reason = row["state"], row["attempt"], row["reason"]
+            u.node, u.pid, u.code = row["node"], row["pid"], row["code"]
+            u.started, u.ended = row["started"], row["ended"]
+            if u.state == FAILED and job.kind != "batch" and job.units.failure == "stop":
+                job.stopping = True
 
     async def submit_large(
         self,
@@ -303,20 +322,26 @@ class JobRunner(Coalescing):
             events = self.journal.call(lambda: self.store.create(row, [ev], now))
             self.journal.publish(events)
         self.jobs[job.id] = job
-        self._admit(job, set(done), attached)
+        self._admit(job, set(done), attached, full=restored)
         return job
 
-    def _admit(self, job: Job, done: set[int], attached: Mapping[int, Attached]) -> None:
-        """Queue what may start of ``job.members`` (made by ``_members``)."""
+    def _admit(
+        self, job: Job, done: set[int], attached: Mapping[int, Attached], full: bool = False
+    ) -> None:
+        """Queue what may start of ``job.members`` (made by ``_members``; ``full``: some
+        may be in other states, a job taken over after a restart)."""
         units = job.units
         job.users = units.dependents()
         for i in done:  # stored as such: a later resume reads it from this job
             self._dirty_units[(job.id, i)] = job.members[i]
         if attached:
             self._attach(job, attached)
-        if done or attached:
+        if done or attached or full:
             job.counts = collections.Counter(u.state for u in job.members)
             ready = [u for u in job.members if u.state == QUEUED and u.deps == 0]
+            for u in job.members:
+                if u.state == RETRYING:  # (its backoff passed while no server ran)
+                    self._retry_later(u, 0.0)
         else:
             job.counts = collections.Counter({QUEUED: units.count})
             ready = job.members if units.array is not None else [
@@ -329,6 +354,9 @@ class JobRunner(Coalescing):
         """Units that ran at a crash, RUNNING again where they ran (their resources
         booked there: no placement)."""
         booked = []
+        failing: list[Unit] = []
+        evicting: list[str] = []
+        cancelling = False
         for i, a in attached.items():
             u = job.members[i]
             u.state, u.pid, u.node, u.attempt, u.started = RUNNING, a.pid, a.node, a.attempt, \
@@ -337,9 +365,51 @@ class JobRunner(Coalescing):
             if not a.heard:
                 self._unheard.append(u)
             booked.append((u.key, a.node, self._demand(u), ()))
+            if a.was == ENDING:  # its job was being cancelled: it is, again
+                cancelling = True
+            elif a.was == FAILING:  # it failed (a health check): it is stopped again
+                u.reason = a.reason
+                failing.append(u)
+            elif a.was == EVICTING:  # preempted: queued again once its process ended
+                evicting.append(u.key)
         self.ledger.hold_each(booked, priority=job.priority)
         job.state = JOB_RUNNING
         self._dirty_jobs[job.id] = job
+        # (what was under way at the crash goes on once the job is admitted)
+        loop = self._bind()
+        if cancelling:
+            job.stopping = True
+            self._later(self.cancel(job.id, actor="a cancel under way at a restart"))
+        else:
+            if failing:
+                loop.call_soon(self._stop_units, failing, FAILING)
+            if evicting:
+                self._later(self.evict(evicting, "preempted (under way at a restart)"))
+
+    def _later(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._launches.add(task)
+        task.add_done_callback(self._launches.discard)
+
+    def lost_with_agent(self, running: Mapping[str, int], why: str) -> int:
+        """A node agent died, and the units it ran with it (``running``: what the agents
+        run now): those not running any more are queued again, not as a try."""
+        lost = [u for j in self.jobs.values() if j.state not in JOB_FINAL for u in j.members
+                if u.state == RUNNING and u.pid is not None
+                and running.get(u.key) != u.pid]  # fmt: skip
+        if lost:
+            self._requeue(lost, f"{why}: queued again")
+        return len(lost)
+
+    def _requeue(self, units: Sequence[Unit], why: str) -> None:
+        """Units whose processes are gone through no fault of theirs: queued again at
+        the back, not counted as a try."""
+        self._release(units)
+        for u in units:
+            u.attempt -= 1
+            u.pid = u.node = None
+            self._set(u, QUEUED, reason=why)
+        self._enqueue(units)
 
     def settle(self) -> list[str]:
         """After the agents gave the reports they held (at start): a unit taken over
@@ -347,15 +417,14 @@ class JobRunner(Coalescing):
         agent was lost too): it is queued again, not counted as a try. A line per job."""
         unheard, self._unheard = self._unheard, []
         lost = [u for u in unheard if u.state == RUNNING]
+        failed = [u for u in unheard if u.state == FAILING]
+        for u in failed:  # it was failing: it failed (its exit is not known)
+            self._failed(u, u.reason or "failed", None)
+        self._release(failed)
         if not lost:
             return []
         why = "its process ended while no control process watched it, unheard: queued again"
-        self._release(lost)
-        for u in lost:
-            u.attempt -= 1
-            u.pid = u.node = None
-            self._set(u, QUEUED, reason=why)
-        self._enqueue(lost)
+        self._requeue(lost, why)
         per = collections.Counter(u.job.id for u in lost)
         return [f"job {j}: {n} units {why}" for j, n in per.items()]
 
@@ -553,6 +622,14 @@ class JobRunner(Coalescing):
                 self._failed(u, u.reason or "failed", r.code)
             else:
                 self._ended(u)
+            return True
+        if r.kind == "exited" and r.reason is not None and f": {FENCED}" in r.reason:
+            # its node agent ended it, hearing from no control process for its lease
+            # (the server was down): not its failure, nor a try
+            u.attempt -= 1
+            u.pid = u.node = None
+            self._set(u, QUEUED, reason=f"{r.reason}; queued again")
+            self._enqueue([u], front=True)
             return True
         if r.kind == "exited":
             code = r.code

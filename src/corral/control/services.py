@@ -385,6 +385,7 @@ class ServiceSupervisor(Coalescing):
         self._waiting: set[Service] = set()  # services with replicas that wait for room
         # replicas' rows to write at the next flush (None: it no longer runs)
         self._rows: dict[tuple[str, int], ReplicaRow | None] = {}
+        self._closing = False
         ledger.on_free.append(self._room)
 
     # -- the API ------------------------------------------------------------------------
@@ -441,7 +442,11 @@ class ServiceSupervisor(Coalescing):
         booked = []
         now = self._now()
         slots = {r.slot for r in svc.members.values()}
+        # new replicas get numbers none of its processes still has (those not taken
+        # over are being ended: their task ids must not be reused meanwhile)
+        svc.next_n = max(svc.next_n, max(live, default=-1) + 1)
         for row in self.store.replicas(svc.name):
+            svc.next_n = max(svc.next_n, row["n"] + 1)  # (its exit may still come)
             proc = live.get(row["n"])
             if (proc is None or row["version"] != version or row["node"] not in nodes
                     or row["pid"] not in (None, proc[0]) or row["slot"] >= svc.replicas
@@ -462,6 +467,15 @@ class ServiceSupervisor(Coalescing):
         self._touch(svc)
         return kept
 
+    def lost_with_agent(self, running: Mapping[str, int], why: str) -> int:
+        """A node agent died, and the replicas it ran with it (``running``: what the
+        agents run now): those not running any more are started again."""
+        lost = [r for svc in self.services.values() for r in svc.members.values()
+                if r.state in (RUNNING, RESTARTING, STOPPING, EVICTING) and r.pid is not None
+                and running.get(r.key) != r.pid]  # fmt: skip
+        self.on_reports([Report(r.key, "lost", why, None, r.pid) for r in lost])
+        return len(lost)
+
     def scale(self, name: str, replicas: int) -> Service:
         """Change the number of replicas; those that stay are not restarted (KeyError)."""
         svc = self.services[name]
@@ -476,17 +490,18 @@ class ServiceSupervisor(Coalescing):
         return svc
 
     async def remove(self, name: str) -> None:
-        """Stop every replica of the service and forget it (KeyError)."""
-        svc = self.services[name]
+        """Stop every replica of the service and forget it (KeyError). Forgotten in the
+        store first: a control process killed while the replicas stop does not bring
+        it back (the next one ends what is left of it)."""
+        svc = self.services.pop(name)
         svc.replicas = 0
         svc.update = None
+        self.journal.write(lambda: self.store.remove(svc.name))
         await self._stop(list(svc.members.values()), STOPPING)
         for r in list(svc.members.values()):
             self._gone(r)
-        del self.services[name]
         del self._by_id[svc.id]
         self._note(svc, "removed", state="REMOVED")
-        self.journal.write(lambda: self.store.remove(svc.name))
 
     def endpoints(self, name: str) -> list[dict[str, Any]]:
         """The healthy replicas of a service: where each is reached (KeyError)."""
@@ -551,6 +566,8 @@ class ServiceSupervisor(Coalescing):
         return len(reps)
 
     async def close(self) -> None:
+        """Stop every replica (the control process stops): none is started again."""
+        self._closing = True
         for svc in list(self.services.values()):
             await self._stop(list(svc.members.values()), STOPPING)
         if self._timer is not None:
@@ -567,6 +584,8 @@ class ServiceSupervisor(Coalescing):
             self._touch(svc)
 
     def _touch(self, svc: Service) -> None:
+        if self._closing:
+            return
         self._dirty.add(svc)
         self._changed.add(svc)
         if not self._kicked:
@@ -739,6 +758,7 @@ class ServiceSupervisor(Coalescing):
     ) -> None:
         r.node, r.ports, r.state, r.reason = node, ports, STARTING, None
         r.svc.sticky[r.slot] = node
+        self._row(r)  # (its launch may outlive this process: the next one finds it)
         placed.setdefault(node, []).append(r)
 
     def _launch_of(self, r: Replica) -> Launch:
@@ -800,6 +820,10 @@ class ServiceSupervisor(Coalescing):
             self._push(r.checks_due, "check", r)
         else:
             self._push(now + spec.update.healthy_for, "gate", r.svc)
+        self._row(r)
+
+    def _row(self, r: Replica) -> None:
+        """Record where the replica runs (written at the next flush)."""
         assert r.node is not None
         self._rows[(r.svc.name, r.n)] = (r.svc.name, r.n, r.slot, r.version + 1, r.node,
                                          ",".join(map(str, r.ports)), r.pid)  # fmt: skip
@@ -853,9 +877,8 @@ class ServiceSupervisor(Coalescing):
         self.ledger.release_each([r.key])
         if self.secrets:
             self.secrets.forget(r.key)
-        if r.pid is not None:
-            self._rows[(r.svc.name, r.n)] = None
-            self._schedule_flush()
+        self._rows[(r.svc.name, r.n)] = None
+        self._schedule_flush()
         r.pid = None
         r.healthy_since = None
 

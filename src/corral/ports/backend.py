@@ -21,6 +21,9 @@ from corral.model.plan import Command, HealthCheck
 
 # What a task answers to each transition of the task control protocol.
 BUSY = "BUSY"  # in an inventory: a direct task with an order under way (no answer yet)
+# what a process ended by its node agent's fencing says, after its exit (no control
+# process was heard from for its lease: not the process's own failure)
+FENCED = "fenced: "
 TASK_TRANSITIONS: dict[str, str] = {
     "CONFIGURE": "CONFIGURED",
     "START": "RUNNING",
