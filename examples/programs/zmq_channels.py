@@ -21,8 +21,12 @@ def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], chan: Channel) -> zmq.Socke
     sock.linger = 0
     if chan.type == "sub":
         sock.subscribe(b"")
-    if chan.method == "bind":
-        sock.bind(chan.address)
-    else:
-        sock.connect(chan.address)
+    try:
+        if chan.method == "bind":
+            sock.bind(chan.address)
+        else:
+            sock.connect(chan.address)
+    except zmq.ZMQError:
+        sock.close()  # (a socket left open would hang the context's term() forever)
+        raise
     return sock

@@ -494,7 +494,8 @@ def test_the_job_examples_validate() -> None:
     from tests.conftest import ROOT
 
     files = sorted(glob.glob(os.path.join(ROOT, "examples", "jobs", "*.yaml")))
-    assert len(files) >= 3
+    files += sorted(glob.glob(os.path.join(ROOT, "examples", "jobs", "cron", "*.yaml")))
+    assert len(files) >= 4
     r = subprocess.run(
         [sys.executable, "-m", "corral", "job", "validate", *files],
         capture_output=True, text=True, cwd=ROOT, timeout=120,

@@ -54,7 +54,7 @@ steps:
     wants: {cpu: 0.1}
     needs: [prepare]
   - name: merge
-    command: {value: /bin/sh, arguments: ["-c", "echo merged"]}
+    command: {value: /bin/sh, arguments: ["-c", "seq 150; echo merged"]}
     wants: {cpu: 0.1}
     needs: [left, right]
 """.replace("PY", PY)
@@ -224,7 +224,13 @@ def test_a_dag_submitted_from_the_gui_runs_and_shows_its_graph(
     page.click("#job-steps tbody tr[data-step='2'] a.log-link")
     expect(page.locator("#job-log")).to_have_text("right")
     page.click("#job-graph g.node[data-step='3']")
-    expect(page.locator("#job-log")).to_have_text("merged")
+    expect(page.locator("#job-log")).to_contain_text("150\nmerged")
+    # a log longer than its panel shows its newest lines (the panel is at its end)
+    page.wait_for_function(
+        "() => { const b = document.querySelector('#job-log');"
+        " return b.scrollHeight > b.clientHeight + 20"
+        " && b.scrollTop + b.clientHeight >= b.scrollHeight - 4; }"
+    )
     shot(page, "5-dag-succeeded")
     # the job list shows it with its counts
     page.click("#nav a[data-nav=jobs]")

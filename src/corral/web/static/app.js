@@ -517,7 +517,16 @@ function logEvent(e, before = null) {
 function selectTask(t) {
   app.env.selected = t;
   $("#log-task").textContent = t.path;
+  $("#log").textContent = ""; // (another task's: start from its end)
   tailLog();
+}
+
+// A log panel shows its newest lines, and follows them while it is scrolled to its end
+// (scrolled up to read, it stays where it is).
+function showLog(box, text) {
+  const atEnd = !box.textContent || box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+  box.textContent = text;
+  if (atEnd) box.scrollTop = box.scrollHeight;
 }
 
 async function tailLog() {
@@ -525,7 +534,7 @@ async function tailLog() {
   if (!t) return;
   try {
     const r = await api("GET", `/api/tasks/${t.env}:${t.idx}/log?lines=200`);
-    $("#log").textContent = r.lines.join("\n");
+    showLog($("#log"), r.lines.join("\n"));
   } catch (e) {
     $("#log").textContent = e.message;
   }
@@ -882,7 +891,7 @@ async function tailJobLog() {
   try {
     const r = await api("GET", `/api/jobs/${encodeURIComponent(j.id)}/log?index=${index}&lines=200`);
     if (app.job !== j || j.selected !== index) return;
-    $("#job-log").textContent = r.lines.length ? r.lines.join("\n") : "(no output)";
+    showLog($("#job-log"), r.lines.length ? r.lines.join("\n") : "(no output)");
     j.logDone = final; // what it wrote before it ended is all it writes
   } catch (e) {
     if (app.job === j && j.selected === index) $("#job-log").textContent = e.message;
