@@ -179,7 +179,8 @@ class AgentBackend:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(AgentUnavailable(why))
-        log.warning("%s", why)
+        if not self._closing:  # (at a stop, the agent closing the connection is expected)
+            log.warning("%s", why)
         if not self._closing and self._start is not None:
             # at once, not at the next call: if the agent died, its tasks died with it
             self._again = asyncio.ensure_future(self._reconnect())

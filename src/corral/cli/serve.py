@@ -486,8 +486,10 @@ async def _serve(
             err.print(f"stopping: {len(live)} environments keep running under the node "
                       f"agents; a server started on {data} within {lease:g} s takes them "
                       "over, else the agents end them")  # fmt: skip
+        elif live:
+            err.print(f"stopping: tearing {len(live)} environments down ...")
         else:
-            err.print("stopping: tearing environments down ...")
+            err.print("stopping")
         return 0
     finally:
         if elastic is not None:
