@@ -255,12 +255,8 @@ def sources(
     max_depth: int = MAX_INCLUDE_DEPTH,
     max_includes: int = MAX_INCLUDES,
 ) -> dict[str, str]:
-    """Every payload a render of ``key`` reads (``key`` first), each read once with
-    ``get`` (None: no such key). ConfigNotFound when ``key`` has none; RenderError for a
-    template error in one, an include that is not a string literal, a missing one (not
-    ``ignore missing``), a cycle, more than ``max_depth`` levels or ``max_includes``
-    payloads, each naming the key and line. (In ``configrender``, with Jinja2: imported
-    by the first render, not by what only checks keys.)"""
+    """Every payload a render of ``key`` reads, ``key`` first (``configrender.sources``,
+    with Jinja2: imported by the first render, not by what only checks keys)."""
     from corral.templates import configrender
 
     return configrender.sources(key, get, max_depth=max_depth, max_includes=max_includes)
@@ -275,10 +271,7 @@ def render(
     clock: Callable[[], float] | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
 ) -> str:
-    """The payload at ``key`` rendered with ``variables``, its includes read with ``get``
-    (see ``sources``). ``clock`` (seconds): the render stops after ``time_limit`` of it.
-    RenderError (a ConfigError) naming the key and line of what failed; ConfigNotFound
-    when there is no payload at ``key``."""
+    """The payload at ``key`` rendered with ``variables`` (``configrender.render``)."""
     from corral.templates import configrender
 
     return configrender.render(
