@@ -66,3 +66,16 @@ def test_the_test_set_up_installs_the_tools_and_the_packages(tmp_path: Path) -> 
                                                              "make", "gcc")), calls  # fmt: skip
     else:
         assert "cannot be installed here" in r.stdout + r.stderr
+
+
+def test_an_old_python_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    top, env = _rig(tmp_path)
+    shutil.rmtree(top / ".venv")
+    old = tmp_path / "bin" / "python3"  # says it is too old to every check
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.12"\nexit 1\n')
+    old.chmod(0o755)
+    r = subprocess.run(["bash", "scripts/setup"], cwd=top, env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "needs Python 3.11 or newer" in r.stderr, r.stderr
+    assert "Python 3.10.12" in r.stderr and "PYTHON=python3.11" in r.stderr
+    assert not (top / ".venv").exists()

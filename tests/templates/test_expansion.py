@@ -452,3 +452,20 @@ def test_public_root_name_and_description() -> None:
         }
     )
     assert "role name: unknown tag '!public'" in errors[0]
+
+
+def test_a_role_name_with_control_or_formatting_characters_is_refused() -> None:
+    # (a name reaches terminals, logs and the SVG graph: an escape sequence, a
+    # right-to-left override or a NUL-like character would be written there as is)
+    for bad in ("\\u001b[31mred", "evil\\u202eexe", "a\\u0001b", "zero\\u200bwidth"):
+        errors = errors_of(
+            {
+                "wf.yaml": f"""
+                    name: w
+                    roles:
+                      - {{name: "{bad}", task: {{load: t}}}}
+                    """,
+                "tasks/t.yaml": "name: t\ncommand: {value: /bin/true}\n",
+            }
+        )
+        assert errors and "control or formatting characters" in errors[0], (bad, errors)

@@ -47,6 +47,7 @@ from corral.control.configstore import ConfigStore
 from corral.control.jobservice import JobService
 from corral.control.journal import StoreUnavailable
 from corral.control.service import ControlService, ServiceError
+from corral.store.files import NotALog, tail_log
 from corral.web import STATIC
 
 PROBLEM = "application/problem+json"
@@ -746,7 +747,7 @@ def create_app(
         if log_dir is None:
             raise ServiceError(404, "No logs", "this server keeps no task logs")
         path = os.path.join(log_dir, t["env"], t["path"] + ".log")
-        return {"task": task_id, "path": path, "lines": tail(path, lines)}
+        return {"task": task_id, "path": path, "lines": await tail(path, lines)}
 
     @app.get("/api/nodes", tags=["nodes"])
     async def nodes(who: Viewer) -> list[dict[str, Any]]:
@@ -1150,18 +1151,16 @@ def frame(e: dict[str, Any]) -> bytes:
     return out
 
 
-def tail(path: str, lines: int) -> list[str]:
-    """The last ``lines`` lines of a file, reading at most its last 1 MiB."""
+async def tail(path: str, lines: int) -> list[str]:
+    """The last ``lines`` lines of a task's log, read in a worker thread (reading at
+    most its last 1 MiB; a log that is not a regular file is refused: a task may
+    replace it by a FIFO, or a link to anything)."""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - (1 << 20)))
-            data = fh.read()
-    except FileNotFoundError:
-        return []
-    text = data.decode("utf-8", "replace").splitlines()
-    return text[-lines:]
+        return await asyncio.to_thread(tail_log, path, lines)
+    except NotALog as e:
+        raise ServiceError(409, "Log unreadable", f"not shown: {e}") from None
+    except OSError as e:
+        raise ServiceError(409, "Log unreadable", f"cannot read it: {e.strerror}") from None
 
 
 def channel_list(env: Any) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ Traefik's HTTP provider) are read by those tools with a viewer's token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
@@ -46,7 +46,7 @@ def mount(
     jobs: JobService,
     *,
     problems: Callable[..., dict[int | str, Any]],
-    tail: Callable[[str, int], list[str]],
+    tail: Callable[[str, int], Awaitable[list[str]]],
     log_dir: str | None,
 ) -> None:
     @app.get("/api/job-files", tags=["jobs"])
@@ -92,7 +92,7 @@ def mount(
         lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, examples=[50])] = 100,
     ) -> dict[str, Any]:
         path = jobs.log_path(job_id, index, log_dir)
-        return {"job": job_id, "index": index, "path": path, "lines": tail(path, lines)}
+        return {"job": job_id, "index": index, "path": path, "lines": await tail(path, lines)}
 
     @app.get("/api/services", tags=["services"])
     async def service_list(who: Viewer) -> list[dict[str, Any]]:
@@ -114,7 +114,7 @@ def mount(
     ) -> dict[str, Any]:
         """The end of a replica's log (every process its slot ran, appended)."""
         path = jobs.replica_log(name, slot, log_dir)
-        return {"service": name, "slot": slot, "path": path, "lines": tail(path, lines)}
+        return {"service": name, "slot": slot, "path": path, "lines": await tail(path, lines)}
 
     @app.post(
         "/api/services/{name}/scale", tags=["services"],

@@ -10,6 +10,7 @@ server cannot be reached (or its certificate is not trusted).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -98,6 +99,11 @@ class Api:
     def __init__(self, server: str | None, token: str | None, ca_cert: str | None = None) -> None:
         if not server:
             raise click.UsageError("no server: give --server URL or set CORRAL_SERVER")
+        if token:
+            token = token.strip()  # (a file edited elsewhere may end it with \r or spaces)
+            if not token.isascii() or not token.isprintable() or " " in token:
+                raise click.UsageError("--token, CORRAL_TOKEN: that is not a token (a stray "
+                                       "character in it?)")  # fmt: skip
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             self.client = http.Client(
@@ -110,19 +116,31 @@ class Api:
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self.client.request(method, path, **kw)
-        except http.HTTPError as e:
+        except http.ConnectError as e:
             fail(3, unreachable(self.server, e))
+        except http.HTTPError as e:
+            fail(3, f"{self.server}: {e}")
         if r.status_code >= 400:
-            try:
+            body = None
+            with contextlib.suppress(http.HTTPError):
                 body = r.json()
+            if isinstance(body, dict):
                 msg = f"{body.get('title', 'error')} ({r.status_code}): {body.get('detail')}"
-                for item in body.get("errors", [])[:20]:
+                errors = body.get("errors")
+                for item in errors[:20] if isinstance(errors, list) else ():
                     text = item.get("message", item) if isinstance(item, dict) else item
                     msg += f"\n  {text}"
-            except ValueError:
+            else:
                 msg = f"HTTP {r.status_code}: {r.text[:500]}"
             fail(1, msg)
-        return r.json()
+        if 300 <= r.status_code < 400:
+            where = r.headers.get("location", "?")[:200]
+            fail(3, f"{self.server} answered {r.status_code}, to {where}: give that URL as "
+                 "--server (https?)")  # fmt: skip
+        try:
+            return r.json()
+        except http.HTTPError as e:
+            fail(3, f"{self.server}: {e}: is it a corral server?")
 
     def stream(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
@@ -132,7 +150,9 @@ class Api:
                     fail(1, f"HTTP {r.status_code}: {r.text[:500]}")
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        yield json.loads(line[6:])
+                        event = http.loads(line[6:])
+                        if isinstance(event, dict):
+                            yield event
         except http.HTTPError as e:
             if isinstance(e, http.ConnectError):
                 fail(3, unreachable(self.server, e))
@@ -403,6 +423,19 @@ def node_drain(name: str, dry_run: bool, server: str, token: str) -> None:
     out.print(f"{name}: {verb} {', '.join(r['evict']) or 'nothing'}")
 
 
+def _event_pages(api: Api, params: dict[str, Any], page: int = 10_000) -> Iterator[dict[str, Any]]:
+    """The whole history after ``params["after"]``, a page at a time."""
+    after = params["after"]
+    while True:
+        got = api.call("GET", "/api/events", params=dict(params, after=after, limit=page))
+        if not isinstance(got, list):
+            fail(3, "the server's answer is not a list of events")
+        yield from (e for e in got if isinstance(e, dict))
+        if len(got) < page or not isinstance(got[-1], dict) or "seq" not in got[-1]:
+            return
+        after = got[-1]["seq"]
+
+
 def remote_events(server: str, token: str | None, env_id: str | None, after: int, follow: bool,
                   output: str, fmt: Callable[[dict[str, Any]], str]) -> None:  # fmt: skip
     """`corral events --server`: the history, then (with --follow) the live stream."""
@@ -410,11 +443,7 @@ def remote_events(server: str, token: str | None, env_id: str | None, after: int
     params: dict[str, Any] = {"after": after}
     if env_id:
         params["env"] = env_id
-    source: Iterator[dict[str, Any]]
-    if follow:
-        source = api.stream("/api/events/stream", params)
-    else:
-        source = iter(api.call("GET", "/api/events", params=dict(params, limit=10_000)))
+    source = api.stream("/api/events/stream", params) if follow else _event_pages(api, params)
     try:
         for e in source:
             line = json.dumps(e, sort_keys=True) if output == "json" else fmt(e)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     import ssl
 
 MAX_HEADER = 64 * 1024  # bytes of status line and headers
+MAX_BODY = 64 << 20  # bytes of an answer read whole (a larger one is refused)
+MAX_LINE = 1 << 20  # bytes of a line of a streamed answer
+MAX_INTERIM = 10  # interim answers (100 Continue) before the real one
 USER_AGENT = "corral-cli"
 
 
@@ -45,20 +49,45 @@ class Response:
         return self.content.decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return jsonlib.loads(self.content)
+        """Its body decoded; HTTPError when it is not JSON (a proxy's HTML page...)."""
+        return loads(self.content)
+
+
+def loads(data: bytes | str) -> Any:
+    try:
+        return jsonlib.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(f"the answer is not JSON ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 class Stream:
     """An answer being read: its status and headers, then ``iter_lines`` or ``read``."""
 
-    def __init__(self, status_code: int, headers: dict[str, str], body: Iterator[bytes]) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        headers: dict[str, str],
+        body: Iterator[bytes],
+        deadline: float | None = None,
+    ) -> None:
         self.status_code = status_code
         self.headers = headers
         self._body = body
         self.content = b""
+        self.deadline = deadline  # (time.monotonic) by when ``read`` must have it all
 
     def read(self) -> bytes:
-        self.content = b"".join(self._body)
+        """The whole body: at most MAX_BODY bytes, by the deadline (HTTPError)."""
+        parts: list[bytes] = []
+        size = 0
+        for chunk in self._body:
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HTTPError(f"the answer is larger than {MAX_BODY >> 20} MiB")
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise HTTPError("the answer took too long to come")
+            parts.append(chunk)
+        self.content = b"".join(parts)
         return self.content
 
     @property
@@ -69,6 +98,8 @@ class Stream:
         pending = b""
         for chunk in self._body:
             pending += chunk
+            if len(pending) > MAX_LINE and b"\n" not in pending:
+                raise HTTPError(f"a line of the answer is longer than {MAX_LINE >> 20} MiB")
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 yield line.rstrip(b"\r").decode("utf-8", "replace")
@@ -163,7 +194,9 @@ class Client:
             except OSError as e:
                 raise HTTPError(f"no answer: {e}") from e
             no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-            yield Stream(status, headers, iter(()) if no_body else _checked(_body(f, headers)))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            chunks: Iterator[bytes] = iter(()) if no_body else _checked(_body(f, headers))
+            yield Stream(status, headers, chunks, deadline)
         finally:
             sock.close()
 
@@ -190,7 +223,7 @@ class Client:
 
 
 def _read_head(f: IO[bytes]) -> tuple[int, dict[str, str]]:
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         size = 0
         line = f.readline(MAX_HEADER)
         if not line:
@@ -211,6 +244,7 @@ def _read_head(f: IO[bytes]) -> tuple[int, dict[str, str]]:
             headers[name.strip().lower()] = value.strip()
         if status != 100:  # (an interim answer: the real one follows)
             return status, headers
+    raise OSError(f"more than {MAX_INTERIM} interim answers")
 
 
 def _checked(body: Iterator[bytes]) -> Iterator[bytes]:
@@ -228,6 +262,8 @@ def _body(f: IO[bytes], headers: dict[str, str]) -> Iterator[bytes]:
             if not size_line:
                 raise OSError("the answer was cut (chunked)")
             size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size < 0 or size > MAX_BODY:
+                raise OSError(f"a chunk of {size} bytes")
             if size == 0:
                 while f.readline(MAX_HEADER) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -239,6 +275,8 @@ def _body(f: IO[bytes], headers: dict[str, str]) -> Iterator[bytes]:
             yield data
     elif "content-length" in headers:
         left = int(headers["content-length"])
+        if left < 0:
+            raise OSError(f"Content-Length {left}")
         while left > 0:
             data = f.read(min(left, 1 << 16))
             if not data:

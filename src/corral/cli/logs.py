@@ -156,12 +156,15 @@ class _Tail:
         self.pending = b""
 
     def last(self, n: int) -> list[str]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - TAIL_BYTES))
-                data = f.read()
+        from corral.store.files import open_log, read_log  # (a local read only)
+
+        try:  # (a regular file only: never a FIFO, nor a link to anything)
+            fd = open_log(self.path)
+            try:
+                size = os.fstat(fd).st_size
+                data = read_log(fd, max(0, size - TAIL_BYTES), TAIL_BYTES)
+            finally:
+                os.close(fd)
         except OSError:
             self.offset = 0
             return []
@@ -172,18 +175,26 @@ class _Tail:
         return text[-n:] if n else []
 
     def new(self) -> list[str]:
+        from corral.store.files import open_log, read_log
+
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            fd = open_log(self.path)
+            try:
+                size = os.fstat(fd).st_size
                 if self.offset is None or size < self.offset:  # truncated: again
                     self.offset, self.pending = 0, b""
-                f.seek(self.offset)
-                data = f.read(max(0, size - self.offset))
+                # (at most MAX_LOG_READ a call: a log growing faster is caught up
+                # over the next calls, in bounded memory)
+                data = read_log(fd, self.offset)
+            finally:
+                os.close(fd)
         except OSError:
             return []
         self.offset += len(data)
         data = self.pending + data
         end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) > TAIL_BYTES:  # a line that never ends: shown in parts
+            end = len(data)
         self.pending = data[end:]
         return data[:end].decode("utf-8", "replace").splitlines()
 

@@ -13,6 +13,7 @@ that each summary is its command's own).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -100,6 +101,12 @@ def main() -> None:
     except (click.Abort, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except Exception as e:  # a bug, or an answer nothing expected: one line, not a trace
+        if os.environ.get("CORRAL_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {type(e).__name__}: {str(e)[:500]} (CORRAL_DEBUG=1 shows "
+                         "where; please report it)\n")  # fmt: skip
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -508,9 +508,23 @@ def events(
     if not os.path.exists(db):
         err.print(f"[bold red]error[/]: no store at {db} (is --data right?)")
         sys.exit(1)
+    try:  # (read only: never made, nor written to, by reading its events)
+        with open(db, "rb") as f:
+            is_store = f.read(16) == b"SQLite format 3\0"
+    except OSError as why:
+        is_store, db = False, f"{db} ({why.strerror})"
+    if not is_store:
+        err.print(f"[bold red]error[/]: {db} is not a corral store")
+        sys.exit(1)
+    import sqlite3
+
     from corral.store.sqlite import SqliteStore
 
-    store = SqliteStore(db)
+    try:
+        store = SqliteStore(db)
+    except sqlite3.Error as why:
+        err.print(f"[bold red]error[/]: cannot read the store {db}: {why}")
+        sys.exit(1)
     try:
         for e in store.events(env=env_id, after=after):
             if output == "json":

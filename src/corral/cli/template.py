@@ -384,8 +384,13 @@ def graph(
     site = load_site(defaults_file, inventory, run_dpl, store_dir)
     plan = plan_or_exit(path, variables, seed, site)
     if output == "svg":
-        from corral.cli.graph import to_svg
+        from corral.cli.graph import MAX_SVG_TASKS, to_svg
 
+        if len(plan.tasks) > MAX_SVG_TASKS:  # (its layout grows faster than the graph)
+            err.print(f"[bold red]error[/]: {len(plan.tasks)} tasks: -o svg draws at most "
+                      f"{MAX_SVG_TASKS}; use the DOT output with Graphviz, or the GUI's graph "
+                      "(it collapses by role)")  # fmt: skip
+            sys.exit(1)
         sys.stdout.write(to_svg(plan))
     else:
         sys.stdout.write(to_dot(plan))

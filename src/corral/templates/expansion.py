@@ -38,6 +38,7 @@ import json
 import math
 import posixpath
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -110,6 +111,7 @@ MAX_TASKS = 1_000_000  # the default cap on the tasks of one plan
 _CLOCK_EVERY = 1024  # evaluations between two looks at the clock
 
 _ROLE_NAME = re.compile(r"^[^\s.:/]+$")
+_UNSEEN = frozenset(("Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"))  # unicode categories
 # a role name made from a caller's value: it reaches commands through This().Path
 _CALLER_ROLE_NAME = re.compile(r"[A-Za-z0-9_+@%=,~-]+")
 _HOLE = re.compile(r"\{\{.*?\}\}", re.S)
@@ -749,10 +751,13 @@ class _Expander:
                     "letters, digits and _-+@%=,~ only",
                     pre,
                 )
-        if not _ROLE_NAME.match(name):
+        if not _ROLE_NAME.match(name) or any(
+            unicodedata.category(ch) in _UNSEEN for ch in name
+        ):  # (it reaches terminals, logs and SVG: nothing that moves a cursor or hides)
             self.fail(
                 r.name.loc,
-                f"role name {name!r} must be non-empty without spaces, '.', ':' or '/'",
+                f"role name {name!r} must be non-empty without spaces, control or "
+                "formatting characters, '.', ':' or '/'",
                 pre,
             )
         pos = RolePos(name, parent.pos if parent.pos.name is not None else None)
