@@ -237,6 +237,45 @@ def test_logs_through_a_server(tmp_path: Path) -> None:
         assert got.returncode == 1 and "404" in got.stderr
 
 
+def test_logs_follow_a_server_log_of_lines_all_alike(tmp_path: Path) -> None:
+    # 1,200 lines "tick", then more of them: each new one is printed (a follower that
+    # matched what it had seen against the log's end saw nothing new here)
+    wf = tmp_path / "wf"
+    (wf / "tasks").mkdir(parents=True)
+    gate = tmp_path / "gate"
+    (wf / "ticks.yaml").write_text("name: ticks\nroles:\n  - {name: t, task: {load: ticker}}\n")
+    script = (f"import os, sys, time\nprint('tick\\n' * 1200, end='', flush=True)\n"
+              f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+              "for _ in range(3): print('tick', flush=True)\n"
+              "print('end', flush=True)\ntime.sleep(600)\n")  # fmt: skip
+    (wf / "tasks" / "ticker.yaml").write_text(
+        f"name: ticker\ncontrol: {{mode: basic}}\n"
+        f"command: {{value: {sys.executable}, arguments: ['-c', {script!r}]}}\n"
+    )
+    with Server(tmp_path / "data", "--workflows", str(wf)) as s:
+        env = dict(os.environ, CORRAL_SERVER=s.url, CORRAL_TOKEN=s.admin)
+        r = corral("env", "create", "ticks", env=env)
+        assert r.returncode == 0, r.stderr
+        env_id = r.stdout.strip()
+        assert corral("env", "control", env_id, "DEPLOY", env=env).returncode == 0
+        p = subprocess.Popen(
+            [sys.executable, "-m", "corral", "logs", env_id, "-f", "-n", "2", "--interval",
+             "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+        )  # fmt: skip
+        try:
+            out = Lines(p.stdout)
+            out.wait_for(r"^tick\ntick\n")
+            gate.touch()
+            out.wait_for(r"\nend\n")
+            assert corral("env", "destroy", env_id, env=env).returncode == 0
+            rest, stderr = p.communicate(timeout=120)
+        finally:
+            p.kill()
+        assert p.returncode == 0, stderr
+        text = out.text + rest.decode()
+        assert text == "tick\n" * 5 + "end\n", text
+
+
 # -- Ctrl-C during `corral flow run` --------------------------------------------------------
 
 

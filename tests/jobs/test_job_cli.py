@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from corral.cli.jobs_client import LogFollower
 from tests.api.server import Server
 from tests.conftest import ROOT
 
@@ -424,35 +423,6 @@ def test_without_a_server_job_run_runs_here(tmp_path: Path) -> None:
                        text=True, timeout=PATIENCE)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "done").exists()
-
-
-# -- following a log: which lines are new ------------------------------------------------------
-
-
-def test_the_follower_prints_each_line_once() -> None:
-    f = LogFollower(hold=2)
-    assert f.first(["a", "b", "c"], 2, final=False) == ["b"]  # "c" may be incomplete
-    assert f.feed(["a", "b", "c"], final=False) == ["c"]  # unchanged: it was whole
-    assert f.feed(["a", "b", "c", "d"], final=False) == []
-    assert f.feed(["a", "b", "c", "d", "e"], final=False) == ["d"]
-    # a window of the last lines only, repeated lines
-    assert f.feed(["d", "e", "x", "x"], final=False) == ["e", "x"]
-    assert f.feed(["x", "x", "x"], final=True) == ["x", "x"]  # the one held, the new one
-
-
-def test_a_line_written_in_parts_is_not_printed_twice() -> None:
-    f = LogFollower(hold=2)
-    assert f.first(["a", "par"], 10, final=False) == ["a"]
-    assert f.feed(["a", "par"], final=False) == ["par"]  # printed: it did not change
-    assert f.feed(["a", "partial"], final=False) == []  # it grew: held again
-    assert f.feed(["a", "partial", "b"], final=False) == ["tial"]
-    assert f.feed(["a", "partial", "b"], final=True) == ["b"]
-    g = LogFollower(hold=5)
-    assert g.first([], 10, final=False) == []
-    assert g.feed(["one"], final=False) == []
-    assert g.feed(["one", "two", "thr"], final=False) == ["one", "two"]
-    assert g.feed(["one", "two", "three"], final=True) == ["three"]
-    assert g.feed(["one", "two", "three"], final=True) == []
 
 
 def _alive(pid: int) -> bool:

@@ -42,12 +42,13 @@ from corral.api.auth import (
     RateLimited,
     Viewer,
 )
+from corral.api.jobs import LogAfter, LogWhole
 from corral.api.metrics import Metrics
 from corral.control.configstore import ConfigStore
 from corral.control.jobservice import JobService
 from corral.control.journal import StoreUnavailable
 from corral.control.service import ControlService, ServiceError
-from corral.store.files import NotALog, tail_log
+from corral.store.files import NotALog, read_lines
 from corral.web import STATIC
 
 PROBLEM = "application/problem+json"
@@ -742,12 +743,14 @@ def create_app(
         task_id: TaskId,
         who: Viewer,
         lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, examples=[50])] = 100,
+        after: LogAfter = None,
+        whole: LogWhole = False,
     ) -> dict[str, Any]:
         t = one_task(task_id)
         if log_dir is None:
             raise ServiceError(404, "No logs", "this server keeps no task logs")
         path = os.path.join(log_dir, t["env"], t["path"] + ".log")
-        return {"task": task_id, "path": path, "lines": await tail(path, lines)}
+        return {"task": task_id, "path": path, **await tail(path, lines, after, whole)}
 
     @app.get("/api/nodes", tags=["nodes"])
     async def nodes(who: Viewer) -> list[dict[str, Any]]:
@@ -1151,12 +1154,16 @@ def frame(e: dict[str, Any]) -> bytes:
     return out
 
 
-async def tail(path: str, lines: int) -> list[str]:
-    """The last ``lines`` lines of a task's log, read in a worker thread (reading at
-    most its last 1 MiB; a log that is not a regular file is refused: a task may
+async def tail(
+    path: str, lines: int, after: int | None = None, whole: bool = False
+) -> dict[str, Any]:
+    """A log's ``lines`` (its last ``lines``, or those after byte ``after``: see
+    store.files.read_lines) and the ``offset`` to ask from next, read in a worker
+    thread (at most 1 MiB; a log that is not a regular file is refused: a task may
     replace it by a FIFO, or a link to anything)."""
     try:
-        return await asyncio.to_thread(tail_log, path, lines)
+        got, offset = await asyncio.to_thread(read_lines, path, after, lines, whole)
+        return {"lines": got, "offset": offset}
     except NotALog as e:
         raise ServiceError(409, "Log unreadable", f"not shown: {e}") from None
     except OSError as e:

@@ -41,12 +41,25 @@ class ScaleRequest(BaseModel):
     replicas: int = Field(ge=0, le=10_000)
 
 
+# a log read from where the last read ended (its ``offset``), for following it
+LogAfter = Annotated[
+    int | None,
+    Query(ge=0, le=1 << 62, description="the lines written after this offset (the `offset` "
+          "the last read answered), instead of the last `lines`", examples=[0]),
+]  # fmt: skip
+LogWhole = Annotated[
+    bool,
+    Query(description="with `after`: a last line not ended yet too (the log is final)",
+          examples=[False, True]),
+]  # fmt: skip
+
+
 def mount(
     app: FastAPI,
     jobs: JobService,
     *,
     problems: Callable[..., dict[int | str, Any]],
-    tail: Callable[[str, int], Awaitable[list[str]]],
+    tail: Callable[[str, int, int | None, bool], Awaitable[dict[str, Any]]],
     log_dir: str | None,
 ) -> None:
     @app.get("/api/job-files", tags=["jobs"])
@@ -90,9 +103,12 @@ def mount(
         who: Viewer,
         index: Annotated[int, Query(ge=0, le=10_000_000, examples=[0])] = 0,
         lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, examples=[50])] = 100,
+        after: LogAfter = None,
+        whole: LogWhole = False,
     ) -> dict[str, Any]:
         path = jobs.log_path(job_id, index, log_dir)
-        return {"job": job_id, "index": index, "path": path, "lines": await tail(path, lines)}
+        return {"job": job_id, "index": index, "path": path,
+                **await tail(path, lines, after, whole)}  # fmt: skip
 
     @app.get("/api/services", tags=["services"])
     async def service_list(who: Viewer) -> list[dict[str, Any]]:
@@ -111,10 +127,13 @@ def mount(
         who: Viewer,
         slot: Annotated[int, Query(ge=0, le=10_000, examples=[0])] = 0,
         lines: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, examples=[50])] = 100,
+        after: LogAfter = None,
+        whole: LogWhole = False,
     ) -> dict[str, Any]:
         """The end of a replica's log (every process its slot ran, appended)."""
         path = jobs.replica_log(name, slot, log_dir)
-        return {"service": name, "slot": slot, "path": path, "lines": await tail(path, lines)}
+        return {"service": name, "slot": slot, "path": path,
+                **await tail(path, lines, after, whole)}  # fmt: skip
 
     @app.post(
         "/api/services/{name}/scale", tags=["services"],

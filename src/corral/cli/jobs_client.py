@@ -210,102 +210,54 @@ def _write(lines: list[str]) -> None:
     sys.stdout.flush()
 
 
-class LogFollower:
-    """Which lines of a growing log are new, from successive tails of it.
+class LogReader:
+    """A log followed through the API by offsets: each read asks for what was written
+    after the end of the last one (the server says where that is), so no line is
+    printed twice or missed, however alike the lines are. A last line not ended yet is
+    printed once the log is final."""
 
-    ``feed`` takes the last lines of the log as read now and returns those to print.
-    The lines read before (``known``, at most ``MAX_LOG_LINES``) are matched against the
-    start of the new tail; what follows the longest match is new. The newest line may
-    still be being written: it is held back until a line follows it, it has not changed
-    for ``hold`` reads, or the log is ``final``. A line printed that way is ``partial``:
-    if it then grows, only the rest is printed (as a line of its own).
-    """
+    def __init__(self, api: Api, path: str, params: dict[str, Any] | None = None) -> None:
+        self.api = api
+        self.path = path
+        self.params = dict(params or {})
+        self.offset = 0
 
-    def __init__(self, hold: int = 3) -> None:
-        self.known: list[str] = []
-        self.partial: str | None = None
-        self.held: str | None = None
-        self.held_for = 0
-        self.hold = hold
+    def first(self, lines: int) -> list[str]:
+        """Its last ``lines`` lines."""
+        r = self.api.call("GET", self.path, params={**self.params, "lines": max(lines, 1)})
+        self.offset = int(r.get("offset") or 0)
+        got: list[str] = r["lines"]
+        return got[-lines:] if lines else []
 
-    def first(self, tail: list[str], lines: int, final: bool) -> list[str]:
-        """The first read: all of it is known, of its last ``lines`` lines those not held
-        back are printed."""
-        return self.feed(tail, final)[max(0, len(tail) - lines) :]
-
-    def feed(self, tail: list[str], final: bool) -> list[str]:
-        new = tail[_overlap(self.known, tail) :]
-        printed: list[str] = []
-        if self.partial is not None:
-            if not new:
-                return printed
-            line = new[0]
-            if line.startswith(self.partial):
-                rest = line[len(self.partial) :]
-                if len(new) == 1 and not final:  # still the last line: it may grow more
-                    if rest and self._stable(line):
-                        printed.append(rest)
-                        self.partial = line
-                    return printed
-                if rest:
-                    printed.append(rest)
-                self.known.append(line)
-                new = new[1:]
-            self.partial = None
-        if not new:
-            return printed
-        keep = new if final else new[:-1]
-        printed += keep
-        self.known += keep
-        if keep:
-            self.held = None
-        if not final and self._stable(new[-1]):
-            printed.append(new[-1])
-            self.partial = new[-1]
-        del self.known[:-MAX_LOG_LINES]
-        return printed
-
-    def _stable(self, line: str) -> bool:
-        """Whether ``line``, the last one, has now been read ``hold`` times unchanged."""
-        self.held_for = self.held_for + 1 if line == self.held else 1
-        self.held = line
-        if self.held_for < self.hold:
-            return False
-        self.held, self.held_for = None, 0
-        return True
-
-
-def _overlap(known: list[str], tail: list[str]) -> int:
-    """The largest m with known[-m:] == tail[:m]."""
-    if not known or not tail:
-        return 0
-    first = tail[0]
-    for m in range(min(len(known), len(tail)), 0, -1):
-        if known[-m] == first and known[-m:] == tail[:m]:
-            return m
-    return 0
+    def new(self, final: bool) -> list[str]:
+        """What was written since (when ``final``: all of it, however much)."""
+        out: list[str] = []
+        while True:
+            params = {**self.params, "after": self.offset, "whole": final}
+            r = self.api.call("GET", self.path, params=params)
+            out += r["lines"]
+            moved = int(r.get("offset") or 0) != self.offset
+            self.offset = int(r.get("offset") or 0)
+            if not final or not moved:
+                return out
 
 
 def _follow(api: Api, job_id: str, index: int, lines: int, interval: float) -> None:
-    path = f"/api/jobs/{_seg(job_id)}/log"
     job_path = f"/api/jobs/{_seg(job_id)}"
-    window = max(lines, 1000)
-    f = LogFollower(hold=max(2, round(1.0 / interval)))
+    log = LogReader(api, f"/api/jobs/{_seg(job_id)}/log", {"index": index})
     first = True
     while True:
         j = api.call("GET", job_path)
         if first and isinstance(j.get("units"), int) and index >= j["units"]:
             fail(1, f"job {job_id} has {j['units']} steps: --index 0 to {j['units'] - 1}")
         final = _step_ended(j, index)
-        tail = api.call("GET", path, params={"index": index, "lines": window})["lines"]
-        if len(tail) == window < MAX_LOG_LINES and not first and not _overlap(f.known, tail):
-            window = MAX_LOG_LINES  # more was written than the window: read more
-            continue
         if first:
-            _write(f.first(tail, lines, final))
+            _write(log.first(lines))
             first = False
+            if final:
+                _write(log.new(final=True))  # (a last line not ended yet)
         else:
-            _write(f.feed(tail, final))
+            _write(log.new(final))
         if final:
             return
         time.sleep(interval)

@@ -219,7 +219,7 @@ def _tasks(api: Api, env_id: str) -> list[dict[str, Any]]:
 
 def _remote(api: Api, env_id: str, task: str | None, follow: bool, lines: int,
             interval: float) -> None:  # fmt: skip
-    from corral.cli.jobs_client import LogFollower
+    from corral.cli.jobs_client import LogReader
 
     rows = [t for t in _tasks(api, env_id) if matches(t["path"], t["id"], task)]
     if not rows:
@@ -229,22 +229,14 @@ def _remote(api: Api, env_id: str, task: str | None, follow: bool, lines: int,
         fail(1, f"{len(rows)} tasks: -f follows at most {FOLLOWED} at once; name a TASK "
                 "(a role's tasks: 'ROLE.*')")  # fmt: skip
     printer = Printer(t["path"] for t in rows)
-    window = max(lines, 1) if not follow else max(lines, 1000)
-    followers = {t["id"]: LogFollower(hold=max(2, round(1.0 / interval))) for t in rows}
-    first = True
-    while True:
-        state = None
-        if follow and not first:
-            state = api.call("GET", f"/api/environments/{_seg(env_id)}").get("state")
-        final = not follow or state == "DONE"
+    readers = {t["id"]: LogReader(api, f"/api/tasks/{_seg(t['id'])}/log") for t in rows}
+    for t in rows:
+        printer.write(t["path"], readers[t["id"]].first(lines))
+    while follow:
+        time.sleep(interval)
+        state = api.call("GET", f"/api/environments/{_seg(env_id)}").get("state")
+        final = state == "DONE"
         for t in rows:
-            r = api.call("GET", f"/api/tasks/{_seg(t['id'])}/log", params={"lines": window})
-            f = followers[t["id"]]
-            if first:
-                printer.write(t["path"], f.first(r["lines"], lines, final))
-            else:
-                printer.write(t["path"], f.feed(r["lines"], final))
-        first = False
+            printer.write(t["path"], readers[t["id"]].new(final))
         if final:
             return
-        time.sleep(interval)

@@ -68,13 +68,32 @@ def read_log(fd: int, offset: int, most: int = MAX_LOG_READ) -> bytes:
 def tail_log(path: str, lines: int) -> list[str]:
     """The last ``lines`` lines of a log file, reading at most its last MAX_LOG_READ
     bytes (none: no file yet). NotALog when it is not a regular file."""
+    return read_lines(path, None, lines)[0]
+
+
+def read_lines(
+    path: str, after: int | None, lines: int = 0, whole: bool = False
+) -> tuple[list[str], int]:
+    """A log's lines, and the offset (bytes) after the last one given, to ask from next:
+    with ``after`` None its last ``lines`` lines (a last one still being written too);
+    else the lines written after ``after`` (at most MAX_LOG_READ bytes of them; a file
+    now shorter than ``after`` was cut, and is read from its start), complete ones only
+    unless ``whole`` (the log is final). NotALog when it is not a regular file."""
     try:
         fd = open_log(path)
     except FileNotFoundError:
-        return []
+        return [], 0
     try:
         size = os.fstat(fd).st_size
-        data = read_log(fd, max(0, size - MAX_LOG_READ))
+        if after is None:
+            data = read_log(fd, max(0, size - MAX_LOG_READ))
+            return data.decode("utf-8", "replace").splitlines()[-lines:], size
+        if after > size:
+            after = 0
+        data = read_log(fd, after)
     finally:
         os.close(fd)
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
+    end = data.rfind(b"\n") + 1
+    if whole or (end == 0 and len(data) >= MAX_LOG_READ):  # (an endless line: in parts)
+        end = len(data)
+    return data[:end].decode("utf-8", "replace").splitlines(), after + end
