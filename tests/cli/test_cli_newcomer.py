@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tests.api.server import Server
 from tests.conftest import ROOT
+from tests.jobs.test_jobs_api import until
 
 DATATAKING = os.path.join(ROOT, "examples", "datataking.yaml")
 HELLO = os.path.join(ROOT, "examples", "hello.yaml")
@@ -155,11 +156,10 @@ def test_logs_from_the_data_directory(tmp_path: Path) -> None:
          "DEPLOYED"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        end = time.monotonic() + 120  # only stops a hung test
-        while not any(b"hello from corral" in f.read_bytes()
-                      for f in (data / "logs").glob("*/hello.greeter.log")):  # fmt: skip
-            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
-            time.sleep(0.02)
+        until("its hello in its log", lambda: proc.poll() is not None or any(
+            b"hello from corral" in f.read_bytes()
+            for f in (data / "logs").glob("*/hello.greeter.log")))  # fmt: skip
+        assert proc.poll() is None, proc.communicate()
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
@@ -303,10 +303,8 @@ def test_ctrl_c_during_flow_run_says_what_stopped_and_how_to_resume(tmp_path: Pa
     )  # fmt: skip
     try:
         Lines(p.stderr).wait_for(r"job \w+ \(f\): 2 steps")
-        end = time.monotonic() + 120  # (only stops a hung test)
-        while not sleeping(mark):
-            assert time.monotonic() < end and p.poll() is None
-            time.sleep(0.02)
+        until("the step's sleep", lambda: p.poll() is not None or sleeping(mark))
+        assert p.poll() is None
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
     finally:

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import pytest
 
 from tests.api.server import Server
 from tests.conftest import ROOT
+from tests.jobs.test_jobs_api import until
 
 PY = sys.executable
 PATIENCE = 120.0  # only stops a hung test
@@ -68,16 +68,6 @@ SLOW_LINES = [*(f"line {i}" for i in range(40)), "split-line",
 
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def until(what: str, cond: Callable[[], Any]) -> Any:
-    end = time.monotonic() + PATIENCE
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_ports(n: int) -> int:
